@@ -1,0 +1,24 @@
+"""Errors that name the file (and tensor) at fault, so a user can act on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FlowscanError(Exception):
+    """Base class for errors flowscan reports to the user."""
+
+
+class ScanError(FlowscanError):
+    """A checkpoint could not be read or fails a sanity check."""
+
+    def __init__(self, path: str | Path | None, message: str, tensor: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.tensor = tensor
+        self.message = message
+        parts = [p for p in (self.path, f"tensor {tensor!r}" if tensor else None, message) if p]
+        super().__init__(": ".join(parts))
+
+
+class UnsafePickleError(ScanError):
+    """A pickle names a callable outside the allow-list; nothing it names was run."""
