@@ -19,6 +19,9 @@ class ScanError(FlowscanError):
         parts = [p for p in (self.path, f"tensor {tensor!r}" if tensor else None, message) if p]
         super().__init__(": ".join(parts))
 
+    def __reduce__(self):  # survive the trip back from a worker process
+        return (type(self), (self.path, self.message, self.tensor))
+
 
 class UnsafePickleError(ScanError):
     """A pickle names a callable outside the allow-list; nothing it names was run."""

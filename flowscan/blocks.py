@@ -1,0 +1,170 @@
+"""Block rules: which block each prunable tensor belongs to (DESIGN.md §3).
+
+A rule is a preset name, `LABEL=REGEX`, or `REGEX` (label = first capture group, else the whole
+match). Rules are tried in order, the first match wins, and unmatched tensors go to `(other)`.
+Presets may compute labels from all of a run's names (open_lth CIFAR ResNets number residual
+blocks flat, and the stage depends on the depth).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from flowscan.errors import FlowscanError
+
+OTHER = "(other)"
+
+Labeler = Callable[[Sequence[str]], list["str | None"]]
+
+
+@dataclass(frozen=True)
+class RegexRule:
+    label: str | None
+    pattern: re.Pattern
+
+    def labels(self, names: Sequence[str]) -> list[str | None]:
+        out = []
+        for name in names:
+            m = self.pattern.search(name)
+            if m is None:
+                out.append(None)
+            elif self.label is not None:
+                out.append(self.label)
+            else:  # the first capture group, or the whole match when there is none
+                out.append(m.group(1) if m.re.groups and m.group(1) is not None else m.group(0))
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.label}={self.pattern.pattern}" if self.label else self.pattern.pattern
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    labeler: Labeler
+
+    def labels(self, names: Sequence[str]) -> list[str | None]:
+        return self.labeler(names)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _regex_preset(*rules: str) -> Labeler:
+    return lambda names: first_match([parse_rule(r) for r in rules], names)
+
+
+_OPENLTH_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _openlth_cifar(per_block: bool) -> Labeler:
+    def labeler(names: Sequence[str]) -> list[str | None]:
+        indices = [int(m.group(1)) for n in names if (m := _OPENLTH_BLOCK.match(n))]
+        per_stage = max(1, -(-(max(indices) + 1) // 3)) if indices else 1  # D = (depth - 2) / 6
+        out: list[str | None] = []
+        for name in names:
+            if m := _OPENLTH_BLOCK.match(name):
+                i = int(m.group(1))
+                stage = f"stage{i // per_stage + 1}"
+                out.append(f"{stage}.block{i % per_stage + 1}" if per_block else stage)
+            elif name.startswith("conv."):
+                out.append("stem")
+            elif name.startswith("fc."):
+                out.append("fc")
+            else:
+                out.append(None)
+        return out
+    return labeler
+
+
+_BERT_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+_bert_other = _regex_preset(r"embeddings=(^|\.)embeddings\.", r"pooler=(^|\.)pooler\.",
+                            r"classifier=^(classifier|cls|qa_outputs)\.")
+
+
+def _bert_layers(names: Sequence[str]) -> list[str | None]:
+    layers = [f"layer{m.group(1)}" if (m := _BERT_LAYER.search(n)) else None for n in names]
+    return [lab if lab is not None else other for lab, other in zip(layers, _bert_other(names))]
+
+
+def _per_tensor(names: Sequence[str]) -> list[str | None]:
+    return [re.sub(r"\.weight$", "", n) for n in names]
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("resnet-stages", "torchvision ResNets: stem, layer1..layer4, fc",
+           _regex_preset(r"stem=^(conv1|bn1)\.", r"^(layer\d+)\.", r"fc=^fc\.")),
+    Preset("resnet-blocks", "torchvision ResNets, one block per residual block: layer1.0, layer1.1, ...",
+           _regex_preset(r"stem=^(conv1|bn1)\.", r"^(layer\d+\.\d+)\.", r"fc=^fc\.")),
+    Preset("openlth-cifar-stages", "open_lth CIFAR ResNets: stem, stage1..3 (stage = i // ((depth-2)/6)), fc",
+           _openlth_cifar(per_block=False)),
+    Preset("openlth-cifar-blocks", "open_lth CIFAR ResNets, one block per residual block: stage1.block1, ...",
+           _openlth_cifar(per_block=True)),
+    Preset("bert-layers", "BERT: embeddings, layer0..layer11 (encoder.layer.N), pooler, classifier",
+           _bert_layers),
+    Preset("per-tensor", "one block per tensor, labelled by its name without '.weight'", _per_tensor),
+)}
+
+
+def parse_rule(text: str) -> RegexRule | Preset:
+    """A preset name, LABEL=REGEX, or REGEX."""
+    if text in PRESETS:
+        return PRESETS[text]
+    label, sep, regex = text.partition("=")
+    # '=' also occurs inside regexes ((?=...), (?P=...)): only a plain word before it is a label.
+    if not sep or not re.fullmatch(r"[\w.\-/ ]+", label):
+        label, regex = None, text
+    try:
+        return RegexRule(label, re.compile(regex))
+    except re.error as exc:
+        raise FlowscanError(f"--blocks {text!r}: invalid regular expression: {exc}") from None
+
+
+def first_match(rules: Sequence[RegexRule | Preset], names: Sequence[str]) -> list[str | None]:
+    labels: list[str | None] = [None] * len(names)
+    for rule in rules:
+        pending = [i for i, lab in enumerate(labels) if lab is None]
+        if not pending:
+            break
+        for i, lab in zip(pending, rule.labels([names[i] for i in pending])):
+            labels[i] = lab
+    return labels
+
+
+@dataclass(frozen=True)
+class BlockRules:
+    """Parsed --blocks values; empty means: detect a preset from the names."""
+
+    rules: tuple[RegexRule | Preset, ...] = ()
+
+    @classmethod
+    def parse(cls, values: Sequence[str]) -> "BlockRules":
+        return cls(tuple(parse_rule(v) for v in values))
+
+    def resolve(self, names: Sequence[str]) -> tuple[list[str], str]:
+        """A label for every name, and a description of the rules used."""
+        rules = self.rules or (detect_preset(names),)
+        labels = first_match(rules, names)
+        description = " ".join(str(r) for r in rules) + (" (auto-detected)" if not self.rules else "")
+        return [lab if lab is not None else OTHER for lab in labels], description
+
+    def __str__(self) -> str:
+        return " ".join(str(r) for r in self.rules) or "auto"
+
+
+def detect_preset(names: Sequence[str]) -> Preset:
+    """A preset that fits the names, else one block per tensor."""
+    def share(pattern: str) -> float:
+        rx = re.compile(pattern)
+        return sum(bool(rx.search(n)) for n in names) / max(len(names), 1)
+
+    if share(r"(?:^|\.)encoder\.layer\.\d+\.") > 0.5:
+        return PRESETS["bert-layers"]
+    if share(r"^layer\d+\.\d+\.") > 0.5:
+        return PRESETS["resnet-stages"]
+    if share(r"^blocks\.\d+\.") > 0.5:
+        return PRESETS["openlth-cifar-stages"]
+    return PRESETS["per-tensor"]

@@ -1,0 +1,20 @@
+"""The `flowscan` command. Commands are thin: parse options, call the library, print."""
+
+from __future__ import annotations
+
+import click
+
+from flowscan import __version__
+from flowscan.cli.analyze import analyze
+from flowscan.cli.inspect import inspect, formats
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="flowscan")
+def main() -> None:
+    """RG-flow analysis of iterative magnitude pruning (IMP) checkpoints."""
+
+
+main.add_command(analyze)
+main.add_command(inspect)
+main.add_command(formats)

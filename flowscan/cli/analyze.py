@@ -1,0 +1,50 @@
+"""`flowscan analyze PATH -o OUT`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from flowscan.cli.options import scan_options
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("flowscan-out"), show_default=True, help="Folder for the parquet tables.")
+@scan_options
+@click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Reduce rounds in this many processes.")
+@click.option("--strict", is_flag=True, help="Stop at the first run that fails.")
+@click.option("--no-cache", is_flag=True, help="Do not reuse per-round sums from an earlier, interrupted run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache: bool, quiet: bool) -> None:
+    """Compute M, P, lambda and sigma per block for every IMP run below PATH."""
+    from flowscan import pipeline, summary, tables
+    from flowscan.errors import FlowscanError
+
+    options = pipeline.Options(**scan, jobs=jobs, strict=strict,
+                               cache_dir=None if no_cache else out / ".cache")
+    try:
+        runs = pipeline.find_runs(path, options, exclude=out)
+        n_rounds = sum(len(r.rounds) for r in runs if not r.error)
+        with click.progressbar(length=n_rounds, label="reading rounds", file=sys.stderr,
+                               hidden=quiet) as bar:
+            results = pipeline.analyze_runs(runs, options, progress=bar.update)
+    except FlowscanError as exc:
+        raise click.ClickException(str(exc)) from None
+    frames = tables.build_tables(results)
+    command = shlex.join(["flowscan", "analyze", *sys.argv[2:]]) if sys.argv[1:2] == ["analyze"] \
+        else f"flowscan analyze {path} -o {out}"
+    tables.write_tables(frames, out, tables.metadata(command, str(options.blocks)))
+    if not quiet:
+        click.echo(summary.analysis_summary(results))
+        click.echo(f"tables written to {out}/: {', '.join(f'{t}.parquet' for t in tables.TABLES)}")
+    for res in results:
+        if not res.ok:
+            click.echo(f"error: run {res.run.name}: {res.error}", err=True)
+    if any(not r.ok for r in results):
+        sys.exit(1)

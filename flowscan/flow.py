@@ -1,0 +1,178 @@
+"""Flow math of Redman et al. (2022), DESIGN.md §1: pure functions on reduced sums, no I/O.
+
+Shapes: R rounds (rows, in increasing round order) x B blocks (columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EIGEN_SEM_RATIO = 0.05  # the paper's test: SEM of lambda < 5 % of its mean
+
+
+def shares(values: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum (NaN where the row sums to 0): M from abs sums, P from counts."""
+    values = np.asarray(values, dtype=np.float64)
+    total = values.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, values / np.where(total > 0, total, 1.0), np.nan)
+
+
+def global_density(n_unpruned: np.ndarray, n_params: np.ndarray) -> np.ndarray:
+    """D(n): remaining fraction of the prunable set, per round."""
+    return np.asarray(n_unpruned, dtype=np.float64).sum(axis=1) / float(np.sum(n_params))
+
+
+def coarse_graining(density: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x(n) = 1 - D(n+1)/D(n) and c(n) = D(n)/D(n+1), for each step n -> n+1 (measured)."""
+    d = np.asarray(density, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = d[1:] / d[:-1]
+        return 1.0 - ratio, 1.0 / ratio
+
+
+def step_exponents(share: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """lambda = share(n+1)/share(n), sigma = ln lambda / ln c, and validity, per step x block.
+
+    A step is invalid where either share is 0 or undefined (layer collapse, an all-zero mask) or
+    where c = 1 (nothing pruned), or c is not finite.
+    """
+    s = np.asarray(share, dtype=np.float64)
+    before, after = s[:-1], s[1:]
+    c = np.asarray(c, dtype=np.float64)[:, None]
+    valid = (before > 0) & (after > 0) & np.isfinite(before) & np.isfinite(after) \
+        & np.isfinite(c) & (c > 0) & (c != 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lam = np.where(valid, after / np.where(valid, before, 1.0), np.nan)
+        sigma = np.where(valid, np.log(lam) / np.log(np.where(valid, c, 2.0)), np.nan)
+    return lam, sigma, valid
+
+
+def mean_sem(values: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column: mean, SEM (ddof=1; NaN below two values) and count of the valid entries."""
+    values = np.where(valid, values, np.nan)
+    count = valid.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, np.nansum(values, axis=0) / np.maximum(count, 1), np.nan)
+        dev = np.where(valid, values - mean, 0.0)
+        var = (dev ** 2).sum(axis=0) / np.maximum(count - 1, 1)
+        sem = np.where(count > 1, np.sqrt(var / np.maximum(count, 1)), np.nan)
+    return mean, sem, count
+
+
+@dataclass(frozen=True)
+class LineFit:
+    slope: float
+    slope_se: float
+    r2: float
+    n: int
+
+
+def fit_line(x: np.ndarray, y: np.ndarray) -> LineFit:
+    """Ordinary least squares y = a + b x on the finite pairs."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = int(x.size)
+    if n < 2:
+        return LineFit(np.nan, np.nan, np.nan, n)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    if sxx == 0:
+        return LineFit(np.nan, np.nan, np.nan, n)
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / sxx)
+    resid = y - (y.mean() + slope * (x - x.mean()))
+    ssr, sst = float((resid ** 2).sum()), float(((y - y.mean()) ** 2).sum())
+    se = float(np.sqrt(ssr / (n - 2) / sxx)) if n > 2 else np.nan
+    r2 = 1.0 - ssr / sst if sst > 0 else (1.0 if ssr == 0 else np.nan)
+    return LineFit(slope, se, r2, n)
+
+
+def cumulative_log_c(density: np.ndarray) -> np.ndarray:
+    """sum_{k<n} ln c(k) = ln(D(first)/D(n)): the coarse-graining scale; telescopes over gaps."""
+    d = np.asarray(density, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.log(d[0] / d)
+
+
+def fit_exponents(share: np.ndarray, density: np.ndarray) -> list[LineFit]:
+    """sigma_fit per block: slope of ln share(n) against the cumulative ln c (all rounds at once)."""
+    scale = cumulative_log_c(density)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_share = np.where(share > 0, np.log(np.where(share > 0, share, 1.0)), np.nan)
+    return [fit_line(scale, log_share[:, i]) for i in range(share.shape[1])]
+
+
+def relevance(sigma_mean: float, sigma_sem: float) -> str:
+    """'relevant' (sigma > 0), 'irrelevant' (sigma < 0) or 'marginal' (within 2 SEM of 0)."""
+    if not np.isfinite(sigma_mean):
+        return "undetermined"
+    margin = 2.0 * sigma_sem if np.isfinite(sigma_sem) else 0.0
+    if sigma_mean > margin:
+        return "relevant"
+    if sigma_mean < -margin:
+        return "irrelevant"
+    return "marginal"
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Everything DESIGN.md §1 defines for one run (rows: rounds in order; columns: blocks)."""
+
+    rounds: np.ndarray        # R round indices
+    n_params: np.ndarray      # B
+    n_unpruned: np.ndarray    # R x B
+    abs_sum: np.ndarray       # R x B
+    M: np.ndarray
+    P: np.ndarray
+    block_density: np.ndarray
+    density: np.ndarray       # R
+    step_rounds: np.ndarray   # S: round n of each step n -> n+1 (consecutive rounds only)
+    x: np.ndarray             # S
+    c: np.ndarray             # S
+    steps: dict               # quantity -> (lambda S x B, sigma S x B, valid S x B)
+
+
+def compute_flow(rounds, n_params, n_unpruned, abs_sum) -> Flow:
+    rounds = np.asarray(rounds, dtype=np.int64)
+    n_params = np.asarray(n_params, dtype=np.int64)
+    n_unpruned = np.asarray(n_unpruned, dtype=np.int64)
+    abs_sum = np.asarray(abs_sum, dtype=np.float64)
+    M, P = shares(abs_sum), shares(n_unpruned)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        block_density = n_unpruned / np.where(n_params > 0, n_params, 1)
+    density = global_density(n_unpruned, n_params)
+    x, c = coarse_graining(density)
+    consecutive = np.diff(rounds) == 1  # a missing round leaves no step
+    steps = {}
+    for quantity, share in (("M", M), ("P", P)):
+        lam, sigma, valid = step_exponents(share, c)
+        steps[quantity] = (lam[consecutive], sigma[consecutive], valid[consecutive])
+    return Flow(rounds, n_params, n_unpruned, abs_sum, M, P, block_density, density,
+                rounds[:-1][consecutive], x[consecutive], c[consecutive], steps)
+
+
+@dataclass(frozen=True)
+class Eigen:
+    """Per block summary of one quantity's steps and its exponent fit."""
+
+    n_pairs: np.ndarray
+    lambda_mean: np.ndarray
+    lambda_sem: np.ndarray
+    sigma_mean: np.ndarray
+    sigma_sem: np.ndarray
+    fits: list[LineFit]
+
+    @property
+    def eigen_ok(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.isfinite(self.lambda_sem) & (self.lambda_sem / self.lambda_mean < EIGEN_SEM_RATIO)
+
+
+def eigen_summary(flow: Flow, quantity: str) -> Eigen:
+    lam, sigma, valid = flow.steps[quantity]
+    lam_mean, lam_sem, count = mean_sem(lam, valid)
+    sig_mean, sig_sem, _ = mean_sem(sigma, valid)
+    share = flow.M if quantity == "M" else flow.P
+    return Eigen(count, lam_mean, lam_sem, sig_mean, sig_sem, fit_exponents(share, flow.density))

@@ -1,0 +1,87 @@
+"""flowscan's own archive layout: the one definition both `produce` (writer) and `analyze` use.
+
+    RUN/                          one IMP run (one seed)
+      flowscan-run.json           {"layout": "flowscan-imp", "version": 1, "args": {...}}
+      round_0000/
+        weights.safetensors       every trained tensor at the end of the round
+        masks.safetensors         uint8 0/1 mask per prunable tensor, keyed like its weight
+        round.json                {"round": 0, "density": 1.0, "metrics": {...}, ...}
+      round_0001/ ...
+
+A round folder is complete once its round.json exists: `write_round` builds the folder under a
+temporary name and renames it into place, so a killed writer never leaves a half round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from flowscan.io.atomic import current_umask, write_text
+
+LAYOUT = "flowscan-imp"
+VERSION = 1
+RUN_MANIFEST = "flowscan-run.json"
+ROUND_MANIFEST = "round.json"
+WEIGHTS = "weights.safetensors"
+MASKS = "masks.safetensors"
+_ROUND_DIR = re.compile(r"^round_(\d+)$")
+
+
+def round_dir(run: Path, index: int) -> Path:
+    return Path(run) / f"round_{index:04d}"
+
+
+def round_index(folder: Path) -> int | None:
+    m = _ROUND_DIR.match(Path(folder).name)
+    return int(m.group(1)) if m else None
+
+
+def complete_rounds(run: Path) -> list[tuple[int, Path]]:
+    """(index, folder) of every complete round, in order."""
+    found = []
+    for child in Path(run).iterdir() if Path(run).is_dir() else ():
+        index = round_index(child)
+        if index is not None and (child / ROUND_MANIFEST).is_file():
+            found.append((index, child))
+    return sorted(found)
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_run_manifest(run: Path, args: Mapping[str, Any]) -> None:
+    write_text(Path(run) / RUN_MANIFEST,
+               json.dumps({"layout": LAYOUT, "version": VERSION, "args": dict(args)}, indent=2, sort_keys=True))
+
+
+def write_round(run: Path, index: int, weights: Mapping[str, np.ndarray],
+                masks: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> Path:
+    """Write one complete round atomically (numpy arrays; masks stored as uint8 0/1)."""
+    from safetensors.numpy import save_file
+
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    final = round_dir(run, index)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp / WEIGHTS))
+        save_file({k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in masks.items()}, str(tmp / MASKS))
+        (tmp / ROUND_MANIFEST).write_text(json.dumps({"round": index, **info}, indent=2, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,265 @@
+"""analyze: discover runs -> reduce rounds (cached, optionally in parallel) -> flow math per run.
+
+This module only orchestrates; reading is in `readers/`, sums in `reduce`, math in `flow`,
+tables in `tables`. A run that fails is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from flowscan import __version__, flow
+from flowscan.blocks import BlockRules
+from flowscan.errors import FlowscanError, ScanError
+from flowscan.io.atomic import write_text
+from flowscan.readers import registry
+from flowscan.readers.base import NameOptions, Round, Run
+from flowscan.readers.discover import discover
+from flowscan.blocks import OTHER
+from flowscan.reduce import RoundSums, TensorSums, open_tensors, reduce_round
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Options:
+    blocks: BlockRules = BlockRules()
+    names: NameOptions = NameOptions()
+    format: str | None = None
+    infer_masks: bool = False     # infer masks from zeros even where other tensors carry masks
+    jobs: int = 1
+    strict: bool = False
+    cache_dir: Path | None = None  # per-round sums, so an interrupted analysis resumes
+
+
+@dataclass
+class RunResult:
+    run: Run
+    error: str | None = None
+    tensors: list[str] = field(default_factory=list)   # prunable, in model order
+    labels: list[str] = field(default_factory=list)    # block of each tensor
+    blocks: list[str] = field(default_factory=list)    # in order of first appearance
+    blocks_rule: str = ""
+    mask_source: str = ""                               # "stored", "inferred" or "stored+inferred"
+    flow: flow.Flow | None = None
+    eigen: dict[str, flow.Eigen] = field(default_factory=dict)
+    metrics: list[tuple[int, str, float]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def n_prunable_params(self) -> int:
+        return int(self.flow.n_params.sum()) if self.flow is not None else 0
+
+
+def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
+    runs = discover(Path(root), options.format, exclude)
+    if not runs:
+        formats = ", ".join(registry.names())
+        raise FlowscanError(f"{root}: no IMP runs found (looked for: {formats})")
+    return runs
+
+
+def analyze(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[RunResult]:
+    """Every run below `root`, analysed (the Python entry point of `flowscan analyze`)."""
+    return analyze_runs(find_runs(root, options, exclude), options)
+
+
+def analyze_runs(runs: list[Run], options: Options,
+                 progress: Callable[[int], None] | None = None) -> list[RunResult]:
+    if options.strict:
+        failed = next((r for r in runs if r.error), None)
+        if failed:
+            raise ScanError(None, failed.error)
+    tasks = [(i, rnd) for i, run in enumerate(runs) if not run.error for rnd in run.rounds]
+    sums: dict[int, dict[int, RoundSums]] = {i: {} for i in range(len(runs))}
+    errors: dict[int, str] = {}
+    for i, outcome in _reduce_all(tasks, options, progress):
+        if isinstance(outcome, RoundSums):
+            sums[i][outcome.index] = outcome
+        else:
+            if options.strict:
+                raise ScanError(None, outcome)
+            errors.setdefault(i, outcome)
+    results = []
+    for i, run in enumerate(runs):
+        error = run.error or errors.get(i)
+        if error:
+            results.append(RunResult(run, error=error))
+            continue
+        try:
+            results.append(assemble(run, [sums[i][r.index] for r in run.rounds], options))
+        except ScanError as exc:
+            if options.strict:
+                raise
+            results.append(RunResult(run, error=str(exc)))
+    return results
+
+
+def _reduce_all(tasks, options: Options, progress):
+    """(run number, RoundSums or error message) per task, as they complete."""
+    if options.jobs <= 1 or len(tasks) <= 1:
+        for i, rnd in tasks:
+            yield i, _reduce_task(rnd, options)
+            if progress:
+                progress(1)
+        return
+    # spawn, not fork: polars/pyarrow threads make fork unsafe.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_reduce_task, rnd, options): i for i, rnd in tasks}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+                if progress:
+                    progress(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _reduce_task(rnd: Round, options: Options) -> RoundSums | str:
+    """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
+    try:
+        key = _cache_key(rnd, options.names) if options.cache_dir else None
+        cached = options.cache_dir / f"{key}.json" if key else None
+        if cached is not None and cached.is_file():
+            try:
+                return RoundSums.from_json(json.loads(cached.read_text()))
+            except (ValueError, KeyError, TypeError):
+                pass  # a damaged cache entry is recomputed
+        result = reduce_round(rnd, options.names)
+        if cached is not None:
+            write_text(cached, json.dumps(result.to_json()))
+        return result
+    except ScanError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - one unreadable round must not stop the other runs
+        where = rnd.files[0] if rnd.files else "?"
+        return f"{where}: {type(exc).__name__}: {exc}"
+
+
+def _cache_key(rnd: Round, names: NameOptions) -> str:
+    files = []
+    for f in rnd.files:
+        st = Path(f).stat()
+        files.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    payload = json.dumps([CACHE_VERSION, __version__, rnd.reader, rnd.index, files,
+                          [str(s) for s in rnd.spec], asdict(names)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def prunable_set(run: Run, rounds: list[dict], infer_masks: bool) -> tuple[list[str], set[str]]:
+    """(prunable tensors in model order, those whose masks are inferred from zeros), DESIGN.md §1.
+
+    `rounds` maps tensor names to anything with .shape, .masked and .path, per round in order.
+    The prunable set is every tensor with a stored mask in some round; with no mask anywhere in
+    the run (or when asked), 2+-dimensional tensors without one get masks from their zeros.
+    """
+    first: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    masked: set[str] = set()
+    for rnd, tensors in zip(run.rounds, rounds):
+        for name, t in tensors.items():
+            if name not in first:
+                first[name] = (t.shape, t.path, rnd.index)
+            elif first[name][0] != t.shape:
+                shape0, path0, round0 = first[name]
+                raise ScanError(t.path, f"shape changes between rounds: {shape0} in round {round0} "
+                                        f"({path0}), {t.shape} in round {rnd.index}", tensor=name)
+            if t.masked:
+                masked.add(name)
+    infer = infer_masks or not masked
+    inferred = {n for n, (shape, _p, _r) in first.items() if infer and n not in masked and len(shape) >= 2}
+    prunable = [n for n in first if n in masked or n in inferred]
+    if not prunable:
+        raise ScanError(run.path, "no prunable tensors: no masks stored and no tensors of 2+ dimensions")
+    return prunable, inferred
+
+
+def mask_source(prunable: list[str], inferred: set[str]) -> str:
+    if not inferred:
+        return "stored"
+    return "inferred" if len(inferred) == len(prunable) else "stored+inferred"
+
+
+def assemble(run: Run, rounds: list[RoundSums], options: Options) -> RunResult:
+    """Prunable set, blocks and flow of one run from its per-round sums (DESIGN.md §1)."""
+    prunable, inferred = prunable_set(run, [rs.tensors for rs in rounds], options.infer_masks)
+    shapes = {n: t.shape for rs in rounds for n, t in rs.tensors.items()}
+    n_unpruned = np.zeros((len(rounds), len(prunable)), dtype=np.int64)
+    abs_sum = np.zeros((len(rounds), len(prunable)), dtype=np.float64)
+    for r, rs in enumerate(rounds):
+        for j, name in enumerate(prunable):
+            t: TensorSums | None = rs.tensors.get(name)
+            if t is None:
+                raise ScanError(run.rounds[r].files[0], f"prunable tensor missing from round {rs.index}",
+                                tensor=name)
+            # no stored mask in this round: dense, unless masks are inferred for it
+            n_unpruned[r, j] = t.n_nonzero if name in inferred else t.n_unpruned
+            abs_sum[r, j] = t.abs_sum
+    n_params = np.array([int(np.prod(shapes[n], dtype=np.int64)) for n in prunable], dtype=np.int64)
+
+    labels, rule = options.blocks.resolve(prunable)
+    blocks = list(dict.fromkeys(labels))
+    member = np.array([[lab == b for b in blocks] for lab in labels], dtype=np.int64)  # T x B
+    block_flow = flow.compute_flow([rs.index for rs in rounds], n_params @ member,
+                                   n_unpruned @ member, abs_sum @ member.astype(np.float64))
+    source = mask_source(prunable, inferred)
+    metrics = [(rs.index, name, float(value)) for rs, rnd in zip(rounds, run.rounds)
+               for name, value in {**rs.metrics, **rnd.metrics}.items()]
+    return RunResult(run, None, prunable, labels, blocks, rule, source, block_flow,
+                     {q: flow.eigen_summary(block_flow, q) for q in ("M", "P")}, metrics)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    masked: bool
+    path: str
+
+
+@dataclass
+class Inspection:
+    """What `inspect` shows of a run: found tensors, the prunable set and its blocks; no math."""
+
+    run: Run
+    error: str | None = None
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)   # union over rounds
+    prunable: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    blocks_rule: str = ""
+    mask_source: str = ""
+
+    @property
+    def unmatched(self) -> list[str]:
+        return [n for n, lab in zip(self.prunable, self.labels) if lab == OTHER]
+
+
+def inspect_run(run: Run, options: Options) -> Inspection:
+    if run.error:
+        return Inspection(run, run.error)
+    try:
+        listing = []
+        for rnd in run.rounds:
+            refs, _metrics = open_tensors(rnd, options.names)
+            listing.append({r.name: TensorInfo(r.shape, r.mask is not None, str(r.path)) for r in refs})
+        prunable, inferred = prunable_set(run, listing, options.infer_masks)
+    except ScanError as exc:
+        return Inspection(run, str(exc))
+    tensors: dict[str, TensorInfo] = {}
+    for tensors_of_round in listing:
+        for name, info in tensors_of_round.items():
+            tensors.setdefault(name, info)
+    labels, rule = options.blocks.resolve(prunable)
+    return Inspection(run, None, tensors, prunable, labels, rule, mask_source(prunable, inferred))

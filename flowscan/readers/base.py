@@ -1,0 +1,94 @@
+"""The reader plugin interface and the data model every reader produces.
+
+A reader knows one code base's layout. It answers `guess_can_open(folder)` (is this folder one
+run of mine?), lists the run's rounds from file names alone (`rounds`), and opens one round
+(`open_round`) into raw named arrays. Name normalization and pairing of masks with weights are
+shared (`names.py`), so a reader stays a page long.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+
+@dataclass(frozen=True)
+class NameOptions:
+    """How raw tensor names become canonical ones."""
+
+    strip_model_prefix: bool = False  # drop a leading "model." (open_lth ImageNet, Lightning)
+    select: str | None = None         # keep only names under this prefix, e.g. "encoder_q"
+
+
+@dataclass(frozen=True)
+class Round:
+    """One IMP round of a run: where its tensors live, and metrics recorded beside them."""
+
+    index: int
+    reader: str
+    files: tuple[Path, ...]                   # every file the round reads
+    spec: tuple = ()                          # reader-specific locator, e.g. (weights, masks)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """An IMP run: one trajectory through rounds 0, 1, 2, ... (seed, replicate, task)."""
+
+    path: Path
+    format: str
+    rounds: list[Round]
+    name: str = "."
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None                  # the layout itself could not be read
+
+
+@dataclass
+class RawRound:
+    """What a reader found in one round's files, before names are normalized."""
+
+    tensors: Mapping[str, Any]                # name -> array-like with .shape (lazy)
+    path: Path                                # file holding `tensors` (for messages)
+    masks: Mapping[str, Any] | None = None    # a separate masks file, if the layout has one
+    mask_path: Path | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)  # found inside the files
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A canonical tensor of a round: its weight and its mask (None: no mask stored)."""
+
+    name: str
+    weight: Any
+    mask: Any
+    path: Path
+    mask_path: Path | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+
+class Reader(ABC):
+    """A checkpoint layout plugin. Subclasses register themselves in `registry`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    @abstractmethod
+    def guess_can_open(self, folder: Path) -> bool:
+        """True if `folder` is one run written in this layout (from names only, cheaply)."""
+
+    @abstractmethod
+    def rounds(self, folder: Path) -> tuple[list[Round], list[str]]:
+        """The run's rounds in order, and notes on choices made (from names only)."""
+
+    @abstractmethod
+    def open_round(self, round: Round) -> RawRound:
+        """Open one round's files (lazily: arrays are read when reduced)."""
+
+    def open_run(self, folder: Path) -> Run:
+        rounds, notes = self.rounds(folder)
+        return Run(path=folder, format=self.name, rounds=rounds, notes=notes)

@@ -1,0 +1,43 @@
+"""flowscan's own layout (see flowscan/layout.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flowscan import layout
+from flowscan.errors import ScanError
+from flowscan.io import safetensors_file
+from flowscan.readers.base import RawRound, Reader, Round
+from flowscan.readers.registry import register
+
+
+@register
+class FlowscanReader(Reader):
+    name = "flowscan"
+    description = "flowscan's own layout: round_NNNN/{weights,masks}.safetensors + round.json"
+
+    def guess_can_open(self, folder: Path) -> bool:
+        return (folder / layout.RUN_MANIFEST).is_file() or bool(layout.complete_rounds(folder))
+
+    def rounds(self, folder: Path):
+        rounds, notes = [], []
+        for index, sub in layout.complete_rounds(folder):
+            manifest = sub / layout.ROUND_MANIFEST
+            try:
+                info = layout.read_json(manifest)
+            except (OSError, ValueError) as exc:
+                raise ScanError(manifest, f"unreadable round manifest: {exc}") from None
+            metrics = {k: float(v) for k, v in (info.get("metrics") or {}).items()
+                       if isinstance(v, (int, float))}
+            masks = sub / layout.MASKS
+            files = (sub / layout.WEIGHTS,) + ((masks,) if masks.exists() else ())
+            rounds.append(Round(index, self.name, files, (), metrics))
+        partial = [p.name for p in folder.glob("round_*") if p.is_dir() and not (p / layout.ROUND_MANIFEST).exists()]
+        if partial:
+            notes.append(f"incomplete round folders skipped: {', '.join(sorted(partial))}")
+        return rounds, notes
+
+    def open_round(self, round: Round) -> RawRound:
+        weights, _ = safetensors_file.load(round.files[0])
+        masks, mask_path = (safetensors_file.load(round.files[1])[0], round.files[1]) if len(round.files) > 1 else (None, None)
+        return RawRound(weights, round.files[0], masks, mask_path)

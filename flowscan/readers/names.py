@@ -1,0 +1,126 @@
+"""Canonical tensor names, and pairing each weight with its mask, for every layout.
+
+Conventions handled (DESIGN.md §4): torch.nn.utils.prune's `X.weight_orig` + `X.weight_mask`
+(the effective weight is their product; `weight_orig` is not zero where pruned), open_lth's
+`mask_a___b___weight` buffers, separate mask files keyed `X.weight` or `X.weight_mask`, the
+DataParallel `module.` prefix, an optional `model.` prefix, and a `select` prefix (MoCo's
+`encoder_q`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from flowscan.errors import ScanError
+from flowscan.readers.base import NameOptions, RawRound, TensorRef
+
+_OPENLTH_MASK = re.compile(r"^mask_(.+)$")
+
+
+def canonical(name: str, opts: NameOptions) -> str | None:
+    """Canonical name, or None when `select` excludes it."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    if opts.select:
+        prefix = opts.select.rstrip(".") + "."
+        if not name.startswith(prefix):
+            return None
+        name = name[len(prefix):]
+    if opts.strip_model_prefix and name.startswith("model."):
+        name = name[len("model."):]
+    return name
+
+
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _canonical_items(arrays: Mapping[str, Any], opts: NameOptions) -> Iterable[tuple[str, str, Any]]:
+    for raw, value in arrays.items():
+        if not _is_array(value):
+            continue
+        name = canonical(str(raw), opts)
+        if name is not None:
+            yield raw, name, value
+
+
+def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
+    """TensorRefs in file order: one per weight, with its mask where one is stored."""
+    items = list(_canonical_items(raw.tensors, opts))
+    weights: dict[str, tuple[str, Any]] = {}
+    for raw_name, name, value in items:
+        if name.endswith("_orig"):
+            weights[name[: -len("_orig")]] = (raw_name, value)  # prune-style wins over a plain copy
+        else:
+            weights.setdefault(name, (raw_name, value))
+    masks: dict[str, tuple[str, Any, Path]] = {}
+    for raw_name, name, value in items:
+        base = None
+        if name.endswith("_mask"):
+            base = name[: -len("_mask")]
+        elif (m := _OPENLTH_MASK.match(name)) and "___" in name:
+            base = m.group(1).replace("___", ".")
+        # An embedded "*_mask" without a matching weight is an ordinary tensor (e.g. a buffer).
+        if base is not None and base in weights:
+            masks[base] = (raw_name, value, raw.path)
+            if weights.get(name, (None,))[0] == raw_name:
+                del weights[name]
+    # A separate masks file fills in masks the weights file does not carry itself.
+    for raw_name, name, value in _canonical_items(raw.masks or {}, opts):
+        base = name[: -len("_mask")] if name.endswith("_mask") else name
+        masks.setdefault(base, (raw_name, value, raw.mask_path or raw.path))
+
+    refs = []
+    for name, (raw_name, weight) in weights.items():
+        mask_entry = masks.pop(name, None)
+        if mask_entry is None:
+            refs.append(TensorRef(name, weight, None, raw.path))
+            continue
+        mask_raw, mask, mask_path = mask_entry
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ScanError(mask_path, f"mask {mask_raw!r} has shape {tuple(mask.shape)} but its weight "
+                                       f"{raw_name!r} in {raw.path} has shape {tuple(weight.shape)}",
+                            tensor=name)
+        refs.append(TensorRef(name, weight, mask, raw.path, mask_path))
+    if masks:
+        name, (mask_raw, _m, mask_path) = next(iter(masks.items()))
+        raise ScanError(mask_path, f"mask {mask_raw!r} has no matching weight in {raw.path} "
+                                   f"({len(masks)} unmatched mask(s); wrong --select or prefix?)",
+                        tensor=name)
+    return refs
+
+
+def state_dict_of(obj: Any) -> Mapping[str, Any] | None:
+    """The tensor mapping inside a loaded checkpoint object, wherever the code base put it."""
+    from flowscan.io.torch_file import is_module, module_state_dict
+
+    if is_module(obj):
+        return module_state_dict(obj)
+    if not isinstance(obj, Mapping):
+        return None
+    for key in ("state_dict", "model_state_dict", "model", "net", "model_state"):
+        inner = obj.get(key)
+        if is_module(inner):
+            return module_state_dict(inner)
+        if isinstance(inner, Mapping) and any(_is_array(v) for v in inner.values()):
+            return inner
+    if any(_is_array(v) for v in obj.values()):
+        return obj
+    return None
+
+
+def scalar_metrics(obj: Any, keys: Iterable[str] | None = None) -> dict[str, float]:
+    """Float-valued top-level entries of a checkpoint dict (e.g. Chen et al.'s best_sa)."""
+    import numpy as np
+
+    out = {}
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if keys is not None and key not in keys:
+                continue
+            if isinstance(value, (float, np.floating)) or (
+                    isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind == "f"):
+                out[str(key)] = float(value)
+    return out

@@ -1,0 +1,46 @@
+"""Round numbers from file and folder names (`3checkpoint.pth.tar`, `round_7.safetensors`)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+_LAST_NUMBER = re.compile(r"^(.*?)(\d+)(\D*)$")
+_SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".tar", ".npz", ".bin", ".ckpt")
+# HF Trainer folders count optimizer steps, not rounds: their order gives the round.
+_STEP_NAMED = re.compile(r"^checkpoint-\d+$")
+
+
+def stem(name: str) -> str:
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def pattern_and_number(name: str) -> tuple[str, int] | None:
+    """('{n}checkpoint', 3) for '3checkpoint.pth.tar'; None when the name has no number."""
+    m = _LAST_NUMBER.match(stem(name))
+    if not m:
+        return None
+    suffix = name[len(stem(name)):]
+    return f"{m.group(1)}{{n}}{m.group(3)}{suffix}", int(m.group(2))
+
+
+def numbered_groups(paths: list[Path]) -> dict[str, list[tuple[int, Path]]]:
+    """Paths grouped by name pattern, each group sorted by its number."""
+    groups: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    for path in paths:
+        found = pattern_and_number(path.name)
+        if found:
+            groups[found[0]].append((found[1], path))
+    return {k: sorted(v) for k, v in groups.items()}
+
+
+def as_rounds(numbered: list[tuple[int, Path]]) -> tuple[list[tuple[int, Path]], str | None]:
+    """Round index per path: the number itself, or the rank for step-numbered folders."""
+    if numbered and all(_STEP_NAMED.match(p.name) for _, p in numbered):
+        return [(rank, p) for rank, (_, p) in enumerate(numbered)], \
+            "round = rank of the step-numbered checkpoint-N folders"
+    return numbered, None

@@ -1,0 +1,64 @@
+"""torch.nn.utils.prune state dicts, one file per round (Chen et al.'s CV layout and others).
+
+Chen et al. (CV_LTH_Pre-training) write `{k}checkpoint.pth.tar` at the end of each round's
+training (what gets pruned), plus `{k}model_SA_best.pth.tar` / `{k}model_best.pth.tar` for the
+best epoch; we prefer the first. The state dict sits at top level or under `state_dict`;
+rounds >= 1 are prune-style (`X.weight_orig` x `X.weight_mask`); a `mask` dict (ImageNet runs)
+serves as a separate masks file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from flowscan.errors import ScanError
+from flowscan.io import torch_file
+from flowscan.readers.base import RawRound, Reader, Round
+from flowscan.readers.names import scalar_metrics, state_dict_of
+from flowscan.readers.numbering import numbered_groups
+from flowscan.readers.registry import register
+
+# Preferred file families when a folder holds several (first match wins).
+_PREFERENCE = ("{n}checkpoint", "{n}model_SA_best", "{n}model_best")
+
+
+def _torch_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if torch_file.is_torch_file(p))
+
+
+@register
+class PruneStyleReader(Reader):
+    name = "prune-style"
+    description = "torch state dicts per round, prune-style X.weight_orig x X.weight_mask (Chen et al. CV)"
+
+    def guess_can_open(self, folder: Path) -> bool:
+        return bool(numbered_groups(_torch_files(folder)))
+
+    def rounds(self, folder: Path):
+        groups = numbered_groups(_torch_files(folder))
+        if not groups:
+            raise ScanError(folder, "no torch checkpoint files with a round number in their name")
+        chosen = next((k for pref in _PREFERENCE for k in groups if k.startswith(pref)), None)
+        if chosen is None:
+            chosen = max(groups, key=lambda k: (len(groups[k]), k))
+        notes = [f"round files: {chosen.replace('{n}', '{round}')}"]
+        others = sorted(set(groups) - {chosen})
+        if others:
+            notes.append("ignored: " + ", ".join(o.replace("{n}", "{round}") for o in others))
+        rounds = [Round(n, self.name, (path,)) for n, path in groups[chosen]]
+        return rounds, notes
+
+    def open_round(self, round: Round) -> RawRound:
+        path = round.files[0]
+        obj = torch_file.load(path)
+        tensors = state_dict_of(obj)
+        if tensors is None:
+            raise ScanError(path, "no state dict found (looked at the top level and under "
+                                  "state_dict/model_state_dict/model/net)")
+        masks = None
+        if isinstance(obj, Mapping):
+            candidate = obj.get("mask", obj.get("masks"))
+            if isinstance(candidate, Mapping) and candidate is not tensors:
+                masks = candidate
+        return RawRound(tensors, path, masks, path if masks is not None else None, scalar_metrics(obj))

@@ -1,0 +1,100 @@
+"""Plain safetensors (or .npz) archives, one per round: flat files or Hugging Face folders.
+
+    run/round_0.safetensors, run/round_1.safetensors, ...        flat, round from the file name
+    run/round_0.masks.safetensors                                 optional masks, same number
+    run/step_3/model.safetensors (or shards + index.json)         a folder per round
+    run/step_3/masks.safetensors                                  optional masks
+
+Masks are `....weight_mask` keys inside the weights file or a file with "mask" in its name. With
+no mask stored anywhere in the run, the analysis infers masks from exact zeros (see reduce).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flowscan.errors import ScanError
+from flowscan.io import npz_file, safetensors_file
+from flowscan.readers.base import RawRound, Reader, Round
+from flowscan.readers.numbering import as_rounds, numbered_groups, pattern_and_number
+from flowscan.readers.registry import register
+
+_EXTS = (".safetensors", ".npz")
+
+
+def _is_array_file(p: Path) -> bool:
+    return p.is_file() and p.name.endswith(_EXTS)
+
+
+def _is_mask_file(p: Path) -> bool:
+    return "mask" in p.name.lower()
+
+
+def _folder_files(folder: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(weight files, mask files) of a per-round folder, honouring a shard index."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(p for p in folder.iterdir() if _is_array_file(p))
+    masks = tuple(p for p in files if _is_mask_file(p))
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            raise ScanError(index, f"unreadable shard index: {exc}") from None
+        return tuple(folder / s for s in shards), masks
+    return tuple(p for p in files if not _is_mask_file(p)), masks
+
+
+def _round_folders(folder: Path) -> list[Path]:
+    return [c for c in folder.iterdir() if c.is_dir() and pattern_and_number(c.name)
+            and any(_is_array_file(p) and not _is_mask_file(p) for p in c.iterdir())]
+
+
+def _load(path: Path):
+    if path.name.endswith(".npz"):
+        return npz_file.load(path)
+    return safetensors_file.load(path)[0]
+
+
+@register
+class SafetensorsReader(Reader):
+    name = "safetensors"
+    description = "safetensors/.npz per round (flat files or HF folders), masks alongside or inferred"
+
+    def guess_can_open(self, folder: Path) -> bool:
+        flat = [p for p in folder.iterdir() if _is_array_file(p) and not _is_mask_file(p)]
+        return bool(numbered_groups(flat)) or bool(_round_folders(folder))
+
+    def rounds(self, folder: Path):
+        notes = []
+        subdirs = _round_folders(folder)
+        if subdirs:
+            group = max(numbered_groups(subdirs).values(), key=len)
+            numbered, note = as_rounds(group)
+            specs = [(n, *_folder_files(p)) for n, p in numbered]
+        else:
+            flat = [p for p in folder.iterdir() if _is_array_file(p)]
+            groups = numbered_groups([p for p in flat if not _is_mask_file(p)])
+            key = max(groups, key=lambda k: (len(groups[k]), k))
+            numbered, note = as_rounds(groups[key])
+            mask_by_number = {n: p for g in numbered_groups([p for p in flat if _is_mask_file(p)]).values()
+                              for n, p in g}
+            specs = [(n, (p,), (mask_by_number[n],) if n in mask_by_number else ()) for n, p in numbered]
+            if len(groups) > 1:
+                notes.append("ignored: " + ", ".join(sorted(set(groups) - {key})))
+        if note:
+            notes.append(note)
+        rounds = [Round(n, self.name, w + m, (len(w),)) for n, w, m in specs]
+        return rounds, notes
+
+    def open_round(self, round: Round) -> RawRound:
+        n_weights = round.spec[0]
+        weight_files, mask_files = round.files[:n_weights], round.files[n_weights:]
+        tensors: dict = {}
+        for path in weight_files:
+            tensors.update(_load(path))
+        masks: dict = {}
+        for path in mask_files:
+            masks.update(_load(path))
+        where = weight_files[0] if len(weight_files) == 1 else weight_files[0].parent
+        return RawRound(tensors, where, masks or None, mask_files[0] if mask_files else None)

@@ -1,0 +1,107 @@
+"""The five output tables of DESIGN.md §2: tidy polars frames, written as zstd parquet.
+
+Column names and types are a public interface. All tables are written to temporary files first
+and then renamed into place one after another, so a second analysis replaces the set whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from flowscan import __version__
+from flowscan.flow import relevance
+from flowscan.io.atomic import atomic_path
+from flowscan.pipeline import RunResult
+
+TABLES = ("runs", "rounds", "steps", "eigen", "metrics")
+
+SCHEMAS: dict[str, dict[str, pl.DataType]] = {
+    "runs": {"run": pl.String, "path": pl.String, "format": pl.String, "n_rounds": pl.Int64,
+             "n_prunable_tensors": pl.Int64, "n_prunable_params": pl.Int64, "status": pl.String,
+             "error": pl.String, "blocks": pl.String, "mask_source": pl.String, "notes": pl.String},
+    "rounds": {"run": pl.String, "round": pl.Int64, "block": pl.String, "n_params": pl.Int64,
+               "n_unpruned": pl.Int64, "abs_sum": pl.Float64, "M": pl.Float64, "P": pl.Float64,
+               "density": pl.Float64, "global_density": pl.Float64},
+    "steps": {"run": pl.String, "block": pl.String, "quantity": pl.String, "round": pl.Int64,
+              "lambda": pl.Float64, "c": pl.Float64, "x": pl.Float64, "sigma": pl.Float64,
+              "valid": pl.Boolean},
+    "eigen": {"run": pl.String, "block": pl.String, "quantity": pl.String, "n_pairs": pl.Int64,
+              "lambda_mean": pl.Float64, "lambda_sem": pl.Float64, "sigma_mean": pl.Float64,
+              "sigma_sem": pl.Float64, "sigma_fit": pl.Float64, "sigma_fit_se": pl.Float64,
+              "r2": pl.Float64, "eigen_ok": pl.Boolean, "relevance": pl.String},
+    "metrics": {"run": pl.String, "round": pl.Int64, "name": pl.String, "value": pl.Float64},
+}
+
+
+def _frame(name: str, columns: Mapping[str, Sequence]) -> pl.DataFrame:
+    return pl.DataFrame({k: list(columns.get(k, [])) for k in SCHEMAS[name]}, schema=SCHEMAS[name])
+
+
+def build_tables(results: Sequence[RunResult]) -> dict[str, pl.DataFrame]:
+    cols: dict[str, dict[str, list]] = {t: {k: [] for k in SCHEMAS[t]} for t in TABLES}
+
+    def add(table: str, **row) -> None:
+        for key, values in cols[table].items():
+            values.append(row[key])
+
+    for res in results:
+        run, f = res.run, res.flow
+        add("runs", run=run.name, path=str(run.path), format=run.format, n_rounds=len(run.rounds),
+            n_prunable_tensors=len(res.tensors), n_prunable_params=res.n_prunable_params,
+            status="ok" if res.ok else "error", error=res.error, blocks=res.blocks_rule or None,
+            mask_source=res.mask_source or None, notes="; ".join(run.notes) or None)
+        if f is None:
+            continue
+        for r, index in enumerate(f.rounds):
+            for b, block in enumerate(res.blocks):
+                add("rounds", run=run.name, round=int(index), block=block, n_params=int(f.n_params[b]),
+                    n_unpruned=int(f.n_unpruned[r, b]), abs_sum=float(f.abs_sum[r, b]),
+                    M=float(f.M[r, b]), P=float(f.P[r, b]), density=float(f.block_density[r, b]),
+                    global_density=float(f.density[r]))
+        for quantity, (lam, sigma, valid) in f.steps.items():
+            for b, block in enumerate(res.blocks):
+                for s, index in enumerate(f.step_rounds):
+                    add("steps", run=run.name, block=block, quantity=quantity, round=int(index),
+                        **{"lambda": float(lam[s, b])}, c=float(f.c[s]), x=float(f.x[s]),
+                        sigma=float(sigma[s, b]), valid=bool(valid[s, b]))
+            e = res.eigen[quantity]
+            ok = e.eigen_ok
+            for b, block in enumerate(res.blocks):
+                fit = e.fits[b]
+                add("eigen", run=run.name, block=block, quantity=quantity, n_pairs=int(e.n_pairs[b]),
+                    lambda_mean=float(e.lambda_mean[b]), lambda_sem=float(e.lambda_sem[b]),
+                    sigma_mean=float(e.sigma_mean[b]), sigma_sem=float(e.sigma_sem[b]),
+                    sigma_fit=float(fit.slope), sigma_fit_se=float(fit.slope_se), r2=float(fit.r2),
+                    eigen_ok=bool(ok[b]), relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]))
+        for index, name, value in res.metrics:
+            add("metrics", run=run.name, round=index, name=name, value=value)
+    return {t: _frame(t, cols[t]) for t in TABLES}
+
+
+def metadata(command: str, blocks: str) -> dict[str, str]:
+    return {"flowscan_version": __version__, "command": command, "blocks": blocks}
+
+
+def write_tables(frames: Mapping[str, pl.DataFrame], out: Path, meta: Mapping[str, str]) -> list[Path]:
+    """Write every table to a temporary file, then rename them all into place."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # On any failure every temporary file is removed; on success all are renamed at the end.
+    with contextlib.ExitStack() as stack:
+        for name, frame in frames.items():
+            tmp = stack.enter_context(atomic_path(out / f"{name}.parquet"))
+            table = frame.to_arrow()
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   **{f"flowscan.{k}": v for k, v in meta.items()}})
+            pq.write_table(table, tmp, compression="zstd")
+    return [out / f"{name}.parquet" for name in frames]
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode()[len("flowscan."):]: v.decode() for k, v in raw.items() if k.startswith(b"flowscan.")}
