@@ -1,0 +1,90 @@
+"""Flow math against hand-computed values and an independent regression (scipy)."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from flowscan import flow
+
+
+def test_shares_divide_by_row_sums_and_leave_empty_rows_undefined():
+    m = flow.shares(np.array([[1.0, 3.0], [0.0, 0.0]]))
+    assert m[0].tolist() == [0.25, 0.75]
+    assert np.isnan(m[1]).all()
+
+
+def test_coarse_graining_matches_the_bert_schedule():
+    # 10 % of the original count per round: x(n) = 1/(10 - n), so c(2) = 8/7 (Redman et al. App. A)
+    density = np.array([1.0, 0.9, 0.8, 0.7])
+    x, c = flow.coarse_graining(density)
+    assert x == pytest.approx([1 / 10, 1 / 9, 1 / 8], abs=1e-15)
+    assert c[2] == pytest.approx(8 / 7, abs=1e-15)
+
+
+def test_step_exponents_hand_values_and_invalid_steps():
+    share = np.array([[0.5, 0.5, 0.0], [0.4, 0.6, 0.0], [0.3, 0.7, 0.0], [0.3, 0.7, 0.0]])
+    c = np.array([1.25, 1.25, 1.0])
+    lam, sigma, valid = flow.step_exponents(share, c)
+    assert lam[0, 0] == pytest.approx(0.8)
+    assert sigma[0, 1] == pytest.approx(math.log(1.2) / math.log(1.25))
+    assert valid.tolist() == [[True, True, False], [True, True, False], [False, False, False]]
+    assert np.isnan(sigma[2]).all() and np.isnan(lam[:, 2]).all()  # c = 1 and M = 0
+
+
+def test_mean_sem_uses_ddof_one_over_valid_entries_only():
+    values = np.array([[1.0], [2.0], [4.0], [100.0]])
+    valid = np.array([[True], [True], [True], [False]])
+    mean, sem, count = flow.mean_sem(values, valid)
+    assert mean[0] == pytest.approx(7 / 3)
+    assert sem[0] == pytest.approx(np.std([1, 2, 4], ddof=1) / math.sqrt(3))
+    assert count[0] == 3
+    mean1, sem1, _ = flow.mean_sem(np.array([[3.0]]), np.array([[True]]))
+    assert mean1[0] == 3.0 and np.isnan(sem1[0])
+
+
+def test_fit_line_agrees_with_scipy_linregress():
+    rng = np.random.default_rng(0)
+    x = np.cumsum(rng.uniform(0.1, 0.3, 9))
+    y = 0.7 - 0.4 * x + rng.normal(0, 0.01, 9)
+    fit = flow.fit_line(x, y)
+    ref = stats.linregress(x, y)
+    assert fit.slope == pytest.approx(ref.slope, rel=1e-12)
+    assert fit.slope_se == pytest.approx(ref.stderr, rel=1e-10)
+    assert fit.r2 == pytest.approx(ref.rvalue ** 2, rel=1e-12)
+
+
+def test_fit_exponents_recovers_sigma_under_a_varying_c():
+    # M(n) = M0 * D(n)^(-sigma): with s(n) = ln(D0/D(n)), ln M = ln M0 + sigma * s exactly
+    density = np.array([1.0, 0.9, 0.8, 0.7, 0.6])
+    share = np.stack([0.3 * density ** -0.25, 1 - 0.3 * density ** -0.25], axis=1)
+    fits = flow.fit_exponents(share, density)
+    assert fits[0].slope == pytest.approx(0.25, abs=1e-12)
+    assert fits[0].r2 == pytest.approx(1.0)
+
+
+def test_compute_flow_hand_example_with_a_missing_round():
+    # rounds 0, 1, 3: the step 1 -> 3 is not a step
+    f = flow.compute_flow(rounds=[0, 1, 3], n_params=[10, 30],
+                          n_unpruned=[[10, 30], [8, 24], [5, 15]],
+                          abs_sum=[[5.0, 15.0], [4.0, 16.0], [1.0, 3.0]])
+    assert f.density.tolist() == pytest.approx([1.0, 0.8, 0.5])
+    assert f.step_rounds.tolist() == [0]
+    assert f.c.tolist() == pytest.approx([1.25])
+    lam, sigma, valid = f.steps["M"]
+    assert lam[0].tolist() == pytest.approx([0.2 / 0.25, 0.8 / 0.75])
+    assert sigma[0, 0] == pytest.approx(math.log(0.8) / math.log(1.25))
+    assert f.P[:, 0].tolist() == pytest.approx([0.25, 0.25, 0.25])
+    e = flow.eigen_summary(f, "M")
+    assert e.n_pairs.tolist() == [1, 1]
+    # the fit uses every round at once, gap included: s = ln(1/D)
+    expected = stats.linregress(np.log(1 / np.array([1.0, 0.8, 0.5])), np.log([0.25, 0.2, 0.25])).slope
+    assert e.fits[0].slope == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("mean, sem, expected", [
+    (0.2, 0.05, "relevant"), (-0.2, 0.05, "irrelevant"), (0.05, 0.05, "marginal"),
+    (0.1, float("nan"), "relevant"), (float("nan"), 0.1, "undetermined")])
+def test_relevance_accounts_for_the_sem(mean, sem, expected):
+    assert flow.relevance(mean, sem) == expected
