@@ -73,7 +73,7 @@ def inspection_text(items: Sequence[Inspection]) -> str:
         for name, label in zip(item.prunable, item.labels):
             lines.append(f"    {name:<{width}}  {str(item.tensors[name].shape):<20}  -> {label}")
         rest = [n for n in item.tensors if n not in set(item.prunable)]
-        lines.append(f"  not prunable (no mask): {len(rest)} tensors"
+        lines.append(f"  not prunable (no mask): {len(rest)} tensor(s)"
                      + (f", e.g. {', '.join(rest[:4])}" if rest else ""))
         if item.unmatched:
             lines.append(f"  matched no block rule (-> (other)): {', '.join(item.unmatched)}")

@@ -1,0 +1,106 @@
+"""File readers against torch/safetensors themselves, and the restricted unpickler's refusals."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flowscan.errors import ScanError, UnsafePickleError
+from flowscan.io import npz_file, safetensors_file, torch_file
+from flowscan.io.safe_pickle import safe_loads
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+          torch.int8, torch.uint8, torch.bool]
+
+
+def _sample(dtype):
+    return (torch.randn(3, 5) * 4).to(dtype)
+
+
+def _as_numpy(t):
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_torch_files_of_every_dtype_match_torch_load(tmp_path, legacy):
+    tensors = {str(d): _sample(d) for d in DTYPES}
+    tensors["transposed"] = torch.randn(4, 6).t()          # non-contiguous strides
+    tensors["view"] = torch.arange(20.0)[5:15].view(2, 5)  # storage offset
+    tensors["empty"] = torch.zeros(0, 3)
+    path = tmp_path / "x.pt"
+    torch.save({"sd": tensors, "n": 3, "acc": np.float64(0.5)}, path, _use_new_zipfile_serialization=not legacy)
+    loaded = torch_file.load(path)
+    assert loaded["n"] == 3 and loaded["acc"] == 0.5
+    for name, t in tensors.items():
+        got = np.asarray(loaded["sd"][name])
+        assert got.shape == tuple(t.shape), name
+        np.testing.assert_array_equal(got, _as_numpy(t), err_msg=name)
+
+
+def test_whole_pickled_module_yields_its_state_dict(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", 0.5)
+    torch.save(model, tmp_path / "m.pt")
+    state = torch_file.module_state_dict(torch_file.load(tmp_path / "m.pt"))
+    assert list(state) == list(model.state_dict())
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(state[k]), v.numpy())
+
+
+def test_safetensors_reader_matches_safetensors(tmp_path):
+    tensors = {str(d): _sample(d) for d in DTYPES}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"round": "2"})
+    loaded, meta = safetensors_file.load(tmp_path / "x.safetensors")
+    assert meta == {"round": "2"}
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name]), _as_numpy(t))
+
+
+def test_npz_reader_reads_one_array_at_a_time_and_refuses_object_arrays(tmp_path):
+    np.savez(tmp_path / "a.npz", w=np.arange(6.0).reshape(2, 3))
+    arrays = npz_file.load(tmp_path / "a.npz")
+    assert arrays["w"].shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(arrays["w"]), np.arange(6.0).reshape(2, 3))
+    np.savez(tmp_path / "b.npz", o=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ScanError, match="object arrays need pickle"):
+        npz_file.load(tmp_path / "b.npz")
+
+
+class _Call:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize("func", [os.system, builtins.eval, builtins.exec, builtins.getattr, __import__])
+def test_unpickler_refuses_any_callable_off_the_allow_list(tmp_path, func):
+    marker = tmp_path / "ran"
+    payload = pickle.dumps({"x": _Call(func, f"open({str(marker)!r}, 'w')")}, protocol=2)
+    with pytest.raises(UnsafePickleError, match="refused to unpickle.*nothing was executed"):
+        safe_loads(payload, "evil.pkl")
+    assert not marker.exists()
+
+
+def test_unpickler_stubs_unknown_classes_without_importing_them():
+    # GLOBAL 'no_such_package.Thing', EMPTY_TUPLE, NEWOBJ, EMPTY_DICT, 'a', 1, SETITEM, BUILD, STOP
+    data = b"\x80\x02cno_such_package\nThing\nq\x00)\x81}X\x01\x00\x00\x00aK\x01sb."
+    obj = safe_loads(data)
+    assert type(obj).__module__ == "no_such_package" and obj.a == 1
+
+
+def test_garbage_is_a_clear_error(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(ScanError, match=f"{path}: not a"):
+        torch_file.load(path)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ScanError, match="file is empty"):
+        torch_file.load(tmp_path / "empty.pth")
