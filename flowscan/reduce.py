@@ -29,7 +29,7 @@ class TensorSums:
     n_params: int
     masked: bool          # a mask is stored for this tensor in this round
     n_unpruned: int       # sum of the mask (n_params when no mask is stored)
-    n_nonzero: int        # nonzero entries of the effective weight (for inferred masks)
+    n_nonzero: int        # nonzero weights when no mask is stored (for inferred masks), else n_unpruned
     abs_sum: float        # sum |m * w|
     path: str             # file of the weight, for messages
 
@@ -88,19 +88,12 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> TensorSums
         stop = min(start + CHUNK, n)
         buf = buffers.get(acc, stop - start)
         np.abs(weight[start:stop], out=buf, casting="unsafe")
-        if mask is not None:
+        if mask is None:
+            n_nonzero += np.count_nonzero(buf)  # only needed when masks are inferred from zeros
+        else:
             m = mask[start:stop]
-            if m.dtype == np.bool_:
-                ones = np.count_nonzero(m)
-            else:
-                ones = np.count_nonzero(m == 1)
-                if np.count_nonzero(m) != ones:
-                    bad = m[(m != 0) & (m != 1)][0]
-                    raise ScanError(ref.mask_path or ref.path,
-                                    f"mask is not 0/1 (found value {bad!r})", tensor=ref.name)
-            n_unpruned += ones
+            n_unpruned += _count_ones(m, ref)
             np.multiply(buf, m, out=buf, casting="unsafe")
-        n_nonzero += np.count_nonzero(buf)
         abs_sum += float(buf.sum(dtype=np.float64))
     if not math.isfinite(abs_sum):
         raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
@@ -109,7 +102,27 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> TensorSums
             array.release()
     return TensorSums(shape=tuple(int(s) for s in ref.shape), n_params=int(n), masked=mask is not None,
                       n_unpruned=int(n_unpruned if mask is not None else n),
-                      n_nonzero=int(n_nonzero), abs_sum=abs_sum, path=str(ref.path))
+                      n_nonzero=int(n_unpruned if mask is not None else n_nonzero),
+                      abs_sum=abs_sum, path=str(ref.path))
+
+
+def _count_ones(m: np.ndarray, ref: TensorRef) -> int:
+    """Number of ones in a mask chunk, which must hold only 0 and 1."""
+    if m.dtype == np.bool_:
+        return int(np.count_nonzero(m))
+    if m.dtype.kind in "iu":  # min/max are cheap SIMD reductions; no temporaries
+        if m.size and (m.max() > 1 or m.min() < 0):
+            _not_binary(m, ref)
+        return int(np.count_nonzero(m))
+    ones = int(np.count_nonzero(m == 1))
+    if np.count_nonzero(m) != ones:
+        _not_binary(m, ref)
+    return ones
+
+
+def _not_binary(m: np.ndarray, ref: TensorRef):
+    bad = m[(m != 0) & (m != 1)][0]
+    raise ScanError(ref.mask_path or ref.path, f"mask is not 0/1 (found value {bad!r})", tensor=ref.name)
 
 
 def open_tensors(round: Round, opts: NameOptions) -> tuple[list[TensorRef], dict[str, float]]:
