@@ -230,3 +230,48 @@ def test_sharded_folders_infer_masks_from_zeros(tmp_path):
             row = rounds.filter(round=n, block=name.removesuffix(".weight")).row(0, named=True)
             assert row["n_unpruned"] == int(np.count_nonzero(tensors[name]))
             assert row["abs_sum"] == pytest.approx(float(np.abs(tensors[name]).astype(np.float64).sum()), rel=1e-9)
+
+
+def test_lth_diet_layout_reads_like_open_lth(tmp_path, copy_fixture):
+    src = FIXTURES / "open_lth" / "lottery_0123456789abcdef0123456789abcdef" / "replicate_1"
+    diet = tmp_path / "diet" / "replicate_0"  # lth_diet counts replicates from 0
+    for level in range(4):
+        main = diet / f"level_{level}" / "main"
+        main.mkdir(parents=True)
+        old = src / f"level_{level}" / "main"
+        torch.save(torch.load(old / "model_ep2_it0.pth", weights_only=True), main / "model_final.pt")
+        torch.save(torch.load(old / "model_ep0_it0.pth", weights_only=True), main / "model_init.pt")
+        masks = torch.load(old / "mask.pth", weights_only=True)
+        torch.save({f"module.{k}": v for k, v in masks.items()}, main / "mask.pt")  # prefix on masks only
+    a = analyze(src, tmp_path / "a")
+    b = analyze(tmp_path / "diet", tmp_path / "b")
+    assert b["runs"]["run"].to_list() == ["replicate_0"]
+    assert_frame_equal(a["rounds"].drop("run"), b["rounds"].drop("run"))
+
+
+def test_chen_imagenet_layout_without_round_zero_and_with_a_mask_dict(tmp_path):
+    # {k}model_best.pth.tar, state 0 never saved; masks under the checkpoint's "mask" key
+    rng = np.random.default_rng(5)
+    shapes = {"layer1.0.conv1.weight": (8, 4, 3, 3), "layer2.0.conv1.weight": (16, 8, 3, 3)}
+    mask = {k: np.ones(s, np.float32) for k, s in shapes.items()}
+    expected = {}
+    for k in (1, 2, 3):
+        w = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+        for n in shapes:  # prune 20 % of each tensor's survivors
+            alive = np.abs(w[n])[mask[n] == 1]
+            mask[n] = ((mask[n] == 1) & (np.abs(w[n]) > np.quantile(alive, 0.2))).astype(np.float32)
+        torch.save({"state": k, "best_acc1": 70.0 + k,
+                    "state_dict": {f"module.{n}": torch.from_numpy(v * mask[n]) for n, v in w.items()},
+                    "mask": {f"module.{n}": torch.from_numpy(m)
+                             for n, m in mask.items()}},
+                   tmp_path / f"{k}model_best.pth.tar")
+        expected[k] = {n.split(".")[0]: int(m.sum()) for n, m in mask.items()}
+    tables = analyze(tmp_path, tmp_path / "out")
+    rounds = tables["rounds"]
+    assert sorted(rounds["round"].unique().to_list()) == [1, 2, 3]
+    for k, kept in expected.items():
+        for block, n in kept.items():
+            assert rounds.filter(round=k, block=block)["n_unpruned"][0] == n
+    assert tables["metrics"].filter(name="best_acc1").sort("round")["value"].to_list() == [71.0, 72.0, 73.0]
+    assert tables["steps"].filter(block="layer1", quantity="P")["round"].to_list() == [1, 2]
+
