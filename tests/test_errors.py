@@ -119,7 +119,7 @@ def test_pickle_that_names_os_system_is_refused_and_nothing_runs(tmp_path, copy_
     obj = torch.load(bad / "2checkpoint.pth.tar", weights_only=True)
     obj["hook"] = _Payload(marker)
     torch.save(obj, bad / "2checkpoint.pth.tar")
-    error = _assert_one_failure(root, tmp_path / "out", str(bad / "2checkpoint.pth.tar"), "refused",
+    _assert_one_failure(root, tmp_path / "out", str(bad / "2checkpoint.pth.tar"), "refused",
                                 "posix.system", "nothing was executed")
     assert not marker.exists()
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from flowscan.errors import ScanError
 from flowscan.io.arrays import BFLOAT16, Region, Storage, StoredArray, itemsize, map_file
-from flowscan.io.safe_pickle import RestrictedUnpickler, Stub, _Refused, safe_load
+from flowscan.io.safe_pickle import Stub, _Refused, safe_load
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".tar")
 

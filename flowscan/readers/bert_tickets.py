@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flowscan.errors import ScanError
 from flowscan.io import torch_file
 from flowscan.readers.base import RawRound, Reader, Round
-from flowscan.readers.names import state_dict_of
+from flowscan.readers.torch_round import open_torch_round
 from flowscan.readers.registry import register
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -81,13 +80,4 @@ class BertTicketsReader(Reader):
         return rounds, notes
 
     def open_round(self, round: Round) -> RawRound:
-        path = round.files[0]
-        tensors = state_dict_of(torch_file.load(path))
-        if tensors is None:
-            raise ScanError(path, "neither a pickled module nor a state dict")
-        masks = None
-        if len(round.files) > 1:
-            masks = torch_file.load(round.files[1])
-            if not isinstance(masks, Mapping):
-                raise ScanError(round.files[1], "mask.pt is not a dict of tensors")
-        return RawRound(tensors, path, masks, round.files[1] if masks is not None else None)
+        return open_torch_round(round.files[0], round.files[1] if len(round.files) > 1 else None)

@@ -33,13 +33,13 @@ def canonical(name: str, opts: NameOptions) -> str | None:
     return name
 
 
-def _is_array(value: Any) -> bool:
+def is_array(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
 def _canonical_items(arrays: Mapping[str, Any], opts: NameOptions) -> Iterable[tuple[str, str, Any]]:
     for raw, value in arrays.items():
-        if not _is_array(value):
+        if not is_array(value):
             continue
         name = canonical(str(raw), opts)
         if name is not None:
@@ -90,37 +90,3 @@ def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
                                    f"({len(masks)} unmatched mask(s); wrong --select or prefix?)",
                         tensor=name)
     return refs
-
-
-def state_dict_of(obj: Any) -> Mapping[str, Any] | None:
-    """The tensor mapping inside a loaded checkpoint object, wherever the code base put it."""
-    from flowscan.io.torch_file import is_module, module_state_dict
-
-    if is_module(obj):
-        return module_state_dict(obj)
-    if not isinstance(obj, Mapping):
-        return None
-    for key in ("state_dict", "model_state_dict", "model", "net", "model_state"):
-        inner = obj.get(key)
-        if is_module(inner):
-            return module_state_dict(inner)
-        if isinstance(inner, Mapping) and any(_is_array(v) for v in inner.values()):
-            return inner
-    if any(_is_array(v) for v in obj.values()):
-        return obj
-    return None
-
-
-def scalar_metrics(obj: Any, keys: Iterable[str] | None = None) -> dict[str, float]:
-    """Float-valued top-level entries of a checkpoint dict (e.g. Chen et al.'s best_sa)."""
-    import numpy as np
-
-    out = {}
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if keys is not None and key not in keys:
-                continue
-            if isinstance(value, (float, np.floating)) or (
-                    isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind == "f"):
-                out[str(key)] = float(value)
-    return out

@@ -9,13 +9,12 @@ serves as a separate masks file.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 from flowscan.errors import ScanError
 from flowscan.io import torch_file
 from flowscan.readers.base import RawRound, Reader, Round
-from flowscan.readers.names import scalar_metrics, state_dict_of
+from flowscan.readers.torch_round import open_torch_round
 from flowscan.readers.numbering import numbered_groups
 from flowscan.readers.registry import register
 
@@ -50,15 +49,4 @@ class PruneStyleReader(Reader):
         return rounds, notes
 
     def open_round(self, round: Round) -> RawRound:
-        path = round.files[0]
-        obj = torch_file.load(path)
-        tensors = state_dict_of(obj)
-        if tensors is None:
-            raise ScanError(path, "no state dict found (looked at the top level and under "
-                                  "state_dict/model_state_dict/model/net)")
-        masks = None
-        if isinstance(obj, Mapping):
-            candidate = obj.get("mask", obj.get("masks"))
-            if isinstance(candidate, Mapping) and candidate is not tensors:
-                masks = candidate
-        return RawRound(tensors, path, masks, path if masks is not None else None, scalar_metrics(obj))
+        return open_torch_round(round.files[0], round.files[1] if len(round.files) > 1 else None)
