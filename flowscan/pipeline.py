@@ -110,14 +110,15 @@ def _reduce_all(tasks, options: Options, progress):
     """(run number, RoundSums or error message) per task, as they complete."""
     if options.jobs <= 1 or len(tasks) <= 1:
         for i, rnd in tasks:
-            yield i, _reduce_task(rnd, options)
+            yield i, _reduce_task(rnd, options.names, options.cache_dir)
             if progress:
                 progress(1)
         return
     # spawn, not fork: polars/pyarrow threads make fork unsafe.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=options.jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_reduce_task, rnd, options): i for i, rnd in tasks}
+        # workers get only what they need: block rules hold unpicklable preset functions
+        futures = {pool.submit(_reduce_task, rnd, options.names, options.cache_dir): i for i, rnd in tasks}
         try:
             for future in as_completed(futures):
                 yield futures[future], future.result()
@@ -129,17 +130,16 @@ def _reduce_all(tasks, options: Options, progress):
             raise
 
 
-def _reduce_task(rnd: Round, options: Options) -> RoundSums | str:
+def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None) -> RoundSums | str:
     """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
     try:
-        key = _cache_key(rnd, options.names) if options.cache_dir else None
-        cached = options.cache_dir / f"{key}.json" if key else None
+        cached = cache_dir / f"{_cache_key(rnd, names)}.json" if cache_dir else None
         if cached is not None and cached.is_file():
             try:
                 return RoundSums.from_json(json.loads(cached.read_text()))
             except (ValueError, KeyError, TypeError):
                 pass  # a damaged cache entry is recomputed
-        result = reduce_round(rnd, options.names)
+        result = reduce_round(rnd, names)
         if cached is not None:
             write_text(cached, json.dumps(result.to_json()))
         return result

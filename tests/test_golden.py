@@ -122,7 +122,7 @@ def _torch_block_sums(path, blocks):
 
 def test_real_prune_api_run_matches_torch(tmp_path):
     run = FIXTURES / "torch-prune" / "seed0"
-    tables = analyze(run, tmp_path)
+    tables = analyze(run, tmp_path, "--blocks", "resnet-stages", "--jobs", "2")
     rounds = tables["rounds"]
     assert sorted(rounds["block"].unique()) == ["layer1", "layer2"]  # stem conv1 and fc never pruned
     for k in range(1, 4):
