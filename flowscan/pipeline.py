@@ -65,7 +65,7 @@ class RunResult:
 def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
     runs = discover(Path(root), options.format, exclude)
     if not runs:
-        formats = ", ".join(registry.names())
+        formats = options.format or ", ".join(registry.names())
         raise FlowscanError(f"{root}: no IMP runs found (looked for: {formats})")
     return runs
 

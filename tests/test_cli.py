@@ -79,3 +79,15 @@ def test_formats_lists_readers_and_presets():
     for name in ("flowscan", "open_lth", "bert-tickets", "prune-style", "safetensors",
                  "resnet-stages", "resnet-blocks", "openlth-cifar-stages", "bert-layers"):
         assert f"  {name} " in out
+
+
+def test_inspect_exits_non_zero_when_a_run_cannot_be_read(tmp_path, copy_fixture):
+    run = copy_fixture("closed-form/prune-style", "run")
+    (run / "2checkpoint.pth.tar").write_bytes(b"not a checkpoint")
+    result = run_cli("inspect", run, expect=1)
+    assert f"  ERROR: {run / '2checkpoint.pth.tar'}: not a" in result.output
+
+
+def test_forced_format_that_finds_nothing_says_what_it_looked_for(tmp_path):
+    result = run_cli("analyze", FIXTURES / "closed-form" / "flowscan", "-o", tmp_path, "--format", "open_lth", expect=1)
+    assert "no IMP runs found (looked for: open_lth)" in result.output

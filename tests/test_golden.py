@@ -275,3 +275,25 @@ def test_chen_imagenet_layout_without_round_zero_and_with_a_mask_dict(tmp_path):
     assert tables["metrics"].filter(name="best_acc1").sort("round")["value"].to_list() == [71.0, 72.0, 73.0]
     assert tables["steps"].filter(block="layer1", quantity="P")["round"].to_list() == [1, 2]
 
+
+
+def test_flat_safetensors_with_separate_mask_files(tmp_path):
+    rounds = mf.closed_form_rounds()
+    for n, (weights, masks) in enumerate(rounds):
+        save_file(weights, str(tmp_path / f"round_{n}.safetensors"))
+        save_file({k: v.astype(np.uint8) for k, v in masks.items()}, str(tmp_path / f"round_{n}.masks.safetensors"))
+    tables = analyze(tmp_path, tmp_path / "out", *CLOSED_BLOCKS)
+    assert _eigen(tables, ".", "a")["sigma_mean"] == pytest.approx(0.5, abs=1e-9)
+    assert _eigen(tables, ".", "b")["sigma_mean"] == pytest.approx(-1.0, abs=1e-9)
+
+
+def test_step_numbered_checkpoint_folders_are_rounds_by_rank(tmp_path):
+    for n, (weights, masks) in enumerate(mf.closed_form_rounds()):
+        folder = tmp_path / f"checkpoint-{(n + 1) * 250}"
+        folder.mkdir()
+        save_file(weights, str(folder / "model.safetensors"))
+        save_file({k: v.astype(np.uint8) for k, v in masks.items()}, str(folder / "masks.safetensors"))
+    tables = analyze(tmp_path, tmp_path / "out", *CLOSED_BLOCKS)
+    assert sorted(tables["rounds"]["round"].unique().to_list()) == [0, 1, 2, 3, 4]
+    assert "rank" in tables["runs"]["notes"][0]
+    assert _eigen(tables, ".", "b")["sigma_fit"] == pytest.approx(-1.0, abs=1e-9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -22,7 +23,10 @@ def inspect(path: Path, scan: dict) -> None:
         runs = pipeline.find_runs(path, options)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(summary.inspection_text([pipeline.inspect_run(run, options) for run in runs]))
+    items = [pipeline.inspect_run(run, options) for run in runs]
+    click.echo(summary.inspection_text(items))
+    if any(item.error for item in items):
+        sys.exit(1)
 
 
 @click.command()
