@@ -102,6 +102,21 @@ def write_tables(frames: Mapping[str, pl.DataFrame], out: Path, meta: Mapping[st
     return [out / f"{name}.parquet" for name in frames]
 
 
+def read_tables(out: Path, names: Sequence[str] = TABLES) -> dict[str, pl.DataFrame]:
+    """The tables of an earlier `analyze` (any flowscan version that wrote this contract)."""
+    out = Path(out)
+    missing = [n for n in names if not (out / f"{n}.parquet").is_file()]
+    if missing:
+        from flowscan.errors import FlowscanError
+        raise FlowscanError(f"{out}: missing {', '.join(m + '.parquet' for m in missing)} "
+                            "(run `flowscan analyze PATH -o OUT` first)")
+    return {n: pl.read_parquet(out / f"{n}.parquet") for n in names}
+
+
+def write_table(frame: pl.DataFrame, path: Path, meta: Mapping[str, str]) -> Path:
+    return write_tables({Path(path).stem: frame}, Path(path).parent, meta)[0]
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     raw = pq.read_schema(path).metadata or {}
     return {k.decode()[len("flowscan."):]: v.decode() for k, v in raw.items() if k.startswith(b"flowscan.")}

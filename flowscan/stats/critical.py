@@ -1,0 +1,198 @@
+"""The critical exponent gamma of error against density (Redman et al. App. D, Eq. 15).
+
+    eps(d) = eps_np * [(d^2 + p^2 (eps_dag / eps_np)^(2/gamma)) / (d^2 + p^2)]^(gamma/2)
+
+the scaling function of Rosenfeld et al.: eps_np is the error without pruning (a free parameter
+held within a tight band around the dense error, as Redman et al. did), eps_dag the error at
+maximal pruning, p where the power law sets in. Errors and densities are fractions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+from scipy.optimize import curve_fit
+
+from flowscan.errors import FlowscanError
+from flowscan.stats.groups import Grouping
+
+PARAMS = ("epsilon_np", "epsilon_dagger", "gamma", "p")
+# metric names treated as accuracies, in order of preference, when none is named
+ACCURACY_NAMES = ("test_accuracy", "best_sa", "best_acc1", "eval_acc", "accuracy", "acc", "top1")
+
+
+def scaling_function(d, epsilon_np, epsilon_dagger, gamma, p):
+    d = np.asarray(d, dtype=np.float64)
+    ratio = (epsilon_dagger / epsilon_np) ** (2.0 / gamma)
+    return epsilon_np * ((d ** 2 + p ** 2 * ratio) / (d ** 2 + p ** 2)) ** (gamma / 2.0)
+
+
+class CriticalFit:
+    """Least-squares fit of Eq. 15 (scipy's curve_fit) with bootstrap intervals.
+
+    fit(density, error, groups=None) sets `gamma_`, `epsilon_np_`, `epsilon_dagger_`, `p_`, their
+    `*_stderr_` (from the covariance), `gamma_ci_` (bootstrap percentile interval over groups,
+    e.g. replicates, and the points within them), `rmse_` and `n_points_`.
+    """
+
+    def __init__(self, np_tolerance: float = 0.1, gamma_bounds: tuple[float, float] = (-20.0, -1e-3),
+                 n_bootstrap: int = 200, confidence: float = 0.95, random_state: int = 0):
+        self.np_tolerance = np_tolerance
+        self.gamma_bounds = gamma_bounds
+        self.n_bootstrap = n_bootstrap
+        self.confidence = confidence
+        self.random_state = random_state
+
+    def _bounds(self, d, e):
+        dense = e[d >= d.max() - 1e-12].mean()
+        low = [dense * (1 - self.np_tolerance), 1e-12, self.gamma_bounds[0], 1e-9]
+        high = [dense * (1 + self.np_tolerance), max(1.0, 2 * e.max()), self.gamma_bounds[1], 10 * d.max()]
+        low[0] = max(low[0], 1e-12)
+        high[0] = max(high[0], low[0] * 1.000001)
+        return dense, (low, high)
+
+    def _fit_once(self, d, e, starts):
+        dense, bounds = self._bounds(d, e)
+        best = None
+        for p0 in starts:
+            p0 = np.clip(p0, np.array(bounds[0]) + 1e-12, np.array(bounds[1]) - 1e-12)
+            try:
+                popt, pcov = curve_fit(scaling_function, d, e, p0=p0, bounds=bounds, maxfev=20000)
+            except (RuntimeError, ValueError):
+                continue
+            sse = float(((scaling_function(d, *popt) - e) ** 2).sum())
+            if np.isfinite(sse) and (best is None or sse < best[2]):
+                best = (popt, pcov, sse)
+        return best
+
+    def _starts(self, d, e):
+        dense = e[d >= d.max() - 1e-12].mean()
+        worst = max(e.max(), dense * 1.01)
+        return [np.array([dense, worst * f, g, p]) for f in (1.0, 1.5) for g in (-0.2, -1.0, -3.0)
+                for p in (np.quantile(d, 0.25), d.min())]
+
+    def fit(self, density: Sequence[float], error: Sequence[float], groups: Sequence | None = None) -> "CriticalFit":
+        d = np.asarray(density, dtype=np.float64)
+        e = np.asarray(error, dtype=np.float64)
+        keep = np.isfinite(d) & np.isfinite(e) & (d > 0)
+        d, e = d[keep], e[keep]
+        g = np.asarray(groups)[keep] if groups is not None else None
+        if d.size < len(PARAMS) + 1:
+            raise ValueError(f"need at least {len(PARAMS) + 1} (density, error) points, got {d.size}")
+        if np.any(e <= 0):
+            raise ValueError("errors must be positive (error = 1 - accuracy)")
+        best = self._fit_once(d, e, self._starts(d, e))
+        if best is None:
+            raise ValueError("the scaling function could not be fitted to these points")
+        popt, pcov, sse = best
+        with np.errstate(invalid="ignore"):
+            stderr = np.sqrt(np.diag(pcov))
+        for name, value, se in zip(PARAMS, popt, stderr):
+            setattr(self, f"{name}_", float(value))
+            setattr(self, f"{name}_stderr_", float(se) if np.isfinite(se) else math.nan)
+        self.n_points_ = int(d.size)
+        self.rmse_ = math.sqrt(sse / d.size)
+        self.gamma_ci_, self.n_bootstrap_ok_ = self._bootstrap(d, e, g, popt)
+        return self
+
+    def _bootstrap(self, d, e, g, popt):
+        if not self.n_bootstrap:
+            return (math.nan, math.nan), 0
+        rng = np.random.default_rng(self.random_state)
+        labels = np.unique(g) if g is not None else None
+        gammas = []
+        for _ in range(self.n_bootstrap):
+            if labels is not None and labels.size > 1:  # replicates, then rounds within each
+                idx = np.concatenate([rng.choice(np.flatnonzero(g == lab), size=int((g == lab).sum()))
+                                      for lab in rng.choice(labels, size=labels.size)])
+            else:
+                idx = rng.integers(0, d.size, d.size)
+            if np.unique(d[idx]).size < len(PARAMS):
+                continue
+            fitted = self._fit_once(d[idx], e[idx], [popt])
+            if fitted is not None:
+                gammas.append(fitted[0][2])
+        if len(gammas) < 10:
+            return (math.nan, math.nan), len(gammas)
+        alpha = (1 - self.confidence) / 2
+        low, high = np.quantile(gammas, [alpha, 1 - alpha])
+        return (float(low), float(high)), len(gammas)
+
+    def predict(self, density) -> np.ndarray:
+        return scaling_function(density, self.epsilon_np_, self.epsilon_dagger_, self.gamma_, self.p_)
+
+
+SCALING_SCHEMA = {
+    "level": pl.String, "name": pl.String, "metric": pl.String, "n_runs": pl.Int64, "n_points": pl.Int64,
+    **{c: pl.Float64 for p in PARAMS for c in (p, f"{p}_se")},
+    "gamma_ci_low": pl.Float64, "gamma_ci_high": pl.Float64, "n_bootstrap": pl.Int64, "rmse": pl.Float64,
+    "status": pl.String, "error": pl.String,
+}
+
+
+POINTS_SCHEMA = {"run": pl.String, "round": pl.Int64, "density": pl.Float64, "error": pl.Float64, "metric": pl.String}
+
+
+def error_points(metrics: pl.DataFrame, rounds: pl.DataFrame, metric: str | None = None,
+                 is_error: bool = False) -> pl.DataFrame:
+    """run, round, density, error, metric: error = 1 - accuracy at each round's global density.
+
+    Without `metric`, each run uses the first of ACCURACY_NAMES it recorded. Percent values
+    (any above 1) are scaled to fractions.
+    """
+    present = metrics.group_by("run").agg(pl.col("name").unique())
+    chosen = {}
+    for run, names in present.iter_rows():
+        pick = metric if metric is not None else next((m for m in ACCURACY_NAMES if m in names), None)
+        if pick is not None and pick in names:
+            chosen[run] = pick
+    if not chosen:
+        wanted = metric or ", ".join(ACCURACY_NAMES)
+        raise FlowscanError(f"no run records the metric ({wanted}) in metrics.parquet; name one with --metric")
+    values = metrics.join(pl.DataFrame({"run": list(chosen), "name": list(chosen.values())}), on=["run", "name"])
+    percent = values.group_by("run").agg((pl.col("value").max() > 1.0).alias("percent"))
+    value = pl.col("value") / pl.when(pl.col("percent")).then(100.0).otherwise(1.0)
+    density = rounds.group_by("run", "round").agg(pl.col("global_density").first().alias("density"))
+    return (values.join(percent, on="run").join(density, on=["run", "round"], how="inner")
+            .select("run", "round", "density", (value if is_error else 1.0 - value).alias("error"),
+                    pl.col("name").alias("metric"))
+            .cast(POINTS_SCHEMA).sort("run", "round"))
+
+
+def read_points_csv(path) -> pl.DataFrame:
+    """Points from a CSV with columns density,error[,run]."""
+    frame = pl.read_csv(path)
+    missing = {"density", "error"} - set(frame.columns)
+    if missing:
+        raise FlowscanError(f"{path}: needs columns density,error[,run]; missing {', '.join(sorted(missing))}")
+    if "run" not in frame.columns:
+        frame = frame.with_columns(pl.lit(".").alias("run"))
+    return (frame.with_columns(pl.int_range(pl.len()).over("run").alias("round"), pl.lit("csv").alias("metric"))
+            .select(list(POINTS_SCHEMA)).cast(POINTS_SCHEMA))
+
+
+def fit_scaling(points: pl.DataFrame, grouping: Grouping = Grouping(), **fit_options) -> pl.DataFrame:
+    """scaling table: one fit per run and one per experiment (its replicates pooled)."""
+    points = points.join(grouping.membership(points["run"].unique().to_list()), on="run")
+    rows = []
+    for level in ("run", "experiment"):
+        for name, part in sorted(points.group_by(level), key=lambda kv: kv[0][0]):
+            metric = ",".join(sorted(part["metric"].unique().to_list()))
+            rows.append(_fit_row(level, name[0], metric, part, fit_options))
+    return pl.DataFrame(rows, schema=SCALING_SCHEMA, orient="row") if rows else pl.DataFrame(schema=SCALING_SCHEMA)
+
+
+def _fit_row(level: str, name: str, metric: str, part: pl.DataFrame, options) -> tuple:
+    n_runs = part["run"].n_unique()
+    try:
+        fit = CriticalFit(**options).fit(part["density"].to_numpy(), part["error"].to_numpy(),
+                                         part["run"].to_numpy())
+    except ValueError as exc:
+        nan = [math.nan] * (2 * len(PARAMS) + 2)
+        return (level, name, metric, n_runs, part.height, *nan, 0, math.nan, "error", str(exc))
+    values = [v for p in PARAMS for v in (getattr(fit, f"{p}_"), getattr(fit, f"{p}_stderr_"))]
+    return (level, name, metric, n_runs, fit.n_points_, *values, *fit.gamma_ci_, fit.n_bootstrap_ok_,
+            fit.rmse_, "ok", None)

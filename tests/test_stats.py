@@ -1,0 +1,134 @@
+"""Statistics over the tables: experiments, the critical exponent fit, universality comparison."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from flowscan.stats import CriticalFit, Grouping, aggregate, compare, fit_scaling, scaling_function
+from flowscan.stats.compare import sigma_table
+from flowscan.stats.critical import error_points
+
+TRUE = dict(epsilon_np=0.08, epsilon_dagger=0.9, gamma=-1.5, p=0.02)
+
+
+def _noisy_points(seed, n_runs=3, noise=0.01):
+    rng = np.random.default_rng(seed)
+    density = 0.8 ** np.arange(25)                      # 25 IMP rounds at 20 % per round
+    runs, d, e = [], [], []
+    for r in range(n_runs):
+        clean = scaling_function(density, **TRUE)
+        runs += [f"seed{r}"] * density.size
+        d += list(density)
+        e += list(clean * (1 + noise * rng.standard_normal(density.size)))
+    return np.array(runs), np.array(d), np.array(e)
+
+
+def test_scaling_function_limits():
+    # no pruning: eps_np; maximal pruning (d -> 0): eps_dagger
+    assert scaling_function(1e6, **TRUE) == pytest.approx(TRUE["epsilon_np"], rel=1e-9)
+    assert scaling_function(1e-9, **TRUE) == pytest.approx(TRUE["epsilon_dagger"], rel=1e-6)
+
+
+def test_critical_fit_recovers_known_parameters_from_noisy_data():
+    runs, d, e = _noisy_points(0)
+    fit = CriticalFit(n_bootstrap=60, random_state=1).fit(d, e, groups=runs)
+    assert fit.gamma_ == pytest.approx(TRUE["gamma"], rel=0.1)
+    assert fit.p_ == pytest.approx(TRUE["p"], rel=0.15)
+    assert fit.epsilon_dagger_ == pytest.approx(TRUE["epsilon_dagger"], rel=0.1)
+    assert fit.epsilon_np_ == pytest.approx(TRUE["epsilon_np"], rel=0.05)
+    assert 0 < fit.gamma_stderr_ < 0.3
+    low, high = fit.gamma_ci_
+    assert low < TRUE["gamma"] < high and high - low < 1.0
+    assert fit.n_points_ == d.size and fit.n_bootstrap_ok_ >= 50
+    assert fit.rmse_ < 0.02
+    np.testing.assert_allclose(fit.predict([1.0]), scaling_function([1.0], fit.epsilon_np_, fit.epsilon_dagger_,
+                                                                    fit.gamma_, fit.p_))
+
+
+def test_critical_fit_without_noise_is_exact():
+    density = 0.8 ** np.arange(20)
+    fit = CriticalFit(n_bootstrap=0).fit(density, scaling_function(density, **TRUE))
+    assert fit.gamma_ == pytest.approx(TRUE["gamma"], rel=1e-4)
+    assert math.isnan(fit.gamma_ci_[0])
+
+
+def test_critical_fit_needs_enough_points():
+    with pytest.raises(ValueError, match="at least 5"):
+        CriticalFit().fit([1.0, 0.8, 0.6], [0.1, 0.1, 0.2])
+
+
+def test_fit_scaling_per_run_and_per_experiment_from_tables():
+    runs, d, e = _noisy_points(3)
+    rounds = pl.DataFrame({"run": runs, "round": np.tile(np.arange(25), 3), "global_density": d, "block": "x"})
+    metrics = pl.DataFrame({"run": runs, "round": np.tile(np.arange(25), 3), "name": "test_accuracy",
+                            "value": 100 * (1 - e)})  # percent accuracies
+    points = error_points(metrics, rounds)
+    assert points["error"].to_numpy() == pytest.approx(e)
+    table = fit_scaling(points, n_bootstrap=30)
+    assert table["level"].to_list() == ["run"] * 3 + ["experiment"]
+    pooled = table.filter(level="experiment").row(0, named=True)
+    assert pooled["name"] == "." and pooled["n_runs"] == 3 and pooled["n_points"] == 75
+    assert pooled["gamma"] == pytest.approx(TRUE["gamma"], rel=0.1)
+    assert pooled["status"] == "ok" and pooled["metric"] == "test_accuracy"
+
+
+def _eigen(rows):
+    return pl.DataFrame(rows, schema=["run", "block", "quantity", "sigma_mean", "sigma_sem", "lambda_mean",
+                                      "sigma_fit"], orient="row")
+
+
+def test_grouping_of_replicates():
+    g = Grouping()
+    assert g.experiment_of("lottery_ab/replicate_2") == "lottery_ab"
+    assert g.experiment_of("r20/c10/seed-3") == "r20/c10"
+    assert g.experiment_of("seed3") == "."
+    assert g.experiment_of("cifar10") == "cifar10"
+    assert Grouping(regex=r"^(\w+)_s\d").experiment_of("c10_s1") == "c10"
+    mapping = Grouping(mapping={"a": {"experiment": "E", "task": "cifar10"}})
+    assert mapping.experiment_of("a") == "E"
+    assert mapping.membership(["a"]).row(0) == ("a", "E", "cifar10", None)
+
+
+def test_aggregate_mean_and_sem_across_replicates():
+    eigen = _eigen([("e/seed0", "l1", "M", 0.2, 0.01, 1.05, 0.21), ("e/seed1", "l1", "M", 0.4, 0.01, 1.09, 0.39),
+                    ("e/seed0", "l2", "M", -0.3, 0.01, 0.9, -0.3), ("e/seed1", "l2", "M", -0.1, 0.01, 0.97, -0.1),
+                    ("f", "l1", "M", 0.5, 0.02, 1.1, 0.5)])
+    runs = pl.DataFrame({"run": ["e/seed0", "e/seed1", "f"], "status": ["ok"] * 3})
+    ex = aggregate(eigen, runs)
+    row = ex.filter(experiment="e", block="l1").row(0, named=True)
+    assert row["n_runs"] == 2
+    assert row["sigma_mean"] == pytest.approx(0.3)
+    assert row["sigma_sem"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / math.sqrt(2))
+    assert row["lambda_mean"] == pytest.approx(1.07) and row["sigma_fit_mean"] == pytest.approx(0.3)
+    assert ex.filter(experiment="e")["block"].to_list() == ["l1", "l2"]  # model order kept
+    single = ex.filter(experiment="f").row(0, named=True)
+    assert single["n_runs"] == 1 and math.isnan(single["sigma_sem"])
+
+
+def test_compare_distances_agreement_and_classes():
+    sig = pl.DataFrame({
+        "unit": ["A"] * 3 + ["B"] * 3 + ["C"] * 3,
+        "block": ["l1", "l2", "l3"] * 3,
+        "sigma": [0.20, 0.14, -0.68, 0.21, 0.15, -0.60, -0.3, 0.4, 0.5],
+        "sigma_sem": [0.01] * 9})
+    pairs, classes = compare(sig, threshold=0.1)
+    ab = pairs.filter(a="A", b="B").row(0, named=True)
+    assert ab["euclidean"] == pytest.approx(math.sqrt(0.01 ** 2 + 0.01 ** 2 + 0.08 ** 2))
+    assert ab["rms"] == pytest.approx(ab["euclidean"] / math.sqrt(3))
+    va, vb = np.array([0.20, 0.14, -0.68]), np.array([0.21, 0.15, -0.60])
+    assert ab["cosine_distance"] == pytest.approx(1 - va @ vb / np.linalg.norm(va) / np.linalg.norm(vb))
+    assert ab["relevance_agree"] and ab["n_conflicts"] == 0 and ab["same_class"]
+    ac = pairs.filter(a="A", b="C").row(0, named=True)
+    assert not ac["relevance_agree"] and ac["conflict_blocks"] == "l1, l3" and not ac["same_class"]
+    assert classes["A"] == classes["B"] != classes["C"]
+
+
+def test_compare_uses_only_shared_blocks_and_sigma_table_reads_eigen():
+    eigen = _eigen([("x", "l1", "M", 0.1, 0.0, 1.0, 0.1), ("x", "l2", "M", 0.3, 0.0, 1.0, 0.3),
+                    ("y", "l1", "M", 0.1, 0.0, 1.0, 0.1), ("y", "l2", "P", 9.0, 0.0, 1.0, 9.0)])
+    pairs, _ = compare(sigma_table(eigen, "run", "M"))
+    assert pairs.row(0, named=True)["n_shared_blocks"] == 1 and pairs["euclidean"][0] == 0.0
