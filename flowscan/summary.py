@@ -78,3 +78,58 @@ def inspection_text(items: Sequence[Inspection]) -> str:
         if item.unmatched:
             lines.append(f"  matched no block rule (-> (other)): {', '.join(item.unmatched)}")
     return "\n".join(lines)
+
+
+def paper_table(sigmas, style: str = "paper", sem: bool = False) -> str:
+    """Rows: units; columns: sigma per block (model order), as in Redman et al.'s Tables 2-6.
+
+    `sigmas` has unit, block, sigma, sigma_sem columns.
+    """
+    units = list(dict.fromkeys(sigmas["unit"].to_list()))
+    blocks = list(dict.fromkeys(sigmas["block"].to_list()))
+    cell = {(u, b): (s, e) for u, b, s, e in sigmas.select("unit", "block", "sigma", "sigma_sem").iter_rows()}
+
+    def fmt(u, b):
+        if (u, b) not in cell or cell[(u, b)][0] is None or not math.isfinite(cell[(u, b)][0]):
+            return "—"
+        s, e = cell[(u, b)]
+        return f"{s:.3f} ± {e:.3f}" if sem and e is not None and math.isfinite(e) else f"{s:.3f}"
+
+    header = ["RUN" if style == "paper" else "run"] + [f"σ({b})" for b in blocks]
+    rows = [[u] + [fmt(u, b) for b in blocks] for u in units]
+    if style == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in [header] + rows)
+
+
+def scaling_text(scaling) -> str:
+    lines = [f"{'level':<10} {'name':<30} {'gamma':>16} {'95% CI':>20} {'eps_np':>7} {'eps_dag':>7} "
+             f"{'p':>8} {'points':>6}"]
+    for r in scaling.iter_rows(named=True):
+        if r["status"] == "error":
+            lines.append(f"{r['level']:<10} {r['name']:<30} not fitted: {r['error']}")
+            continue
+        ci = f"[{r['gamma_ci_low']:.3f}, {r['gamma_ci_high']:.3f}]" if math.isfinite(r["gamma_ci_low"]) else "n/a"
+        lines.append(f"{r['level']:<10} {r['name']:<30} {_pm(r['gamma'], r['gamma_se']):>16} {ci:>20} "
+                     f"{r['epsilon_np']:>7.4f} {r['epsilon_dagger']:>7.4f} {r['p']:>8.4f} {r['n_points']:>6}"
+                     + (f"  ({r['error']})" if r["error"] else ""))
+    return "\n".join(lines)
+
+
+def compare_text(pairs, classes: dict) -> str:
+    lines = ["classes:"]
+    by_class: dict[int, list[str]] = {}
+    for unit, c in classes.items():
+        by_class.setdefault(c, []).append(unit)
+    for c, units in sorted(by_class.items()):
+        lines.append(f"  {c}: {', '.join(units)}")
+    lines.append("pairs (RMS sigma distance over shared blocks; relevance agreement):")
+    for r in pairs.sort("rms", nulls_last=True).iter_rows(named=True):
+        agree = "agree" if r["relevance_agree"] else (f"conflict in {r['conflict_blocks']}" if r["n_conflicts"]
+                                                      else "no shared blocks")
+        rms = f"{r['rms']:.4f}" if r["rms"] is not None and math.isfinite(r["rms"]) else "n/a"
+        lines.append(f"  {r['a']}  ~  {r['b']}: rms {rms} over {r['n_shared_blocks']} blocks, {agree}")
+    return "\n".join(lines)

@@ -76,6 +76,14 @@ def test_fit_scaling_per_run_and_per_experiment_from_tables():
     assert pooled["status"] == "ok" and pooled["metric"] == "test_accuracy"
 
 
+def test_a_fit_that_ends_on_a_bound_is_flagged():
+    density = 0.8 ** np.arange(6)
+    fit = CriticalFit(n_bootstrap=0).fit(density, 0.1 + 0.01 * np.arange(6))  # a line: no power law
+    table = fit_scaling(pl.DataFrame({"run": ["r"] * 6, "round": range(6), "density": density,
+                                      "error": 0.1 + 0.01 * np.arange(6), "metric": "m"}), n_bootstrap=0)
+    assert fit.at_bound_ and table["status"][0] == "at_bound" and "gamma" in table["error"][0]
+
+
 def _eigen(rows):
     return pl.DataFrame(rows, schema=["run", "block", "quantity", "sigma_mean", "sigma_sem", "lambda_mean",
                                       "sigma_fit"], orient="row")

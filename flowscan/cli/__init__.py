@@ -6,7 +6,8 @@ import click
 
 from flowscan import __version__
 from flowscan.cli.analyze import analyze
-from flowscan.cli.inspect import inspect, formats
+from flowscan.cli.inspect import formats, inspect
+from flowscan.cli.stats import aggregate, compare, fit, table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,4 +18,5 @@ def main() -> None:
 
 main.add_command(analyze)
 main.add_command(inspect)
-main.add_command(formats)
+for command in (formats, aggregate, fit, compare, table):
+    main.add_command(command)

@@ -35,7 +35,8 @@ class CriticalFit:
 
     fit(density, error, groups=None) sets `gamma_`, `epsilon_np_`, `epsilon_dagger_`, `p_`, their
     `*_stderr_` (from the covariance), `gamma_ci_` (bootstrap percentile interval over groups,
-    e.g. replicates, and the points within them), `rmse_` and `n_points_`.
+    e.g. replicates, and the points within them), `rmse_`, `n_points_`, and `at_bound_` (the
+    parameters that ended on a bound: such a fit is not a measurement).
     """
 
     def __init__(self, np_tolerance: float = 0.1, gamma_bounds: tuple[float, float] = (-20.0, -1e-3),
@@ -88,6 +89,10 @@ class CriticalFit:
         if best is None:
             raise ValueError("the scaling function could not be fitted to these points")
         popt, pcov, sse = best
+        low, high = self._bounds(d, e)[1]
+        span = np.array(high) - np.array(low)
+        self.at_bound_ = [name for name, v, lo, hi, w in zip(PARAMS, popt, low, high, span)
+                          if name != "epsilon_np" and (v - lo < 1e-6 * w or hi - v < 1e-6 * w)]
         with np.errstate(invalid="ignore"):
             stderr = np.sqrt(np.diag(pcov))
         for name, value, se in zip(PARAMS, popt, stderr):
@@ -194,5 +199,6 @@ def _fit_row(level: str, name: str, metric: str, part: pl.DataFrame, options) ->
         nan = [math.nan] * (2 * len(PARAMS) + 2)
         return (level, name, metric, n_runs, part.height, *nan, 0, math.nan, "error", str(exc))
     values = [v for p in PARAMS for v in (getattr(fit, f"{p}_"), getattr(fit, f"{p}_stderr_"))]
+    status, note = ("ok", None) if not fit.at_bound_ else ("at_bound", f"ended on a bound: {', '.join(fit.at_bound_)}")
     return (level, name, metric, n_runs, fit.n_points_, *values, *fit.gamma_ci_, fit.n_bootstrap_ok_,
-            fit.rmse_, "ok", None)
+            fit.rmse_, status, note)

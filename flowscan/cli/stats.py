@@ -1,0 +1,131 @@
+"""Commands over the tables of an earlier `analyze`: aggregate, fit, compare, table."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+OUT_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def grouping_options(command):
+    @click.option("--group", "group_regex", metavar="REGEX",
+                  help="Experiment = first capture group of REGEX on the run path (default: from the layout).")
+    @click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="CSV/TOML mapping run -> experiment, task, architecture.")
+    @functools.wraps(command)
+    def wrapper(*args, group_regex, mapping, **kwargs):
+        from flowscan.stats.groups import Grouping
+
+        grouping = Grouping.from_file(mapping, group_regex) if mapping else Grouping(group_regex)
+        return command(*args, grouping=grouping, **kwargs)
+    return wrapper
+
+
+def _command_line() -> str:
+    return shlex.join(["flowscan", *sys.argv[1:]])
+
+
+def _fail(exc) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+@click.command()
+@click.argument("out", type=OUT_DIR)
+@grouping_options
+def aggregate(out: Path, grouping) -> None:
+    """Mean ± SEM across replicates per experiment -> experiments.parquet."""
+    from flowscan import stats, summary, tables
+    from flowscan.errors import FlowscanError
+    from flowscan.stats.compare import sigma_table
+
+    try:
+        t = tables.read_tables(out, ("runs", "eigen"))
+    except FlowscanError as exc:
+        raise _fail(exc) from None
+    experiments = stats.aggregate(t["eigen"], t["runs"], grouping)
+    members = grouping.membership(t["runs"]["run"].to_list())
+    meta = tables.metadata(_command_line(), "")
+    tables.write_tables({"experiments": experiments, "experiment_runs": members}, out, meta)
+    click.echo(summary.paper_table(sigma_table(experiments, "experiment"), sem=True))
+    click.echo(f"written: {out / 'experiments.parquet'}, {out / 'experiment_runs.parquet'}")
+
+
+@click.command()
+@click.argument("out", type=OUT_DIR)
+@click.option("--metric", help="Metric to use (default per run: test_accuracy, best_sa, best_acc1, eval_acc, ...).")
+@click.option("--metric-is-error", is_flag=True, help="The metric is already an error, not an accuracy.")
+@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Fit points from a CSV with density,error[,run] instead of the tables.")
+@click.option("--bootstrap", type=click.IntRange(0), default=200, show_default=True, help="Bootstrap resamples.")
+@click.option("--np-tolerance", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="eps_np may move this fraction away from the dense error.")
+@grouping_options
+def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, grouping) -> None:
+    """Critical exponent gamma of error vs density (Redman et al. Eq. 15) -> scaling.parquet."""
+    from flowscan import summary, tables
+    from flowscan.errors import FlowscanError
+    from flowscan.stats.critical import error_points, fit_scaling, read_points_csv
+
+    try:
+        if csv_path:
+            points = read_points_csv(csv_path)
+        else:
+            t = tables.read_tables(out, ("rounds", "metrics"))
+            points = error_points(t["metrics"], t["rounds"], metric, metric_is_error)
+    except FlowscanError as exc:
+        raise _fail(exc) from None
+    scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap, np_tolerance=np_tolerance)
+    tables.write_tables({"scaling": scaling}, out, tables.metadata(_command_line(), ""))
+    click.echo(summary.scaling_text(scaling))
+    click.echo(f"written: {out / 'scaling.parquet'}")
+
+
+@click.command()
+@click.argument("outs", nargs=-1, required=True, type=OUT_DIR)
+@click.option("--level", type=click.Choice(["run", "experiment"]), default="run", show_default=True)
+@click.option("--quantity", type=click.Choice(["M", "P"]), default="M", show_default=True)
+@click.option("--threshold", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
+              help="Classes: clusters whose average RMS sigma distance is below this.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the table (default: FIRST_OUT/compare.parquet).")
+@grouping_options
+def compare(outs, level, quantity, threshold, output, grouping) -> None:
+    """Distances between sigma vectors, relevance agreement and classes -> compare.parquet."""
+    from flowscan import summary, tables
+    from flowscan.errors import FlowscanError
+    from flowscan.stats import compare as compare_units
+    from flowscan.stats.loading import sigma_units
+
+    try:
+        sigmas = sigma_units(list(outs), level, quantity, grouping)
+    except FlowscanError as exc:
+        raise _fail(exc) from None
+    pairs, classes = compare_units(sigmas, threshold)
+    output = output or outs[0] / "compare.parquet"
+    tables.write_table(pairs, output, tables.metadata(_command_line(), ""))
+    click.echo(summary.compare_text(pairs, classes))
+    click.echo(f"written: {output}")
+
+
+@click.command()
+@click.argument("out", type=OUT_DIR)
+@click.option("--style", type=click.Choice(["paper", "markdown"]), default="paper", show_default=True)
+@click.option("--level", type=click.Choice(["run", "experiment"]), default="run", show_default=True)
+@click.option("--quantity", type=click.Choice(["M", "P"]), default="M", show_default=True)
+@grouping_options
+def table(out, style, level, quantity, grouping) -> None:
+    """Sigma per block, one row per run or experiment, in the layout of the paper's tables."""
+    from flowscan import summary
+    from flowscan.errors import FlowscanError
+    from flowscan.stats.loading import sigma_units
+
+    try:
+        sigmas = sigma_units([out], level, quantity, grouping)
+    except FlowscanError as exc:
+        raise _fail(exc) from None
+    click.echo(summary.paper_table(sigmas, style))
