@@ -10,7 +10,7 @@ import hashlib
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,12 +19,12 @@ import numpy as np
 from flowscan import __version__, flow
 from flowscan.blocks import BlockRules
 from flowscan.errors import FlowscanError, ScanError
-from flowscan.io.atomic import write_text
+from flowscan.io.atomic import atomic_path, write_text
 from flowscan.readers import registry
 from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
 from flowscan.blocks import OTHER
-from flowscan.reduce import RoundSums, TensorSums, open_tensors, reduce_round
+from flowscan.reduce import RoundSums, TensorSums, open_tensors, reduce_round, survival_counts
 
 CACHE_VERSION = 1
 
@@ -52,6 +52,7 @@ class RunResult:
     flow: flow.Flow | None = None
     eigen: dict[str, flow.Eigen] = field(default_factory=dict)
     metrics: list[tuple[int, str, float]] = field(default_factory=list)
+    survival: np.ndarray | None = None    # steps x blocks x (kept before, kept in both, kept after)
 
     @property
     def ok(self) -> bool:
@@ -134,13 +135,18 @@ def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None) -> Roun
     """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
     try:
         cached = cache_dir / f"{_cache_key(rnd, names)}.json" if cache_dir else None
-        if cached is not None and cached.is_file():
+        if cached is not None and cached.is_file() and cached.with_suffix(".npz").is_file():
             try:
-                return RoundSums.from_json(json.loads(cached.read_text()))
-            except (ValueError, KeyError, TypeError):
+                with np.load(cached.with_suffix(".npz"), allow_pickle=False) as bits:
+                    return replace(RoundSums.from_json(json.loads(cached.read_text())),
+                                   bits={k: bits[k] for k in bits.files})
+            except (ValueError, KeyError, TypeError, OSError):
                 pass  # a damaged cache entry is recomputed
         result = reduce_round(rnd, names)
-        if cached is not None:
+        if cached is not None:  # bits first: the json marks the entry complete
+            with atomic_path(cached.with_suffix(".npz")) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **result.bits)
             write_text(cached, json.dumps(result.to_json()))
         return result
     except ScanError as exc:
@@ -218,8 +224,13 @@ def assemble(run: Run, rounds: list[RoundSums], options: Options) -> RunResult:
     source = mask_source(prunable, inferred)
     metrics = [(rs.index, name, float(value)) for rs, rnd in zip(rounds, run.rounds)
                for name, value in {**rs.metrics, **rnd.metrics}.items()]
+    # survival of round n's kept weights into round n+1, per tensor, then per block
+    steps = [r for r in range(len(rounds) - 1) if rounds[r + 1].index == rounds[r].index + 1]
+    per_tensor = np.array([[survival_counts(rounds[r].bits.get(name), rounds[r + 1].bits.get(name), int(n))
+                            for name, n in zip(prunable, n_params)] for r in steps], dtype=np.int64)
+    survival = np.einsum("stk,tb->sbk", per_tensor.reshape(len(steps), len(prunable), 3), member)
     return RunResult(run, None, prunable, labels, blocks, rule, source, block_flow,
-                     {q: flow.eigen_summary(block_flow, q) for q in ("M", "P")}, metrics)
+                     {q: flow.eigen_summary(block_flow, q) for q in ("M", "P")}, metrics, survival)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ are applied afterwards, so results can be cached per round and regrouped without
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,9 @@ class RoundSums:
     index: int
     tensors: dict[str, TensorSums]   # file order
     metrics: dict[str, float]     # found inside the round's files
+    # packed bits (np.packbits, 1 = kept) of each stored mask, and of the nonzeros of 2+-D weights
+    # without a mask that have zeros (for inferred masks); absent = all kept. For survival.
+    bits: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "metrics": self.metrics,
@@ -72,7 +75,8 @@ def _flat(array: Any) -> np.ndarray:
     return arr.reshape(-1)
 
 
-def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> TensorSums:
+def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> tuple[TensorSums, np.ndarray | None]:
+    """The tensor's sums, and its mask as packed bits (None: every entry kept)."""
     buffers = buffers or _Buffers()
     weight = _flat(ref.weight)
     if weight.dtype.kind not in "fiub":
@@ -82,27 +86,38 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> TensorSums
     if mask is not None and mask.dtype.kind not in "fiub":
         raise ScanError(ref.mask_path or ref.path, f"mask has non-numeric dtype {mask.dtype}", tensor=ref.name)
     n = weight.size
+    track_zeros = mask is None and len(ref.shape) >= 2  # a mask may be inferred from its zeros
+    bits = np.empty((n + 7) // 8, dtype=np.uint8) if mask is not None else None
     abs_sum, n_unpruned, n_nonzero = 0.0, 0, 0
-    for start in range(0, n, CHUNK):
+    for start in range(0, n, CHUNK):  # CHUNK is a multiple of 8: packed chunks concatenate
         stop = min(start + CHUNK, n)
         buf = buffers.get(acc, stop - start)
         np.abs(weight[start:stop], out=buf, casting="unsafe")
         if mask is None:
-            n_nonzero += np.count_nonzero(buf)  # only needed when masks are inferred from zeros
+            nonzero = np.count_nonzero(buf)  # only needed when masks are inferred from zeros
+            n_nonzero += nonzero
+            if track_zeros and nonzero < stop - start:
+                if bits is None:  # the first zeros: every earlier entry was nonzero
+                    bits = np.full((n + 7) // 8, 0xFF, dtype=np.uint8)
+                bits[start // 8:(stop + 7) // 8] = np.packbits(buf != 0)
         else:
             m = mask[start:stop]
             n_unpruned += _count_ones(m, ref)
+            bits[start // 8:(stop + 7) // 8] = np.packbits(m if m.dtype == np.bool_ else m != 0)
             np.multiply(buf, m, out=buf, casting="unsafe")
         abs_sum += float(buf.sum(dtype=np.float64))
     if not math.isfinite(abs_sum):
         raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
+    if bits is not None and n % 8:  # the last byte's padding bits count as pruned
+        bits[-1] &= (0xFF << (8 - n % 8)) & 0xFF
     for array in (ref.weight, ref.mask):
         if hasattr(array, "release"):
             array.release()
-    return TensorSums(shape=tuple(int(s) for s in ref.shape), n_params=int(n), masked=mask is not None,
+    sums = TensorSums(shape=tuple(int(s) for s in ref.shape), n_params=int(n), masked=mask is not None,
                       n_unpruned=int(n_unpruned if mask is not None else n),
                       n_nonzero=int(n_unpruned if mask is not None else n_nonzero),
                       abs_sum=abs_sum, path=str(ref.path))
+    return sums, bits
 
 
 def _count_ones(m: np.ndarray, ref: TensorRef) -> int:
@@ -136,5 +151,24 @@ def reduce_round(round: Round, opts: NameOptions) -> RoundSums:
         raise ScanError(round.files[0] if round.files else None,
                         "no tensors found" + (f" under --select {opts.select!r}" if opts.select else ""))
     buffers = _Buffers()
-    sums = {ref.name: reduce_tensor(ref, buffers) for ref in refs}
-    return RoundSums(round.index, sums, metrics)
+    sums, bits = {}, {}
+    for ref in refs:
+        sums[ref.name], packed = reduce_tensor(ref, buffers)
+        if packed is not None:
+            bits[ref.name] = packed
+    return RoundSums(round.index, sums, metrics, bits)
+
+
+def survival_counts(before: np.ndarray | None, after: np.ndarray | None, n: int) -> tuple[int, int, int]:
+    """(kept before, kept before and after, kept after) between two masks as packed bits."""
+    n_before = popcount(before) if before is not None else n
+    n_after = popcount(after) if after is not None else n
+    if before is None or after is None:
+        return n_before, (n_after if before is None else n_before), n_after
+    return n_before, popcount(before & after), n_after
+
+
+def popcount(packed: np.ndarray) -> int:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return int(np.bitwise_count(packed).sum(dtype=np.int64))
+    return int(np.unpackbits(packed).sum(dtype=np.int64))

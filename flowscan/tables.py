@@ -18,7 +18,7 @@ from flowscan.flow import relevance
 from flowscan.io.atomic import atomic_path
 from flowscan.pipeline import RunResult
 
-TABLES = ("runs", "rounds", "steps", "eigen", "metrics")
+TABLES = ("runs", "rounds", "steps", "eigen", "metrics", "survival")
 
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "runs": {"run": pl.String, "path": pl.String, "format": pl.String, "n_rounds": pl.Int64,
@@ -35,6 +35,9 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
               "sigma_sem": pl.Float64, "sigma_fit": pl.Float64, "sigma_fit_se": pl.Float64,
               "r2": pl.Float64, "eigen_ok": pl.Boolean, "relevance": pl.String},
     "metrics": {"run": pl.String, "round": pl.Int64, "name": pl.String, "value": pl.Float64},
+    # of the weights kept in round n, the share still kept in round n+1 (and those revived there)
+    "survival": {"run": pl.String, "block": pl.String, "round": pl.Int64, "n_survivors": pl.Int64,
+                 "n_still_surviving": pl.Int64, "n_revived": pl.Int64, "survival": pl.Float64},
 }
 
 
@@ -80,6 +83,12 @@ def build_tables(results: Sequence[RunResult]) -> dict[str, pl.DataFrame]:
                     eigen_ok=bool(ok[b]), relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]))
         for index, name, value in res.metrics:
             add("metrics", run=run.name, round=index, name=name, value=value)
+        for s, index in enumerate(f.step_rounds):
+            for b, block in enumerate(res.blocks):
+                before, both, after = (int(v) for v in res.survival[s, b])
+                add("survival", run=run.name, block=block, round=int(index), n_survivors=before,
+                    n_still_surviving=both, n_revived=after - both,
+                    survival=both / before if before else float("nan"))
     return {t: _frame(t, cols[t]) for t in TABLES}
 
 

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowscan.cli import main
+from flowscan.tables import TABLES
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -20,7 +21,7 @@ def run_cli(*args: str, expect: int | None = 0):
 
 
 def read_tables(out: Path) -> dict[str, pl.DataFrame]:
-    return {t: pl.read_parquet(out / f"{t}.parquet") for t in ("runs", "rounds", "steps", "eigen", "metrics")}
+    return {t: pl.read_parquet(out / f"{t}.parquet") for t in TABLES}
 
 
 def analyze(path: Path, out: Path, *args: str, expect: int | None = 0) -> dict[str, pl.DataFrame]:

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES, analyze, read_tables, run_cli
 from flowscan import pipeline
+from flowscan.tables import TABLES
 from flowscan.readers.base import NameOptions
 
 
@@ -154,7 +155,7 @@ def test_second_analysis_replaces_the_tables_whole(tmp_path):
     for table in second.values():
         assert set(table["run"].unique()) <= {"seed0"}
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
-        f"{t}.parquet" for t in ("runs", "rounds", "steps", "eigen", "metrics"))
+        f"{t}.parquet" for t in TABLES)
 
 
 def test_an_interrupted_analysis_resumes_from_cached_rounds(tmp_path, monkeypatch):

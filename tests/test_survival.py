@@ -1,0 +1,74 @@
+"""Survival of each round's kept weights into the next round, per block (survival.parquet)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import FIXTURES, analyze
+from flowscan.reduce import popcount, survival_counts
+
+
+def test_nested_imp_masks_survive_at_the_pruning_rate(tmp_path):
+    tables = analyze(FIXTURES / "closed-form" / "safetensors", tmp_path, "--blocks", r"^(a|b)\.")
+    surv = tables["survival"].sort("block", "round")
+    assert surv["survival"].to_numpy() == pytest.approx(0.8, abs=1e-12)  # 20 % of the survivors go
+    assert surv["n_revived"].to_list() == [0] * surv.height
+    a = surv.filter(block="a")
+    assert a["n_survivors"].to_list() == [625, 500, 400, 320]
+    assert a["n_still_surviving"].to_list() == [500, 400, 320, 256]
+
+
+def test_non_nested_masks_count_revived_weights(tmp_path):
+    # round 0 keeps entries {0..5}, round 1 keeps {3..9}: 3 survive, 4 are revived
+    w = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
+    m0 = np.zeros(12, np.uint8)
+    m0[:6] = 1
+    m1 = np.zeros(12, np.uint8)
+    m1[3:10] = 1
+    for n, m in enumerate((m0, m1)):
+        save_file({"x.weight": w, "x.weight_mask": m.reshape(3, 4)}, str(tmp_path / f"round_{n}.safetensors"))
+    row = analyze(tmp_path, tmp_path / "out")["survival"].row(0, named=True)
+    assert (row["n_survivors"], row["n_still_surviving"], row["n_revived"]) == (6, 3, 4)
+    assert row["survival"] == pytest.approx(0.5)
+
+
+def test_inferred_masks_survival_matches_numpy(tmp_path):
+    tables = analyze(FIXTURES / "hf-sharded", tmp_path, "--blocks", "per-tensor")
+    name = "encoder.layer.1.dense.weight"
+
+    def weights(n):
+        out = {}
+        for shard in (FIXTURES / "hf-sharded" / f"step_{n}").glob("*.safetensors"):
+            out.update(load_file(str(shard)))
+        return out[name]
+
+    for n in (0, 1):
+        before, after = weights(n) != 0, weights(n + 1) != 0
+        row = tables["survival"].filter(block="encoder.layer.1.dense", round=n).row(0, named=True)
+        assert row["n_survivors"] == int(before.sum())
+        assert row["n_still_surviving"] == int((before & after).sum())
+
+
+def test_survival_counts_and_padding_bits():
+    a = np.packbits(np.array([1, 1, 0, 1, 0, 0, 1, 1, 1], bool))
+    b = np.packbits(np.array([1, 0, 0, 1, 1, 0, 1, 1, 0], bool))
+    assert popcount(a) == 6
+    assert survival_counts(a, b, 9) == (6, 4, 5)
+    assert survival_counts(None, b, 9) == (9, 5, 5)
+    assert survival_counts(a, None, 9) == (6, 6, 9)
+
+
+def test_late_zeros_in_an_odd_sized_tensor_give_exact_bits():
+    from pathlib import Path
+
+    from flowscan.readers.base import TensorRef
+    from flowscan.reduce import CHUNK, reduce_tensor
+
+    w = np.ones((1, CHUNK + 5), np.float32)
+    w[0, CHUNK + 1] = 0.0  # the only zero, in the second chunk
+    sums, bits = reduce_tensor(TensorRef("w", w, None, Path("x")))
+    assert sums.n_nonzero == CHUNK + 4
+    assert popcount(bits) == CHUNK + 4
+    np.testing.assert_array_equal(np.unpackbits(bits)[: CHUNK + 5], (w[0] != 0).astype(np.uint8))
