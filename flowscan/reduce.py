@@ -103,7 +103,9 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> tuple[Tens
         else:
             m = mask[start:stop]
             n_unpruned += _count_ones(m, ref)
-            bits[start // 8:(stop + 7) // 8] = np.packbits(m if m.dtype == np.bool_ else m != 0)
+            # 0/1 bytes (checked above) are valid bools: pack them without a temporary
+            as_bool = m.view(np.bool_) if m.dtype.itemsize == 1 else m != 0
+            bits[start // 8:(stop + 7) // 8] = np.packbits(as_bool)
             np.multiply(buf, m, out=buf, casting="unsafe")
         abs_sum += float(buf.sum(dtype=np.float64))
     if not math.isfinite(abs_sum):

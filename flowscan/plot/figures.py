@@ -1,0 +1,195 @@
+"""The papers' plots from the tables: IMP flow, sigma per block, eigenfunction check, error scaling."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+from matplotlib.collections import LineCollection
+from matplotlib.colors import CenteredNorm, Normalize
+from matplotlib.lines import Line2D
+
+from flowscan.plot.style import DIVERGING, SEQUENTIAL, color, marker, new_figure
+
+
+def _blocks(frame: pl.DataFrame) -> list[str]:
+    return list(dict.fromkeys(frame["block"].to_list()))
+
+
+def short_labels(names: Sequence[str]) -> dict[str, str]:
+    """Names without the folders they all share ('a/b/seed0', 'a/b/seed1' -> 'seed0', 'seed1')."""
+    parts = [n.split("/") for n in names]
+    common = 0
+    while len(names) > 1 and all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return {n: "/".join(p[common:]) for n, p in zip(names, parts)}
+
+
+def flow_projection(rounds: pl.DataFrame, pairs: Sequence[tuple[str, str]] | None = None,
+                    runs: Sequence[str] | None = None, max_pairs: int = 6):
+    """Redman et al. Fig. 2: M_i(n) against M_j(n), one line per run, coloured by round."""
+    runs = list(runs or dict.fromkeys(rounds["run"].to_list()))
+    blocks = [b for b in _blocks(rounds) if b != "(other)"] or _blocks(rounds)
+    pairs = list(pairs or itertools.combinations(blocks, 2))[:max_pairs] or [(blocks[0], blocks[0])]
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig = new_figure(3.4 * cols + 0.8, 3.0 * rows + 0.4)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    norm = Normalize(rounds["round"].min(), rounds["round"].max())
+    labels = short_labels(runs)
+    mappable = None
+    for ax, (bx, by) in zip(axes, pairs):
+        for k, run in enumerate(runs):
+            part = rounds.filter(pl.col("run") == run)
+            x = part.filter(pl.col("block") == bx).sort("round")
+            y = part.filter(pl.col("block") == by).sort("round")
+            if x.height == 0 or y.height == 0:
+                continue
+            xy = np.column_stack([x["M"].to_numpy(), y["M"].to_numpy()])
+            segments = np.stack([xy[:-1], xy[1:]], axis=1)
+            lines = LineCollection(segments, cmap=SEQUENTIAL, norm=norm, linewidths=1.6)
+            lines.set_array(x["round"].to_numpy()[:-1].astype(float))
+            mappable = ax.add_collection(lines)
+            ax.scatter(xy[:, 0], xy[:, 1], c=x["round"].to_numpy(), cmap=SEQUENTIAL, norm=norm,
+                       marker=marker(k), s=22, edgecolors="none", label=labels[run], zorder=3)
+        ax.set_xlabel(f"M({bx})")
+        ax.set_ylabel(f"M({by})")
+        ax.autoscale_view()
+    for ax in axes[len(pairs):]:
+        ax.set_visible(False)
+    if len(runs) <= 12:
+        # the marker tells the run (the colour is the round): grey proxies, not the plotted artists
+        handles = [Line2D([], [], marker=marker(k), linestyle="", color="0.35", label=labels[run])
+                   for k, run in enumerate(runs)]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(runs)), frameon=False)
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes[: len(pairs)].tolist(), label="round")
+    fig.suptitle("IMP flow projected on block shares")
+    return fig
+
+
+def _sigma_matrix(sigmas: pl.DataFrame):
+    units = list(dict.fromkeys(sigmas["unit"].to_list()))
+    blocks = _blocks(sigmas)
+    value = np.full((len(units), len(blocks)), np.nan)
+    error = np.full_like(value, np.nan)
+    for u, b, s, e in sigmas.select("unit", "block", "sigma", "sigma_sem").iter_rows():
+        value[units.index(u), blocks.index(b)] = s if s is not None else np.nan
+        error[units.index(u), blocks.index(b)] = e if e is not None else np.nan
+    return units, blocks, value, error
+
+
+def sigma_bars(sigmas: pl.DataFrame, title: str = "σ per block (mean ± SEM)"):
+    """The form of Redman et al.'s Tables 2-6: sigma per block, units side by side, SEM bars."""
+    units, blocks, value, error = _sigma_matrix(sigmas)
+    fig = new_figure(max(5.0, 0.6 * len(blocks) * max(1, len(units)) ** 0.5 + 2), 4.0)
+    ax = fig.subplots()
+    width = 0.8 / len(units)
+    x = np.arange(len(blocks))
+    for k, unit in enumerate(units):
+        ax.bar(x + (k - (len(units) - 1) / 2) * width, value[k], width, yerr=np.nan_to_num(error[k]),
+               color=color(k), label=short_labels(units)[unit], capsize=2, error_kw={"linewidth": 0.8})
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, blocks, rotation=30 if len(blocks) > 6 else 0, ha="right" if len(blocks) > 6 else "center")
+    ax.set_ylabel("σ  (λ ~ c^σ)")
+    ax.set_title(title)
+    if len(units) <= 12:
+        ax.legend(frameon=False)
+    return fig
+
+
+def sigma_heatmap(sigmas: pl.DataFrame, title: str = "σ per block"):
+    """Units x blocks, diverging around 0 (relevant red, irrelevant blue)."""
+    units, blocks, value, _ = _sigma_matrix(sigmas)
+    fig = new_figure(max(4.0, 0.55 * len(blocks) + 2.5), max(2.5, 0.35 * len(units) + 1.5))
+    ax = fig.subplots()
+    finite = value[np.isfinite(value)]
+    image = ax.imshow(np.ma.masked_invalid(value), cmap=DIVERGING, aspect="auto",
+                      norm=CenteredNorm(0, max(abs(finite).max(), 1e-9) if finite.size else 1.0))
+    ax.set_xticks(range(len(blocks)), blocks, rotation=45, ha="right")
+    ax.set_yticks(range(len(units)), [short_labels(units)[u] for u in units])
+    ax.grid(False)
+    if value.size <= 400:
+        limit = image.norm.halfrange
+        for (i, j), v in np.ndenumerate(value):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 0.6 * limit else "black")
+    fig.colorbar(image, ax=ax, label="σ")
+    ax.set_title(title)
+    return fig
+
+
+def log_share_fit(rounds: pl.DataFrame, eigen: pl.DataFrame, run: str, quantity: str = "M"):
+    """ln M_i(n) against the cumulative ln c, with the sigma_fit lines (the eigenfunction check)."""
+    part = rounds.filter(pl.col("run") == run)
+    density = part.group_by("round").agg(pl.col("global_density").first()).sort("round")
+    scale = dict(zip(density["round"], np.log(density["global_density"][0] / density["global_density"].to_numpy())))
+    fig = new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    for k, block in enumerate(_blocks(part)):
+        rows = part.filter(pl.col("block") == block).sort("round")
+        share = rows[quantity].to_numpy()
+        keep = share > 0
+        s = np.array([scale[r] for r in rows["round"]])[keep]
+        y = np.log(share[keep])
+        ax.plot(s, y, marker(k), color=color(k), label=block)
+        fit = eigen.filter((pl.col("run") == run) & (pl.col("block") == block) & (pl.col("quantity") == quantity))
+        if fit.height and s.size >= 2 and np.isfinite(fit["sigma_fit"][0]):
+            slope = fit["sigma_fit"][0]
+            intercept = float(np.mean(y - slope * s))
+            ax.plot(s, intercept + slope * s, "-", color=color(k), linewidth=1)
+    ax.set_xlabel("cumulative coarse-graining  Σ ln c")
+    ax.set_ylabel(f"ln {quantity}_i(n)")
+    ax.set_title(f"{run}: straight lines = eigenfunctions (slope σ_fit)")
+    ax.legend(frameon=False, fontsize=7, ncol=2 if len(_blocks(part)) > 8 else 1)
+    return fig
+
+
+def error_density(points: pl.DataFrame, scaling: pl.DataFrame | None = None, runs: Sequence[str] | None = None):
+    """Redman et al. Fig. 3: error against density for several runs, with the fitted Eq. 15 curves."""
+    from flowscan.stats.critical import scaling_function
+
+    runs = list(runs or dict.fromkeys(points["run"].to_list()))
+    labels = short_labels(runs)
+    fig = new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    for k, run in enumerate(runs):
+        part = points.filter(pl.col("run") == run).sort("density")
+        ax.plot(part["density"], part["error"], marker(k), color=color(k), label=labels[run], markersize=4)
+        if scaling is not None:
+            fit = scaling.filter((pl.col("level") == "run") & (pl.col("name") == run) & (pl.col("status") != "error"))
+            if fit.height:
+                r = fit.row(0, named=True)
+                d = np.geomspace(part["density"].min(), part["density"].max(), 200)
+                bound = r["status"] == "at_bound"  # drawn, but dashed: not a measurement
+                ax.plot(d, scaling_function(d, r["epsilon_np"], r["epsilon_dagger"], r["gamma"], r["p"]),
+                        "--" if bound else "-", color=color(k), linewidth=1,
+                        label=f"fit, γ = {r['gamma']:.2f}" + (" (at a bound)" if bound else ""))
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("density (fraction of weights remaining)")
+    ax.set_ylabel("error")
+    ax.set_title("error against density")
+    if len(runs) <= 10:
+        ax.legend(frameon=False, fontsize=7)
+    return fig
+
+
+def survival_curves(survival: pl.DataFrame, run: str):
+    """Fraction of round n's kept weights still kept in round n+1, per block."""
+    part = survival.filter(pl.col("run") == run)
+    fig = new_figure(6.0, 3.8)
+    ax = fig.subplots()
+    for k, block in enumerate(_blocks(part)):
+        rows = part.filter(pl.col("block") == block).sort("round")
+        ax.plot(rows["round"], rows["survival"], marker=marker(k), color=color(k), label=block)
+    ax.set_xlabel("round n")
+    ax.set_ylabel("survival n → n+1")
+    ax.set_title(f"{run}: mask survival")
+    ax.set_ylim(top=1.02)
+    ax.legend(frameon=False, fontsize=7)
+    return fig
