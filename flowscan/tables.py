@@ -19,6 +19,7 @@ from flowscan.io.atomic import atomic_path
 from flowscan.pipeline import RunResult
 
 TABLES = ("runs", "rounds", "steps", "eigen", "metrics", "survival")
+CORE_TABLES = TABLES[:5]  # what every flowscan version writes; survival came later
 
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "runs": {"run": pl.String, "path": pl.String, "format": pl.String, "n_rounds": pl.Int64,
@@ -111,15 +112,17 @@ def write_tables(frames: Mapping[str, pl.DataFrame], out: Path, meta: Mapping[st
     return [out / f"{name}.parquet" for name in frames]
 
 
-def read_tables(out: Path, names: Sequence[str] = TABLES) -> dict[str, pl.DataFrame]:
-    """The tables of an earlier `analyze` (any flowscan version that wrote this contract)."""
+def read_tables(out: Path, names: Sequence[str] = CORE_TABLES,
+                optional: Sequence[str] = ()) -> dict[str, pl.DataFrame]:
+    """The tables of an earlier `analyze`; `optional` ones are included when present."""
     out = Path(out)
     missing = [n for n in names if not (out / f"{n}.parquet").is_file()]
     if missing:
         from flowscan.errors import FlowscanError
         raise FlowscanError(f"{out}: missing {', '.join(m + '.parquet' for m in missing)} "
                             "(run `flowscan analyze PATH -o OUT` first)")
-    return {n: pl.read_parquet(out / f"{n}.parquet") for n in names}
+    wanted = list(names) + [n for n in optional if (out / f"{n}.parquet").is_file()]
+    return {n: pl.read_parquet(out / f"{n}.parquet") for n in wanted}
 
 
 def write_table(frame: pl.DataFrame, path: Path, meta: Mapping[str, str]) -> Path:

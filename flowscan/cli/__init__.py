@@ -7,7 +7,7 @@ import click
 from flowscan import __version__
 from flowscan.cli.analyze import analyze
 from flowscan.cli.inspect import formats, inspect
-from flowscan.cli.stats import aggregate, compare, fit, table
+from flowscan.cli.stats import aggregate, compare, fit, plot, report, table
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,5 +18,5 @@ def main() -> None:
 
 main.add_command(analyze)
 main.add_command(inspect)
-for command in (formats, aggregate, fit, compare, table):
+for command in (formats, aggregate, fit, compare, table, plot, report):
     main.add_command(command)

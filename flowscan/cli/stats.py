@@ -129,3 +129,50 @@ def table(out, style, level, quantity, grouping) -> None:
     except FlowscanError as exc:
         raise _fail(exc) from None
     click.echo(summary.paper_table(sigmas, style))
+
+
+@click.command()
+@click.argument("out", type=OUT_DIR)
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the figures (default: OUT/figures).")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["png", "svg", "pdf"]),
+              default=("png", "svg"), show_default=True)
+@grouping_options
+def plot(out, output, formats, grouping) -> None:
+    """The papers' figures as PNG and SVG files."""
+    from flowscan.errors import FlowscanError
+    from flowscan.plot import save
+    from flowscan.plot.standard import standard_figures
+    from flowscan.stats.loading import load_analysis
+
+    try:
+        a = load_analysis(out, grouping)
+    except FlowscanError as exc:
+        raise _fail(exc) from None
+    output = output or out / "figures"
+    for name, (fig, _caption) in standard_figures(a.tables, a.experiments, a.points, a.scaling).items.items():
+        for path in save(fig, output / name, formats):
+            click.echo(str(path))
+
+
+@click.command()
+@click.argument("out", type=OUT_DIR)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="The HTML file (default: OUT/report.html).")
+@click.option("--bootstrap", type=click.IntRange(0), default=100, show_default=True,
+              help="Bootstrap resamples for gamma when scaling.parquet is absent.")
+@grouping_options
+def report(out, output, bootstrap, grouping) -> None:
+    """One self-contained HTML page: figures, tables, command and versions."""
+    from flowscan.errors import FlowscanError
+    from flowscan.io.atomic import write_text
+    from flowscan.report import render
+    from flowscan.stats.loading import load_analysis
+
+    try:
+        a = load_analysis(out, grouping, bootstrap)
+    except FlowscanError as exc:
+        raise _fail(exc) from None
+    output = output or out / "report.html"
+    write_text(output, render(a, _command_line()))
+    click.echo(f"written: {output}")

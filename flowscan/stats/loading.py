@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,3 +36,44 @@ def sigma_units(outs: Sequence[Path], level: str = "run", quantity: str = "M",
 def _labels(outs: Sequence[Path]) -> list[str]:
     names = [Path(o).resolve().name for o in outs]
     return names if len(set(names)) == len(names) else [f"{i}-{n}" for i, n in enumerate(names, 1)]
+
+
+@dataclass
+class Analysis:
+    """An analysis folder's tables plus the statistics derived from them."""
+
+    out: Path
+    tables: dict[str, pl.DataFrame]
+    experiments: pl.DataFrame
+    points: pl.DataFrame | None            # (density, error) for the scaling fit, if any metric
+    scaling: pl.DataFrame | None
+    compare: pl.DataFrame
+    classes: dict[str, int]
+    metadata: dict[str, str]
+
+
+def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 100,
+                  quantity: str = "M") -> Analysis:
+    """Read the tables; use experiments/scaling tables written earlier, else compute them."""
+    from flowscan.errors import FlowscanError
+    from flowscan.stats.compare import compare
+    from flowscan.stats.critical import error_points, fit_scaling
+    from flowscan.tables import read_metadata, read_tables
+
+    out = Path(out)
+    tables = read_tables(out, optional=("survival",))
+    if (out / "experiments.parquet").is_file():
+        experiments = pl.read_parquet(out / "experiments.parquet")
+    else:
+        experiments = aggregate(tables["eigen"], tables["runs"], grouping)
+    try:
+        points = error_points(tables["metrics"], tables["rounds"])
+    except FlowscanError:
+        points = None
+    if (out / "scaling.parquet").is_file():
+        scaling = pl.read_parquet(out / "scaling.parquet")
+    else:
+        scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap) if points is not None else None
+    pairs, classes = compare(sigma_units([out], "run", quantity, grouping))
+    return Analysis(out, tables, experiments, points, scaling, pairs, classes,
+                    read_metadata(out / "runs.parquet"))

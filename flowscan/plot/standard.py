@@ -1,0 +1,69 @@
+"""The standard set of figures for an analysis folder (used by `flowscan plot` and the report)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import polars as pl
+from matplotlib.figure import Figure
+
+from flowscan.plot import figures
+
+
+@dataclass
+class Figures:
+    """Figures by name, with a caption each, in reading order."""
+
+    items: dict[str, tuple[Figure, str]] = field(default_factory=dict)
+
+    def add(self, name: str, fig: Figure, caption: str) -> None:
+        self.items[name] = (fig, caption)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "run"
+
+
+def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFrame | None = None,
+                     points: pl.DataFrame | None = None, scaling: pl.DataFrame | None = None,
+                     quantity: str = "M", max_detail_runs: int = 6) -> Figures:
+    from flowscan.stats.compare import sigma_table
+
+    out = Figures()
+    runs = tables["runs"].filter(pl.col("status") == "ok")["run"].to_list()
+    eigen = tables["eigen"].filter(pl.col("run").is_in(runs))
+    # runs with the same blocks (one architecture and block rule) share a flow plot and a bar chart
+    families: dict[tuple[str, ...], list[str]] = {}
+    for run in runs:
+        blocks = tuple(dict.fromkeys(eigen.filter(pl.col("run") == run)["block"].to_list()))
+        families.setdefault(blocks, []).append(run)
+    for k, (blocks, members) in enumerate(families.items(), start=1):
+        tag = f"-{k}" if len(families) > 1 else ""
+        label = f" ({', '.join(blocks[:4])}{', ...' if len(blocks) > 4 else ''})" if len(families) > 1 else ""
+        rounds = tables["rounds"].filter(pl.col("run").is_in(members))
+        out.add(f"flow{tag}", figures.flow_projection(rounds),
+                f"IMP flow{label}: M_i(n) against M_j(n) for pairs of blocks, one marker per run, "
+                "coloured by round (Redman et al. Fig. 2).")
+        sig = sigma_table(eigen.filter(pl.col("run").is_in(members)), "run", quantity)
+        out.add(f"sigma-runs{tag}", figures.sigma_bars(sig),
+                f"σ per block and run{label}, mean ± SEM over the IMP steps (cf. Tables 2-6).")
+    if runs:
+        out.add("sigma-heatmap", figures.sigma_heatmap(sigma_table(eigen, "run", quantity)),
+                "σ of every run and block; red: relevant (σ > 0), blue: irrelevant (σ < 0).")
+    if experiments is not None and experiments.height and experiments["n_runs"].max() > 1:
+        sig = sigma_table(experiments, "experiment", quantity)
+        out.add("sigma-experiments", figures.sigma_bars(sig, "σ per block (mean ± SEM across replicates)"),
+                "σ per block and experiment, mean ± SEM across replicates.")
+    if points is not None and points.height:
+        out.add("error-density", figures.error_density(points, scaling),
+                "Error against density with the fitted scaling function (Eq. 15; dashed: a parameter "
+                "ended on its bound).")
+    for run in runs[:max_detail_runs]:
+        out.add(f"eigen-{slug(run)}", figures.log_share_fit(tables["rounds"], tables["eigen"], run, quantity),
+                f"{run}: ln {quantity}_i(n) against Σ ln c; straight lines mean {quantity}_i is an eigenfunction.")
+        if "survival" in tables and tables["survival"].filter(pl.col("run") == run).height:
+            out.add(f"survival-{slug(run)}", figures.survival_curves(tables["survival"], run),
+                    f"{run}: fraction of round n's kept weights still kept in round n+1.")
+    return out

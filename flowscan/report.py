@@ -1,0 +1,156 @@
+"""One self-contained HTML page per analysis: figures inline (SVG), tables, provenance.
+
+Nothing is loaded from outside the file, so it opens offline and can go in a supplement.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import platform
+import re
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from typing import Sequence
+
+import polars as pl
+
+from flowscan import __version__
+from flowscan.plot.standard import Figures, standard_figures
+from flowscan.stats.compare import sigma_table
+from flowscan.stats.loading import Analysis
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1.5em;display:block;overflow-x:auto}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;white-space:nowrap}
+th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1em 0 2em}figure svg{max-width:100%;height:auto}figcaption{font-size:.9em;color:#555}
+code{background:#f4f4f4;padding:.1em .3em}.error{color:#b00}nav a{margin-right:1em}
+"""
+PACKAGES = ("numpy", "scipy", "polars", "pyarrow", "matplotlib", "safetensors", "click")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return html.escape(str(value))
+
+
+def html_table(frame: pl.DataFrame, table_id: str, columns: Sequence[str] | None = None,
+               max_rows: int = 500) -> str:
+    frame = frame.select(columns) if columns else frame
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(
+        f'<td class="n">{_cell(v)}</td>' if isinstance(v, (int, float)) and not isinstance(v, bool)
+        else f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in frame.head(max_rows).iter_rows())
+    more = f"<p>{frame.height - max_rows} more rows in the parquet file.</p>" if frame.height > max_rows else ""
+    return f'<table id="table-{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}'
+
+
+def svg_of(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: inline in HTML
+
+
+def _versions() -> list[tuple[str, str]]:
+    rows = [("flowscan", __version__), ("python", platform.python_version())]
+    for name in PACKAGES:
+        try:
+            rows.append((name, importlib_metadata.version(name)))
+        except importlib_metadata.PackageNotFoundError:
+            rows.append((name, "not installed"))
+    return rows
+
+
+def _sigma_wide(sigmas: pl.DataFrame) -> pl.DataFrame:
+    units = list(dict.fromkeys(sigmas["unit"].to_list()))
+    blocks = list(dict.fromkeys(sigmas["block"].to_list()))
+    cell = {(u, b): (s, e) for u, b, s, e in sigmas.iter_rows()}
+    data = {"unit": units}
+    for b in blocks:
+        data[f"σ({b})"] = [_pm(*cell[(u, b)]) if (u, b) in cell else "" for u in units]
+    return pl.DataFrame(data)
+
+
+def _pm(mean, sem) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "—"
+    return f"{mean:.3f} ± {sem:.3f}" if sem is not None and math.isfinite(sem) else f"{mean:.3f}"
+
+
+def render(analysis: Analysis, command: str, figures: Figures | None = None) -> str:
+    t = analysis.tables
+    figures = figures or standard_figures(t, analysis.experiments, analysis.points, analysis.scaling)
+    runs = t["runs"]
+    failed = runs.filter(pl.col("status") != "ok")
+    ok_runs = runs.filter(pl.col("status") == "ok")["run"].to_list()
+    parts = [f"<h1>flowscan report: {html.escape(str(analysis.out))}</h1>",
+             '<nav><a href="#provenance">provenance</a><a href="#runs">runs</a><a href="#sigma">σ</a>'
+             '<a href="#experiments">experiments</a><a href="#scaling">scaling</a>'
+             '<a href="#compare">universality</a><a href="#figures">figures</a></nav>']
+
+    parts.append('<h2 id="provenance">Provenance</h2>')
+    prov = pl.DataFrame({"item": ["report command", "analysis command", "block rules", "written"],
+                         "value": [command, analysis.metadata.get("command", "?"),
+                                   analysis.metadata.get("blocks", "?"),
+                                   datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]})
+    parts.append(html_table(prov, "provenance"))
+    parts.append(html_table(pl.DataFrame(_versions(), schema=["package", "version"], orient="row"), "versions"))
+
+    parts.append(f'<h2 id="runs">Runs ({len(ok_runs)} analysed, {failed.height} failed)</h2>')
+    parts.append(html_table(runs, "runs", ["run", "format", "n_rounds", "n_prunable_tensors", "n_prunable_params",
+                                           "status", "blocks", "mask_source"]))
+    if failed.height:
+        parts.append('<p class="error">Runs that could not be read:</p>')
+        parts.append(html_table(failed, "failed", ["run", "path", "error"]))
+
+    parts.append('<h2 id="sigma">σ per block and run (M, mean ± SEM over steps)</h2>')
+    eigen_ok = t["eigen"].filter(pl.col("run").is_in(ok_runs))
+    parts.append(html_table(_sigma_wide(sigma_table(eigen_ok, "run")), "sigma"))
+    parts.append("<p>Full per-block summary (λ, σ, σ_fit, eigenfunction test):</p>")
+    parts.append(html_table(eigen_ok.filter(pl.col("quantity") == "M"), "eigen",
+                            ["run", "block", "n_pairs", "lambda_mean", "lambda_sem", "sigma_mean", "sigma_sem",
+                             "sigma_fit", "sigma_fit_se", "r2", "eigen_ok", "relevance"]))
+
+    parts.append('<h2 id="experiments">Experiments (replicates pooled)</h2>')
+    parts.append(html_table(analysis.experiments.filter(pl.col("quantity") == "M"), "experiments",
+                            ["experiment", "block", "n_runs", "sigma_mean", "sigma_sem", "lambda_mean",
+                             "lambda_sem", "sigma_fit_mean", "sigma_fit_sem", "relevance"]))
+
+    parts.append('<h2 id="scaling">Critical exponent γ (error against density, Eq. 15)</h2>')
+    if analysis.scaling is not None and analysis.scaling.height:
+        parts.append(html_table(analysis.scaling, "scaling",
+                                ["level", "name", "metric", "n_points", "gamma", "gamma_se", "gamma_ci_low",
+                                 "gamma_ci_high", "epsilon_np", "epsilon_dagger", "p", "status", "error"]))
+    else:
+        parts.append('<p id="table-scaling">No accuracy metric recorded in these runs: nothing to fit.</p>')
+
+    parts.append('<h2 id="compare">Universality: σ distances and relevance agreement</h2>')
+    classes = pl.DataFrame({"unit": list(analysis.classes), "class": list(analysis.classes.values())},
+                           schema={"unit": pl.String, "class": pl.Int64})
+    parts.append(html_table(classes.sort("class"), "classes"))
+    parts.append(html_table(analysis.compare.sort("rms", nulls_last=True), "compare",
+                            ["a", "b", "n_shared_blocks", "rms", "euclidean", "cosine_distance",
+                             "relevance_agree", "conflict_blocks", "same_class"]))
+
+    parts.append('<h2 id="figures">Figures</h2>')
+    for name, (fig, caption) in figures.items.items():
+        parts.append(f'<figure id="fig-{name}">{svg_of(fig)}<figcaption>{html.escape(caption)}</figcaption></figure>')
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<title>flowscan report: {html.escape(str(analysis.out))}</title><style>{STYLE}</style></head>'
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def figure_ids(page: str) -> list[str]:
+    return re.findall(r'<figure id="fig-([^"]+)">', page)
