@@ -17,13 +17,12 @@ from typing import Callable
 import numpy as np
 
 from flowscan import __version__, flow
-from flowscan.blocks import BlockRules
+from flowscan.blocks import OTHER, BlockRules
 from flowscan.errors import FlowscanError, ScanError
 from flowscan.io.atomic import atomic_path, write_text
 from flowscan.readers import registry
 from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
-from flowscan.blocks import OTHER
 from flowscan.reduce import RoundSums, TensorSums, open_tensors, reduce_round, survival_counts
 
 CACHE_VERSION = 1
@@ -83,28 +82,32 @@ def analyze_runs(runs: list[Run], options: Options,
         if failed:
             raise ScanError(None, failed.error)
     tasks = [(i, rnd) for i, run in enumerate(runs) if not run.error for rnd in run.rounds]
-    sums: dict[int, dict[int, RoundSums]] = {i: {} for i in range(len(runs))}
+    results = {i: RunResult(run, error=run.error) for i, run in enumerate(runs) if run.error}
+    pending = {i: len(run.rounds) for i, run in enumerate(runs) if not run.error}
+    sums: dict[int, dict[int, RoundSums]] = {i: {} for i in pending}
     errors: dict[int, str] = {}
     for i, outcome in _reduce_all(tasks, options, progress):
         if isinstance(outcome, RoundSums):
             sums[i][outcome.index] = outcome
+        elif options.strict:
+            raise ScanError(None, outcome)
         else:
-            if options.strict:
-                raise ScanError(None, outcome)
             errors.setdefault(i, outcome)
-    results = []
-    for i, run in enumerate(runs):
-        error = run.error or errors.get(i)
-        if error:
-            results.append(RunResult(run, error=error))
-            continue
-        try:
-            results.append(assemble(run, [sums[i][r.index] for r in run.rounds], options))
-        except ScanError as exc:
-            if options.strict:
-                raise
-            results.append(RunResult(run, error=str(exc)))
-    return results
+        pending[i] -= 1
+        if pending[i] == 0:  # the run is complete: assemble it and let its sums (and bits) go
+            results[i] = _finish(runs[i], sums.pop(i), errors.get(i), options)
+    return [results[i] for i in range(len(runs))]
+
+
+def _finish(run: Run, sums: dict[int, RoundSums], error: str | None, options: Options) -> RunResult:
+    if error:
+        return RunResult(run, error=error)
+    try:
+        return assemble(run, [sums[r.index] for r in run.rounds], options)
+    except ScanError as exc:
+        if options.strict:
+            raise
+        return RunResult(run, error=str(exc))
 
 
 def _reduce_all(tasks, options: Options, progress):
