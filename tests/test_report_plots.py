@@ -135,3 +135,17 @@ def test_fit_command_writes_scaling_and_flags_unfittable_runs(analysed, tmp_path
 def test_stats_commands_need_an_analysis_folder(tmp_path):
     result = run_cli("aggregate", tmp_path, expect=1)
     assert "missing runs.parquet" in result.output and "flowscan analyze" in result.output
+
+
+def test_plot_flow_for_chosen_block_pairs(tmp_path):
+    out = tmp_path / "out"
+    analyze(FIXTURES / "open_lth", out)
+    result = run_cli("plot", out, "-o", tmp_path / "figs", "--format", "svg", "--pair", "stage1,stage3",
+                     "--pair", "stem,fc")
+    assert f"{tmp_path / 'figs' / 'flow.svg'}" in result.output.split()
+    svg = (tmp_path / "figs" / "flow.svg").read_text()
+    for label in ("M(stage1)", "M(stage3)", "M(stem)", "M(fc)"):
+        assert label in svg
+    assert "M(stage2)" not in svg
+    bad = run_cli("plot", out, "--pair", "stage1", expect=2)
+    assert "two block labels" in bad.output

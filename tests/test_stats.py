@@ -140,3 +140,22 @@ def test_compare_uses_only_shared_blocks_and_sigma_table_reads_eigen():
                     ("y", "l1", "M", 0.1, 0.0, 1.0, 0.1), ("y", "l2", "P", 9.0, 0.0, 1.0, 9.0)])
     pairs, _ = compare(sigma_table(eigen, "run", "M"))
     assert pairs.row(0, named=True)["n_shared_blocks"] == 1 and pairs["euclidean"][0] == 0.0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".toml"])
+def test_run_mapping_files(tmp_path, suffix):
+    from flowscan.stats.groups import read_mapping
+
+    path = tmp_path / f"map{suffix}"
+    if suffix == ".csv":
+        path.write_text("run,experiment,task,architecture\nseed0,r20-c10,cifar10,resnet20\nx,,svhn,\n")
+    else:
+        path.write_text('["seed0"]\nexperiment = "r20-c10"\ntask = "cifar10"\narchitecture = "resnet20"\n'
+                        '["x"]\ntask = "svhn"\n')
+    g = Grouping.from_file(path)
+    assert g.membership(["seed0", "x"]).rows() == [("seed0", "r20-c10", "cifar10", "resnet20"),
+                                                   ("x", "x", "svhn", None)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,experiment\na,b\n")
+    with pytest.raises(Exception, match="'run' column"):
+        read_mapping(bad)

@@ -137,8 +137,10 @@ def table(out, style, level, quantity, grouping) -> None:
               help="Folder for the figures (default: OUT/figures).")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["png", "svg", "pdf"]),
               default=("png", "svg"), show_default=True)
+@click.option("--pair", "pairs", multiple=True, metavar="A,B",
+              help="Block pair for the flow projection, repeatable (default: all pairs, up to 6).")
 @grouping_options
-def plot(out, output, formats, grouping) -> None:
+def plot(out, output, formats, pairs, grouping) -> None:
     """The papers' figures as PNG and SVG files."""
     from flowscan.errors import FlowscanError
     from flowscan.plot import save
@@ -149,8 +151,12 @@ def plot(out, output, formats, grouping) -> None:
         a = load_analysis(out, grouping)
     except FlowscanError as exc:
         raise _fail(exc) from None
+    chosen = [tuple(p.split(",", 1)) for p in pairs]
+    if any(len(p) != 2 for p in chosen):
+        raise click.BadParameter("expected two block labels separated by a comma", param_hint="--pair")
     output = output or out / "figures"
-    for name, (fig, _caption) in standard_figures(a.tables, a.experiments, a.points, a.scaling).items.items():
+    figs = standard_figures(a.tables, a.experiments, a.points, a.scaling, pairs=chosen or None)
+    for name, (fig, _caption) in figs.items.items():
         for path in save(fig, output / name, formats):
             click.echo(str(path))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import polars as pl
 from matplotlib.figure import Figure
@@ -28,7 +28,9 @@ def slug(text: str) -> str:
 
 def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFrame | None = None,
                      points: pl.DataFrame | None = None, scaling: pl.DataFrame | None = None,
-                     quantity: str = "M", max_detail_runs: int = 6) -> Figures:
+                     quantity: str = "M", max_detail_runs: int = 6,
+                     pairs: Sequence[tuple[str, str]] | None = None) -> Figures:
+    """Figures for an analysis; `pairs` picks the block pairs of the flow projection (default: all)."""
     from flowscan.stats.compare import sigma_table
 
     out = Figures()
@@ -43,7 +45,10 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
         tag = f"-{k}" if len(families) > 1 else ""
         label = f" ({', '.join(blocks[:4])}{', ...' if len(blocks) > 4 else ''})" if len(families) > 1 else ""
         rounds = tables["rounds"].filter(pl.col("run").is_in(members))
-        out.add(f"flow{tag}", figures.flow_projection(rounds),
+        chosen = [p for p in pairs if set(p) <= set(blocks)] if pairs else None
+        if pairs and not chosen:
+            continue  # the chosen blocks belong to another family of runs
+        out.add(f"flow{tag}", figures.flow_projection(rounds, chosen, max_pairs=len(chosen) if chosen else 6),
                 f"IMP flow{label}: M_i(n) against M_j(n) for pairs of blocks, one marker per run, "
                 "coloured by round (Redman et al. Fig. 2).")
         sig = sigma_table(eigen.filter(pl.col("run").is_in(members)), "run", quantity)
