@@ -46,8 +46,16 @@ def _folder_files(folder: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
 
 
 def _round_folders(folder: Path) -> list[Path]:
-    return [c for c in folder.iterdir() if c.is_dir() and pattern_and_number(c.name)
-            and any(_is_array_file(p) and not _is_mask_file(p) for p in c.iterdir())]
+    """Numbered subfolders holding weight files and no folders of their own (a run per seed
+    folder, e.g. seed_0/round_0000/..., is a run, not a round)."""
+    found = []
+    for c in folder.iterdir():
+        if c.is_dir() and pattern_and_number(c.name):
+            children = list(c.iterdir())
+            if not any(p.is_dir() for p in children) and any(
+                    _is_array_file(p) and not _is_mask_file(p) for p in children):
+                found.append(c)
+    return found
 
 
 def _load(path: Path):

@@ -1,0 +1,73 @@
+"""`flowscan produce`: make IMP checkpoint archives in flowscan's layout."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--model", required=True, help="cifar-resnet14/20/32/44/56, resnet18, resnet50, lenet, mlp, bert-small.")
+@click.option("--data", "data_spec", required=True, metavar="NAME[:ARG]",
+              help="digits, mnist5k[:csv.gz], fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, "
+                   "synthetic-images[:CxHxW[:N]], synthetic-tokens[:L[:N]].")
+@click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--prune-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True)
+@click.option("--schedule", type=click.Choice(["global", "original", "layerwise"]), default="global",
+              show_default=True, help="global: of the remaining weights; original: of the original count "
+                                      "(BERT tickets); layerwise: per tensor.")
+@click.option("--rewind", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Rewind point: 0 = initialization, < 1 = fraction of training, >= 1 = step count.")
+@click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Number of seeds.")
+@click.option("--first-seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=5e-4, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--augment/--no-augment", default=False, show_default=True,
+              help="Random crops and flips on the device (CIFAR).")
+@click.option("--exclude", metavar="REGEX", help="Leave matching tensors dense (e.g. '^(conv1|fc)\\.' as Chen et al.).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--parallel", type=click.IntRange(1), default=None,
+              help="Seeds trained at once in separate processes (default: up to 4 on a GPU, 1 on a CPU).")
+@click.option("--compile/--no-compile", default=True, show_default=True, help="CUDA graphs on a GPU.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def produce(model, data_spec, rounds, prune_fraction, schedule, rewind, seeds, first_seed, epochs, batch_size,
+            lr, momentum, weight_decay, optimizer, warmup_epochs, augment, exclude, device, parallel, compile,
+            out, quiet) -> None:
+    """Train, prune, rewind and repeat for every seed, writing each round as it completes."""
+    from flowscan.errors import FlowscanError
+    from flowscan.produce.imp import IMPConfig
+    from flowscan.produce.runner import produce as run, resolve_device, round_line
+
+    cfg = IMPConfig(model=model, data=data_spec, rounds=rounds, prune_fraction=prune_fraction, schedule=schedule,
+                    rewind=rewind, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                    weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs,
+                    augment=augment, exclude=exclude)
+    on_gpu = resolve_device(device).type == "cuda"
+    parallel = parallel or (min(seeds, 4) if on_gpu else 1)
+    stack = contextlib.ExitStack()
+
+    def progress(label: str, length: int):
+        bar = stack.enter_context(click.progressbar(length=length, label=label, file=sys.stderr, hidden=quiet))
+        return bar.update
+
+    def on_round(report):
+        stack.close()  # finish the round's bar before its summary line
+        click.echo(round_line(report))
+
+    try:
+        with stack:
+            run(cfg, list(range(first_seed, first_seed + seeds)), out, device, parallel, compile,
+                on_round, progress)
+    except FlowscanError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"done: {out} (analyse with: flowscan analyze {out} -o OUT)")

