@@ -7,6 +7,7 @@ import click
 from flowscan import __version__
 from flowscan.cli.analyze import analyze
 from flowscan.cli.inspect import formats, inspect
+from flowscan.cli.landscape import lmc, sharpness
 from flowscan.cli.produce import produce
 from flowscan.cli.stats import aggregate, compare, fit, plot, report, table
 
@@ -19,5 +20,5 @@ def main() -> None:
 
 main.add_command(analyze)
 main.add_command(inspect)
-for command in (formats, aggregate, fit, compare, table, plot, report, produce):
+for command in (formats, aggregate, fit, compare, table, plot, report, produce, lmc, sharpness):
     main.add_command(command)

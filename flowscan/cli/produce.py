@@ -17,9 +17,20 @@ import click
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--prune-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True)
-@click.option("--schedule", type=click.Choice(["global", "original", "layerwise"]), default="global",
+@click.option("--schedule", type=click.Choice(["global", "original", "layerwise", "adaptive"]), default="global",
               show_default=True, help="global: of the remaining weights; original: of the original count "
-                                      "(BERT tickets); layerwise: per tensor.")
+                                      "(BERT tickets); layerwise: per tensor; adaptive: the fraction follows "
+                                      "linear mode connectivity and matching (see README).")
+@click.option("--target-density", type=click.FloatRange(0, 1, min_open=True),
+              help="Stop after the first round at or below this density.")
+@click.option("--match-tolerance", type=click.FloatRange(0), default=0.01, show_default=True,
+              help="adaptive: matching = test error within this of the dense network's.")
+@click.option("--barrier-tolerance", type=click.FloatRange(0), default=0.01, show_default=True,
+              help="adaptive: largest error barrier still counted as linearly connected.")
+@click.option("--growth", type=click.FloatRange(1, min_open=True), default=1.5, show_default=True,
+              help="adaptive: factor by which the fraction grows or shrinks.")
+@click.option("--max-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.8,
+              show_default=True, help="adaptive: largest fraction pruned in one round.")
 @click.option("--rewind", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Rewind point: 0 = initialization, < 1 = fraction of training, >= 1 = step count.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Number of seeds.")
@@ -40,9 +51,9 @@ import click
 @click.option("--compile/--no-compile", default=True, show_default=True, help="CUDA graphs on a GPU.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def produce(model, data_spec, rounds, prune_fraction, schedule, rewind, seeds, first_seed, epochs, batch_size,
-            lr, momentum, weight_decay, optimizer, warmup_epochs, augment, exclude, device, parallel, compile,
-            out, quiet) -> None:
+def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, match_tolerance,
+            barrier_tolerance, growth, max_fraction, rewind, seeds, first_seed, epochs, batch_size, lr, momentum,
+            weight_decay, optimizer, warmup_epochs, augment, exclude, device, parallel, compile, out, quiet) -> None:
     """Train, prune, rewind and repeat for every seed, writing each round as it completes."""
     from flowscan.errors import FlowscanError
     from flowscan.produce.imp import IMPConfig
@@ -51,7 +62,9 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, rewind, seeds, f
     cfg = IMPConfig(model=model, data=data_spec, rounds=rounds, prune_fraction=prune_fraction, schedule=schedule,
                     rewind=rewind, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                     weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs,
-                    augment=augment, exclude=exclude)
+                    augment=augment, exclude=exclude, target_density=target_density,
+                    match_tolerance=match_tolerance, barrier_tolerance=barrier_tolerance, growth=growth,
+                    max_fraction=max_fraction)
     on_gpu = resolve_device(device).type == "cuda"
     parallel = parallel or (min(seeds, 4) if on_gpu else 1)
     stack = contextlib.ExitStack()

@@ -78,7 +78,7 @@ class StoredArray:
                 base, self.shape, tuple(s * item.itemsize for s in self._stride), writeable=False)
         if st.dtype == BFLOAT16:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr if dtype is None else arr.astype(dtype, copy=False)
+        return _as_requested(arr, dtype, copy)
 
     def release(self) -> None:
         self._storage.region.release()
@@ -121,8 +121,14 @@ class LoadedArray:
         return int(np.prod(self.shape, dtype=np.int64))
 
     def __array__(self, dtype=None, copy=None):
-        arr = self._load()
-        return arr if dtype is None else arr.astype(dtype, copy=False)
+        return _as_requested(self._load(), dtype, copy)
 
     def release(self) -> None:
         pass
+
+
+def _as_requested(arr: np.ndarray, dtype, copy) -> np.ndarray:
+    """numpy's __array__ protocol: copy=True must give a fresh (writable) array."""
+    if dtype is not None and np.dtype(dtype) != arr.dtype:
+        return arr.astype(dtype)
+    return arr.copy() if copy else arr

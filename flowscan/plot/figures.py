@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 import polars as pl
 from matplotlib.collections import LineCollection
@@ -13,6 +15,11 @@ from matplotlib.colors import CenteredNorm, Normalize
 from matplotlib.lines import Line2D
 
 from flowscan.plot.style import DIVERGING, SEQUENTIAL, color, marker, new_figure
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a run or experiment name."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "run"
 
 
 def _blocks(frame: pl.DataFrame) -> list[str]:
@@ -192,4 +199,75 @@ def survival_curves(survival: pl.DataFrame, run: str):
     ax.set_title(f"{run}: mask survival")
     ax.set_ylim(top=1.02)
     ax.legend(frameon=False, fontsize=7)
+    return fig
+
+
+def lmc_barriers(summary: pl.DataFrame):
+    """Paul et al.: the error barrier between rounds n and n+1 against the density of n+1;
+    filled markers: round n+1 is matching."""
+    runs = list(dict.fromkeys(summary["run"].to_list()))
+    labels = short_labels(runs)
+    fig = new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    for k, run in enumerate(runs):
+        part = summary.filter(pl.col("run") == run).sort("round")
+        ax.plot(part["density"], part["barrier"], "-", color=color(k), linewidth=1, label=labels[run])
+        for matching, face in ((True, color(k)), (False, "white")):
+            sel = part.filter(pl.col("matching") == matching)
+            ax.scatter(sel["density"], sel["barrier"], marker=marker(k), facecolors=face, edgecolors=color(k),
+                       zorder=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("density of round n+1")
+    ax.set_ylabel("error barrier, round n → n+1")
+    ax.set_title("linear mode connectivity (filled: n+1 matching)")
+    if len(runs) <= 10:
+        ax.legend(frameon=False, fontsize=7)
+    return fig
+
+
+def lmc_curves(curves: pl.DataFrame, run: str):
+    """Test error along each segment n → n+1, coloured by round."""
+    part = curves.filter(pl.col("run") == run)
+    rounds = sorted(part["round"].unique().to_list())
+    norm = Normalize(min(rounds), max(max(rounds), min(rounds) + 1))
+    cmap = matplotlib.colormaps[SEQUENTIAL]
+    fig = new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    for r in rounds:
+        seg = part.filter(pl.col("round") == r).sort("alpha")
+        ax.plot(seg["alpha"], seg["error"], "-o", markersize=3, color=cmap(norm(r)), label=f"{r} → {r + 1}")
+    ax.set_xlabel("α (0: round n, 1: round n+1)")
+    ax.set_ylabel("test error")
+    ax.set_title(f"{run}: error along the linear path")
+    if len(rounds) <= 12:
+        ax.legend(frameon=False, fontsize=7, ncols=2)
+    return fig
+
+
+def sharpness_plot(sharpness: pl.DataFrame, probe: pl.DataFrame | None = None):
+    """Top Hessian eigenvalue per round; with a probe, the largest matching pruning fraction."""
+    runs = list(dict.fromkeys(sharpness["run"].to_list()))
+    labels = short_labels(runs)
+    fig = new_figure(10.0 if probe is not None else 6.0, 4.0)
+    axes = fig.subplots(1, 2 if probe is not None else 1, squeeze=False).ravel()
+    for k, run in enumerate(runs):
+        part = sharpness.filter(pl.col("run") == run).sort("round")
+        axes[0].plot(part["density"], part["lambda_max"], marker=marker(k), color=color(k), label=labels[run])
+    axes[0].set_xscale("log")
+    axes[0].invert_xaxis()
+    axes[0].set_xlabel("density")
+    axes[0].set_ylabel("top Hessian eigenvalue λ_max")
+    axes[0].set_title("sharpness at the end of each round")
+    axes[0].legend(frameon=False, fontsize=7)
+    if probe is not None:
+        best = (probe.filter(pl.col("matching")).group_by("run", "round").agg(pl.col("fraction").max())
+                .join(sharpness, on=["run", "round"]))
+        for k, run in enumerate(runs):
+            part = best.filter(pl.col("run") == run)
+            axes[1].scatter(part["lambda_max"], part["fraction"], marker=marker(k), color=color(k), label=labels[run])
+        axes[1].set_xlabel("λ_max of round n")
+        axes[1].set_ylabel("largest fraction still matching")
+        axes[1].set_title("flatness limits the pruning step")
     return fig

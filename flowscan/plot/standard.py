@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -10,6 +9,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from flowscan.plot import figures
+from flowscan.plot.figures import slug
 
 
 @dataclass
@@ -20,10 +20,6 @@ class Figures:
 
     def add(self, name: str, fig: Figure, caption: str) -> None:
         self.items[name] = (fig, caption)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "run"
 
 
 def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFrame | None = None,

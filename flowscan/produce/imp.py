@@ -2,8 +2,14 @@
 
 Round n: train the rewound weights under mask n, evaluate, write the round (atomically), then
 prune to mask n+1. Everything a round needs is a function of (seed, round, rewind weights,
-mask n), so a run killed at any moment and started again with the same arguments resumes
-after its last complete round and ends with the same archive.
+mask n, the fraction chosen after round n-1), so a run killed at any moment and started again
+with the same arguments resumes after its last complete round and ends with the same archive.
+
+The adaptive schedule (Paul et al.) chooses each round's fraction from the error landscape:
+after round n >= 1 it measures the linear-mode-connectivity barrier between rounds n-1 and n;
+while round n is matching (test error within `match_tolerance` of the dense network's) and the
+barrier is at most `barrier_tolerance`, the fraction grows by `growth` (up to `max_fraction`);
+otherwise it shrinks by the same factor (down to `min_fraction`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class IMPConfig:
     data: str
     rounds: int
     prune_fraction: float = 0.2
-    schedule: str = "global"
+    schedule: str = "global"     # global, original, layerwise or adaptive
     rewind: float = 0.0          # < 1: fraction of training; >= 1: a step count; 0: initialization
     epochs: float = 10.0
     batch_size: int = 128
@@ -45,6 +51,13 @@ class IMPConfig:
     warmup_epochs: float = 0.0
     augment: bool = False
     exclude: str | None = None   # regex of otherwise prunable tensors to leave dense
+    target_density: float | None = None   # stop after the first round at or below it
+    # adaptive schedule
+    match_tolerance: float = 0.01
+    barrier_tolerance: float = 0.01
+    growth: float = 1.5
+    max_fraction: float = 0.8
+    min_fraction: float = 0.05
 
     def manifest_args(self, seed: int) -> dict:
         return {**asdict(self), "seed": seed}
@@ -58,25 +71,17 @@ class RoundReport:
     metrics: dict = field(default_factory=dict)
 
 
-def steps_per_epoch(cfg: IMPConfig, data: Dataset) -> int:
-    return max(1, len(data.y_train) // min(cfg.batch_size, len(data.y_train)))
-
-
 def rewind_step(cfg: IMPConfig, total: int) -> int:
     if cfg.rewind < 0:
         raise FlowscanError("--rewind must be >= 0")
     return int(round(cfg.rewind * total)) if cfg.rewind < 1 else min(int(cfg.rewind), total)
 
 
-def _numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """A copy of the model's state: on the CPU, .numpy() would share memory with the live
     parameters, and training would then move the saved rewind point too."""
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().numpy().copy()
             for k, v in model.state_dict().items()}
-
-
-def _load_state(model: torch.nn.Module, state: dict[str, np.ndarray], device) -> None:
-    model.load_state_dict({k: torch.from_numpy(np.array(v)).to(device) for k, v in state.items()})
 
 
 def check_or_write_manifest(run: Path, args: dict) -> None:
@@ -93,73 +98,139 @@ def check_or_write_manifest(run: Path, args: dict) -> None:
     layout.write_run_manifest(run, args)
 
 
+class Session:
+    """One seed's model, prunable set, schedule and trainer."""
+
+    def __init__(self, cfg: IMPConfig, seed: int, data: Dataset, device: torch.device, compile: bool = True):
+        self.cfg, self.seed, self.data, self.device = cfg, seed, data, device
+        torch.manual_seed(seed)
+        model, spec = models.build(cfg.model, data.input_shape, data.n_classes)
+        if spec.kind != data.kind:
+            raise FlowscanError(f"model {cfg.model} takes {spec.kind} but dataset {data.name} has {data.kind}")
+        self.model = model.to(device)
+        self.names = models.prunable_names(self.model, spec, cfg.exclude)
+        if not self.names:
+            raise FlowscanError(f"model {cfg.model}: no prunable tensors (check --exclude)")
+        params = dict(self.model.named_parameters())
+        self.original = sum(params[n].numel() for n in self.names)
+        per_epoch = max(1, len(data.y_train) // min(cfg.batch_size, len(data.y_train)))
+        self.total = max(1, int(round(cfg.epochs * per_epoch)))
+        self.start = rewind_step(cfg, self.total)
+        tcfg = TrainConfig(steps=self.total, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+                           warmup=int(cfg.warmup_epochs * per_epoch), augment=cfg.augment, compile=compile)
+        self.trainer = Trainer(self.model, self.dense_masks(), data, tcfg, device)
+
+    def dense_masks(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: torch.ones_like(params[n], dtype=torch.bool) for n in self.names}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v)).to(self.device) for k, v in state.items()})
+
+    def train_round(self, n: int, masks: dict[str, torch.Tensor], rewind: dict[str, np.ndarray] | None,
+                    bar=None) -> tuple[dict, dict[str, np.ndarray] | None]:
+        """Train round n under `masks` from the rewind point (round 0: from init, making the
+        rewind point on the way). Returns the round's metrics and, for round 0, the rewind state."""
+        round_seed = self.seed * 100_003 + n
+        made = None
+        if n == 0:
+            self.trainer.set_masks(masks)
+            cost0 = self.trainer.train(0, self.start, round_seed, bar) if self.start > 0 else None
+            made = numpy_state(self.model)
+            cost = self.trainer.train(self.start, self.total, round_seed + 1, bar)
+            if cost0:
+                cost = {k: cost[k] + cost0[k] if k != "train_loss" else cost[k] for k in cost}
+        else:
+            self.load(rewind)
+            self.trainer.set_masks({k: v.to(self.device) for k, v in masks.items()})
+            cost = self.trainer.train(self.start, self.total, round_seed + 1, bar)
+        return {**self.trainer.evaluate(), **cost}, made
+
+    def prune(self, weights: dict[str, np.ndarray], masks: dict[str, torch.Tensor],
+              fraction: float) -> dict[str, torch.Tensor]:
+        schedule = "global" if self.cfg.schedule == "adaptive" else self.cfg.schedule
+        return pruning.next_masks({k: torch.from_numpy(weights[k]) for k in self.names},
+                                  {k: v.cpu() for k, v in masks.items()}, fraction, schedule, self.original)
+
+    def density(self, masks) -> float:
+        return sum(int(m.sum()) for m in masks.values()) / self.original
+
+
+def adapt_fraction(cfg: IMPConfig, fraction: float, matching: bool, barrier: float) -> float:
+    """The next fraction under the adaptive schedule (see the module docstring)."""
+    if matching and barrier <= cfg.barrier_tolerance:
+        return min(fraction * cfg.growth, cfg.max_fraction)
+    return max(fraction / cfg.growth, cfg.min_fraction)
+
+
+def _barrier(session: Session, before: dict[str, np.ndarray], after: dict[str, np.ndarray],
+             after_masks: dict[str, torch.Tensor]) -> float:
+    from flowscan.landscape import lmc
+
+    to_t = lambda s: {k: torch.from_numpy(np.array(v)).to(session.device) for k, v in s.items()}  # noqa: E731
+    masks = {k: v.to(session.device) for k, v in after_masks.items()}
+    curve = lmc.interpolate(session.model, to_t(before), to_t(after), masks, session.data, lmc.alpha_grid(5))
+    return curve.barrier
+
+
 def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.device, compile: bool = True,
              on_round: Callable[[RoundReport], None] | None = None,
              progress: Callable[[str, int], Callable[[int], None]] | None = None) -> list[RoundReport]:
     """All rounds of one seed into `run` (resuming after its last complete round)."""
     run.mkdir(parents=True, exist_ok=True)
     check_or_write_manifest(run, cfg.manifest_args(seed))
-    torch.manual_seed(seed)
-    model, spec = models.build(cfg.model, data.input_shape, data.n_classes)
-    if spec.kind != data.kind:
-        raise FlowscanError(f"model {cfg.model} takes {spec.kind} but dataset {data.name} has {data.kind}")
-    model = model.to(device)
-    names = models.prunable_names(model, spec, cfg.exclude)
-    if not names:
-        raise FlowscanError(f"model {cfg.model}: no prunable tensors (check --exclude)")
-    params = dict(model.named_parameters())
-    per_epoch = steps_per_epoch(cfg, data)
-    total = max(1, int(round(cfg.epochs * per_epoch)))
-    start = rewind_step(cfg, total)
-    tcfg = TrainConfig(steps=total, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
-                       warmup=int(cfg.warmup_epochs * per_epoch), augment=cfg.augment, compile=compile)
-    original = sum(params[n].numel() for n in names)
-
+    session = Session(cfg, seed, data, device, compile)
     done = layout.complete_rounds(run)
     if [i for i, _ in done] != list(range(len(done))):
         raise FlowscanError(f"{run}: complete rounds are not 0..n-1 ({[i for i, _ in done]}); cannot resume")
-    masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
-    rewind = None
+    masks, rewind, previous = session.dense_masks(), None, None
+    fraction, dense_error = cfg.prune_fraction, None
     if done:  # resume: rewind weights, and the mask that follows the last complete round
         rewind = load_file(str(run / REWIND_FILE))
         last = done[-1][1]
-        weights = {k: torch.from_numpy(v) for k, v in load_file(str(last / layout.WEIGHTS)).items()}
+        info = layout.read_json(last / layout.ROUND_MANIFEST)
+        if cfg.target_density is not None and info["density"] <= cfg.target_density:
+            return []
+        previous = load_file(str(last / layout.WEIGHTS))
         stored = {k: torch.from_numpy(v).bool() for k, v in load_file(str(last / layout.MASKS)).items()}
-        masks = pruning.next_masks(weights, stored, cfg.prune_fraction, cfg.schedule, original)
+        fraction = info.get("prune_fraction_next", cfg.prune_fraction)
+        dense_error = 1 - layout.read_json(done[0][1] / layout.ROUND_MANIFEST)["metrics"]["test_accuracy"]
+        masks = session.prune(previous, stored, fraction)
 
-    trainer = Trainer(model, masks, data, tcfg, device)
     reports = []
     for n in range(len(done), cfg.rounds):
         began = time.perf_counter()
-        round_seed = seed * 100_003 + n
-        bar = progress(f"seed {seed} round {n}", total - (0 if n == 0 else start)) if progress else None
-        if n == 0:
-            if start > 0:  # train to the rewind point, keep it, then go on
-                cost0 = trainer.train(0, start, round_seed, bar)
-            rewind = _numpy_state(model)
-            _save_rewind(run, rewind, start)
-            cost = trainer.train(start, total, round_seed + 1, bar)
-            if start > 0:
-                cost = {k: cost[k] + cost0[k] if k != "train_loss" else cost[k] for k in cost}
-        else:
-            _load_state(model, rewind, device)
-            trainer.set_masks({k: v.to(device) for k, v in masks.items()})
-            cost = trainer.train(start, total, round_seed + 1, bar)
-        metrics = {**trainer.evaluate(), **cost}
-        kept = sum(int(m.sum()) for m in masks.values())
-        density = kept / original
-        weights_np = _numpy_state(model)
-        layout.write_round(run, n, weights_np, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()},
-                           {"density": density, "metrics": metrics,
+        steps = session.total - (0 if n == 0 else session.start)
+        bar = progress(f"seed {seed} round {n}", steps) if progress else None
+        metrics, made = session.train_round(n, masks, rewind, bar)
+        if made is not None:
+            rewind = made
+            _save_rewind(run, rewind, session.start)
+        weights = numpy_state(session.model)
+        error = 1 - metrics["test_accuracy"]
+        dense_error = error if dense_error is None else dense_error
+        metrics["pruned_fraction"] = fraction if n > 0 else 0.0
+        if cfg.schedule == "adaptive" and n > 0:
+            lmc_began = time.perf_counter()
+            barrier = _barrier(session, previous, weights, masks)
+            matching = error <= dense_error + cfg.match_tolerance
+            metrics.update(lmc_barrier=barrier, matching=float(matching),
+                           lmc_seconds=time.perf_counter() - lmc_began)
+            fraction = adapt_fraction(cfg, fraction, matching, barrier)
+            session.load(weights)  # the LMC evaluation moved the model
+        density = session.density(masks)
+        layout.write_round(run, n, weights, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()},
+                           {"density": density, "metrics": metrics, "prune_fraction_next": fraction,
                             "wall_seconds": time.perf_counter() - began})
         report = RoundReport(seed, n, density, metrics)
         reports.append(report)
         if on_round:
             on_round(report)
-        weights = {k: torch.from_numpy(v) for k, v in weights_np.items()}
-        masks = pruning.next_masks(weights, {k: v.cpu() for k, v in masks.items()}, cfg.prune_fraction,
-                                   cfg.schedule, original)
+        if cfg.target_density is not None and density <= cfg.target_density:
+            break
+        previous = weights
+        masks = session.prune(weights, masks, fraction)
     return reports
 
 
@@ -167,3 +238,26 @@ def _save_rewind(run: Path, state: dict[str, np.ndarray], step: int) -> None:
     with atomic_path(run / REWIND_FILE) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp),
                   metadata={"step": json.dumps(step)})
+
+
+def probe_round(run, fractions, tolerance: float, device: torch.device) -> list[tuple]:
+    """Prune each fraction from every round of a produce run, retrain from its rewind point, and
+    say whether the result is matching (used by `flowscan sharpness --probe`)."""
+    from flowscan.produce.data import load
+
+    args = layout.read_json(run.path / layout.RUN_MANIFEST)["args"]
+    seed = args.pop("seed")
+    cfg = IMPConfig(**args)
+    session = Session(cfg, seed, load(cfg.data).to(device), device, compile=False)
+    rewind = load_file(str(run.path / REWIND_FILE))
+    rounds = layout.complete_rounds(run.path)
+    dense_error = 1 - layout.read_json(rounds[0][1] / layout.ROUND_MANIFEST)["metrics"]["test_accuracy"]
+    rows = []
+    for index, folder in rounds:
+        weights = load_file(str(folder / layout.WEIGHTS))
+        masks = {k: torch.from_numpy(v).bool() for k, v in load_file(str(folder / layout.MASKS)).items()}
+        for f in fractions:
+            metrics, _ = session.train_round(index + 1, session.prune(weights, masks, f), rewind)
+            error = 1 - metrics["test_accuracy"]
+            rows.append((run.name, index, f, error, error <= dense_error + tolerance))
+    return rows

@@ -1,0 +1,116 @@
+"""Tables of the landscape analyses for every run below a path (named as `analyze` names them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import polars as pl
+import torch
+
+from flowscan.errors import FlowscanError
+from flowscan.landscape import archive, hessian, lmc
+from flowscan.produce.data import Dataset, load
+from flowscan.readers.base import NameOptions, Run
+from flowscan.readers.discover import discover
+
+LMC_SCHEMA = {"run": pl.String, "round": pl.Int64, "alpha": pl.Float64, "error": pl.Float64, "loss": pl.Float64}
+SUMMARY_SCHEMA = {"run": pl.String, "round": pl.Int64, "next_round": pl.Int64, "density": pl.Float64,
+                  "barrier": pl.Float64, "loss_barrier": pl.Float64, "error_start": pl.Float64,
+                  "error_end": pl.Float64, "dense_error": pl.Float64, "matching": pl.Boolean}
+SHARPNESS_SCHEMA = {"run": pl.String, "round": pl.Int64, "density": pl.Float64, "lambda_max": pl.Float64,
+                    "iterations": pl.Int64, "converged": pl.Boolean, "error": pl.Float64}
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str | None = None     # flowscan model name or package.module:function; default from the manifest
+    data: str | None = None
+    device: str = "cpu"
+    names: NameOptions = NameOptions()
+    format: str | None = None
+
+
+def runs_below(path: Path, setup: Setup) -> list[Run]:
+    runs = [r for r in discover(Path(path), setup.format) if not r.error]
+    if not runs:
+        raise FlowscanError(f"{path}: no readable IMP runs found")
+    return runs
+
+
+def _model_and_data(run: Run, setup: Setup, cache: dict) -> tuple[torch.nn.Module, Dataset]:
+    args = archive.produce_args(run) or {}
+    model_spec = setup.model or args.get("model")
+    data_spec = setup.data or args.get("data")
+    if not model_spec or not data_spec:
+        raise FlowscanError(f"{run.path}: not written by `flowscan produce`; name the model and data "
+                            "with --model and --data")
+    device = torch.device(setup.device)
+    if data_spec not in cache:
+        cache[data_spec] = load(data_spec).to(device)
+    data = cache[data_spec]
+    torch.manual_seed(0)
+    return archive.build_model(model_spec, data.input_shape, data.n_classes).to(device), data
+
+
+def _density(masks: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    total = sum(m.numel() for m in reference.values())
+    return sum(int(m.sum()) for m in masks.values()) / total if total else float("nan")
+
+
+def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: float = 0.01,
+               bn_batches: int = 20, progress: Callable[[str], None] | None = None):
+    """(lmc, lmc_summary) frames: error along each n -> n+1 segment, and its barrier."""
+    curves, summary, cache = [], [], {}
+    alphas = lmc.alpha_grid(points)
+    for run in runs_below(path, setup):
+        model, data = _model_and_data(run, setup, cache)
+        previous, reference, dense_error = None, None, None
+        for rs in archive.iter_rounds(run, setup.names):
+            masks = archive.load_into(model, rs, setup.device)
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            reference = reference or {k: torch.ones_like(m) for k, m in masks.items()}
+            if previous is not None and rs.index == previous[0] + 1:
+                curve = lmc.interpolate(model, previous[1], state, masks, data, alphas, bn_batches)
+                dense_error = dense_error if dense_error is not None else curve.errors[0]
+                curves += [(run.name, previous[0], float(a), float(e), float(lo))
+                           for a, e, lo in zip(curve.alphas, curve.errors, curve.losses)]
+                summary.append((run.name, previous[0], rs.index, _density(masks, reference), curve.barrier,
+                                curve.loss_barrier, float(curve.errors[0]), float(curve.errors[-1]),
+                                float(dense_error), bool(curve.errors[-1] <= dense_error + tolerance)))
+                if progress:
+                    progress(f"{run.name}: rounds {previous[0]}->{rs.index}: barrier {curve.barrier:+.4f}")
+            previous = (rs.index, state)
+    return (pl.DataFrame(curves, schema=LMC_SCHEMA, orient="row"),
+            pl.DataFrame(summary, schema=SUMMARY_SCHEMA, orient="row"))
+
+
+def sharpness_table(path: Path, setup: Setup = Setup(), subset: int = 512, tol: float = 1e-3,
+                    max_iter: int = 100, progress: Callable[[str], None] | None = None) -> pl.DataFrame:
+    rows, cache = [], {}
+    for run in runs_below(path, setup):
+        model, data = _model_and_data(run, setup, cache)
+        reference = None
+        for rs in archive.iter_rounds(run, setup.names):
+            masks = archive.load_into(model, rs, setup.device)
+            reference = reference or {k: torch.ones_like(m) for k, m in masks.items()}
+            top = hessian.top_eigenvalue(model, data, masks, subset, tol, max_iter)
+            error, _loss = lmc.evaluate(model, data)
+            rows.append((run.name, rs.index, _density(masks, reference), top.value, top.iterations,
+                         top.converged, error))
+            if progress:
+                progress(f"{run.name}: round {rs.index}: lambda_max {top.value:.4g} ({top.iterations} iterations)")
+    return pl.DataFrame(rows, schema=SHARPNESS_SCHEMA, orient="row")
+
+
+def probe_fractions(run_path: Path, fractions: Sequence[float], tolerance: float = 0.01,
+                    device: str = "cpu") -> pl.DataFrame:
+    """For each round of a `produce` run: the largest of `fractions` that, pruned from that round
+    and retrained from the rewind point, still gives a matching network (Paul et al.'s limit)."""
+    from flowscan.produce.imp import probe_round
+
+    run = archive.find_run(run_path)
+    rows = probe_round(run, sorted(fractions), tolerance, torch.device(device))
+    return pl.DataFrame(rows, schema={"run": pl.String, "round": pl.Int64, "fraction": pl.Float64,
+                                      "error": pl.Float64, "matching": pl.Boolean}, orient="row")

@@ -1,0 +1,136 @@
+"""Linear mode connectivity, sharpness and the adaptive schedule (CPU, digits)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.numpy import load_file
+
+from conftest import run_cli
+from flowscan.landscape import lmc
+from flowscan.landscape.hessian import top_eigenvalue
+from flowscan.produce.data import Dataset
+from flowscan.produce.imp import IMPConfig, adapt_fraction
+
+pytest.importorskip("sklearn")
+FAST = ["--model", "mlp", "--data", "digits", "--epochs", "4", "--batch-size", "64", "--lr", "0.05", "-q"]
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    run_cli("produce", *FAST, "--rounds", "4", "-o", root)
+    return root
+
+
+def test_barrier_is_the_largest_rise_above_the_chord():
+    curve = lmc.Curve(np.array([0.0, 0.5, 1.0]), np.array([0.1, 0.3, 0.2]), np.array([1.0, 1.0, 1.0]))
+    assert curve.barrier == pytest.approx(0.3 - 0.15)
+    assert curve.loss_barrier == pytest.approx(0.0)
+
+
+def test_batchnorm_is_reestimated_from_training_batches():
+    x = torch.randn(100, 3) * 2 + 5
+    data = Dataset("t", x, torch.zeros(100, dtype=torch.int64), x, torch.zeros(100, dtype=torch.int64), 2)
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    lmc.reestimate_batchnorm(model, data, batches=1, batch_size=100, seed=0)
+    idx = torch.randint(0, 100, (100,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model[0].running_mean, x[idx].mean(0))
+
+
+def test_top_eigenvalue_matches_the_explicit_masked_hessian():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    model = nn.Linear(5, 3, bias=False)
+    mask = {"weight": torch.rand(3, 5) > 0.3}
+    with torch.no_grad():
+        model.weight.mul_(mask["weight"])
+    top = top_eigenvalue(model, Dataset("t", x, y, x, y, 3), mask, subset=64, tol=1e-9, max_iter=1000)
+    w = model.weight.detach().clone().flatten()
+    hess = torch.autograd.functional.hessian(lambda f: F.cross_entropy(x @ f.view(3, 5).t(), y), w)
+    keep = mask["weight"].flatten()
+    assert top.converged
+    assert top.value == pytest.approx(float(torch.linalg.eigvalsh(hess[keep][:, keep]).max()), rel=1e-5)
+
+
+def test_lmc_on_a_produced_run(produced, tmp_path):
+    result = run_cli("lmc", produced, "-o", tmp_path, "--points", "5")
+    assert "seed_0: rounds 0->1: barrier" in result.output
+    curves = pl.read_parquet(tmp_path / "lmc.parquet")
+    summary = pl.read_parquet(tmp_path / "lmc_summary.parquet").sort("round")
+    assert curves.height == 3 * 5 and summary["round"].to_list() == [0, 1, 2]
+    # the ends are the rounds themselves: their errors as the producer measured them while training
+    for row in summary.iter_rows(named=True):
+        for n, key in ((row["round"], "error_start"), (row["next_round"], "error_end")):
+            manifest = json.loads((produced / "seed_0" / f"round_{n:04d}" / "round.json").read_text())
+            assert row[key] == pytest.approx(1 - manifest["metrics"]["test_accuracy"], abs=1e-12)
+    assert summary["density"].to_list() == pytest.approx([0.8, 0.64, 0.512], abs=1e-4)
+    dense = summary["dense_error"][0]
+    assert summary["matching"].to_list() == [e <= dense + 0.01 for e in summary["error_end"]]
+    assert (tmp_path / "figures" / "lmc-barrier.png").is_file()
+
+
+def test_lmc_with_a_user_model_constructor(produced, tmp_path, monkeypatch):
+    package = tmp_path / "mymodels"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from flowscan.produce.models import MLP\n\ndef digits_mlp():\n    return MLP(64, 10)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    archive = tmp_path / "external"
+    shutil.copytree(produced / "seed_0", archive)
+    (archive / "flowscan-run.json").unlink()  # no manifest: the model and data must be named
+    missing = run_cli("lmc", archive, "-o", tmp_path / "o1", expect=1)
+    assert "name the model and data with --model and --data" in missing.output
+    run_cli("lmc", archive, "-o", tmp_path / "o2", "--model", "mymodels:digits_mlp", "--data", "digits")
+    assert pl.read_parquet(tmp_path / "o2" / "lmc_summary.parquet").height == 3
+
+
+def test_sharpness_per_round_and_fraction_probe(produced, tmp_path):
+    run_cli("sharpness", produced / "seed_0", "-o", tmp_path, "--subset", "256", "--probe", "0.2,0.9")
+    sharp = pl.read_parquet(tmp_path / "sharpness.parquet")
+    assert sharp["round"].to_list() == [0, 1, 2, 3]
+    assert (sharp["lambda_max"] > 0).all() and sharp["converged"].all()
+    probe = pl.read_parquet(tmp_path / "fraction_probe.parquet")
+    assert probe.height == 4 * 2 and set(probe["fraction"]) == {0.2, 0.9}
+
+
+def test_adaptive_fraction_rule():
+    cfg = IMPConfig(model="mlp", data="digits", rounds=1)
+    assert adapt_fraction(cfg, 0.2, matching=True, barrier=0.0) == pytest.approx(0.3)
+    assert adapt_fraction(cfg, 0.7, matching=True, barrier=0.0) == pytest.approx(0.8)  # capped
+    assert adapt_fraction(cfg, 0.3, matching=False, barrier=0.0) == pytest.approx(0.2)
+    assert adapt_fraction(cfg, 0.3, matching=True, barrier=0.05) == pytest.approx(0.2)
+    assert adapt_fraction(cfg, 0.06, matching=False, barrier=0.5) == pytest.approx(0.05)  # floor
+
+
+def test_adaptive_schedule_records_its_choices_and_resumes(tmp_path):
+    args = [*FAST, "--schedule", "adaptive", "--rounds", "8", "--target-density", "0.1"]
+    run_cli("produce", *args, "-o", tmp_path / "a")
+    run = tmp_path / "a" / "seed_0"
+    rounds = sorted(run.glob("round_*"))
+    infos = [json.loads((r / "round.json").read_text()) for r in rounds]
+    assert infos[-1]["density"] <= 0.1 or len(rounds) == 8
+    cfg = IMPConfig(model="mlp", data="digits", rounds=8)
+    for before, after in zip(infos[1:], infos[2:]):
+        m = before["metrics"]
+        expected = adapt_fraction(cfg, m["pruned_fraction"], bool(m["matching"]), m["lmc_barrier"])
+        assert before["prune_fraction_next"] == pytest.approx(expected)
+        assert after["metrics"]["pruned_fraction"] == pytest.approx(expected)
+        assert after["density"] == pytest.approx(before["density"] * (1 - expected), abs=2e-4)
+    # resume from the middle ends with the same archive
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for r in sorted((tmp_path / "b" / "seed_0").glob("round_*"))[2:]:
+        shutil.rmtree(r)
+    run_cli("produce", *args, "-o", tmp_path / "b")
+    for r in rounds:
+        for part in ("weights", "masks"):
+            a = load_file(str(r / f"{part}.safetensors"))
+            b = load_file(str(tmp_path / "b" / "seed_0" / r.name / f"{part}.safetensors"))
+            assert all(np.array_equal(a[k], b[k]) for k in a), (r.name, part)
