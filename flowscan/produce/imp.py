@@ -5,11 +5,14 @@ prune to mask n+1. Everything a round needs is a function of (seed, round, rewin
 mask n, the fraction chosen after round n-1), so a run killed at any moment and started again
 with the same arguments resumes after its last complete round and ends with the same archive.
 
-The adaptive schedule (Paul et al.) chooses each round's fraction from the error landscape:
-after round n >= 1 it measures the linear-mode-connectivity barrier between rounds n-1 and n;
-while round n is matching (test error within `match_tolerance` of the dense network's) and the
-barrier is at most `barrier_tolerance`, the fraction grows by `growth` (up to `max_fraction`);
-otherwise it shrinks by the same factor (down to `min_fraction`).
+The adaptive schedule follows Paul et al.: at higher sparsities successive rounds are linearly
+connected exactly when the sparser one is matching, so the fraction can grow while that holds.
+Round n is a candidate pruned by fraction f from round n-1 and trained. If it is not matching
+(test error more than `match_tolerance` above the dense network's) it is discarded, its
+training still counted in the round's cost, and round n is redone with f / `growth` (at
+`min_fraction` a candidate is kept whatever it scores). A matching round is kept; the next
+round then prunes f * `growth` (at most `max_fraction`) if the error barrier on the line from
+round n-1 was at most `barrier_tolerance`, and f / `growth` if the barrier rose above it.
 """
 
 from __future__ import annotations
@@ -132,7 +135,9 @@ class Session:
                     bar=None) -> tuple[dict, dict[str, np.ndarray] | None]:
         """Train round n under `masks` from the rewind point (round 0: from init, making the
         rewind point on the way). Returns the round's metrics and, for round 0, the rewind state."""
-        round_seed = self.seed * 100_003 + n
+        # one data order per seed for every round, as open_lth does per replicate: rounds then
+        # differ by their masks only, not by SGD noise
+        round_seed = self.seed * 100_003
         made = None
         if n == 0:
             self.trainer.set_masks(masks)
@@ -158,7 +163,8 @@ class Session:
 
 
 def adapt_fraction(cfg: IMPConfig, fraction: float, matching: bool, barrier: float) -> float:
-    """The next fraction under the adaptive schedule (see the module docstring)."""
+    """The adaptive schedule's next fraction: for the retry after a non-matching candidate, or for
+    the next round after a matching one (see the module docstring)."""
     if matching and barrier <= cfg.barrier_tolerance:
         return min(fraction * cfg.growth, cfg.max_fraction)
     return max(fraction / cfg.growth, cfg.min_fraction)
@@ -184,7 +190,7 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
     done = layout.complete_rounds(run)
     if [i for i, _ in done] != list(range(len(done))):
         raise FlowscanError(f"{run}: complete rounds are not 0..n-1 ({[i for i, _ in done]}); cannot resume")
-    masks, rewind, previous = session.dense_masks(), None, None
+    masks, rewind, previous, previous_masks = session.dense_masks(), None, None, None
     fraction, dense_error = cfg.prune_fraction, None
     if done:  # resume: rewind weights, and the mask that follows the last complete round
         rewind = load_file(str(run / REWIND_FILE))
@@ -193,10 +199,10 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
         if cfg.target_density is not None and info["density"] <= cfg.target_density:
             return []
         previous = load_file(str(last / layout.WEIGHTS))
-        stored = {k: torch.from_numpy(v).bool() for k, v in load_file(str(last / layout.MASKS)).items()}
+        previous_masks = {k: torch.from_numpy(v).bool() for k, v in load_file(str(last / layout.MASKS)).items()}
         fraction = info.get("prune_fraction_next", cfg.prune_fraction)
         dense_error = 1 - layout.read_json(done[0][1] / layout.ROUND_MANIFEST)["metrics"]["test_accuracy"]
-        masks = session.prune(previous, stored, fraction)
+        masks = session.prune(previous, previous_masks, fraction)
 
     reports = []
     for n in range(len(done), cfg.rounds):
@@ -207,18 +213,13 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
         if made is not None:
             rewind = made
             _save_rewind(run, rewind, session.start)
-        weights = numpy_state(session.model)
-        error = 1 - metrics["test_accuracy"]
-        dense_error = error if dense_error is None else dense_error
-        metrics["pruned_fraction"] = fraction if n > 0 else 0.0
+        if n > 0:
+            metrics["pruned_fraction"] = fraction
         if cfg.schedule == "adaptive" and n > 0:
-            lmc_began = time.perf_counter()
-            barrier = _barrier(session, previous, weights, masks)
-            matching = error <= dense_error + cfg.match_tolerance
-            metrics.update(lmc_barrier=barrier, matching=float(matching),
-                           lmc_seconds=time.perf_counter() - lmc_began)
-            fraction = adapt_fraction(cfg, fraction, matching, barrier)
-            session.load(weights)  # the LMC evaluation moved the model
+            masks, metrics, fraction = _adaptive_round(session, n, previous, previous_masks, masks, metrics,
+                                                      fraction, dense_error, rewind, bar)
+        weights = numpy_state(session.model)
+        dense_error = 1 - metrics["test_accuracy"] if dense_error is None else dense_error
         density = session.density(masks)
         layout.write_round(run, n, weights, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()},
                            {"density": density, "metrics": metrics, "prune_fraction_next": fraction,
@@ -229,9 +230,35 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
             on_round(report)
         if cfg.target_density is not None and density <= cfg.target_density:
             break
-        previous = weights
+        previous, previous_masks = weights, masks
         masks = session.prune(weights, masks, fraction)
     return reports
+
+
+def _adaptive_round(session: Session, n: int, previous, previous_masks, masks, metrics, fraction: float,
+                    dense_error: float, rewind, bar):
+    """Gate candidate round n; retry with smaller fractions until one is accepted.
+    Returns (masks, metrics with the summed cost, fraction for the next round)."""
+    cfg = session.cfg
+    cost = {k: 0.0 for k in ("train_steps", "train_seconds", "train_images", "lmc_seconds")}
+    attempts = 0
+    while True:
+        attempts += 1
+        for k in ("train_steps", "train_seconds", "train_images"):
+            cost[k] += metrics[k]
+        trained = numpy_state(session.model)
+        lmc_began = time.perf_counter()
+        barrier = _barrier(session, previous, trained, masks)
+        cost["lmc_seconds"] += time.perf_counter() - lmc_began
+        session.load(trained)  # the LMC evaluation moved the model
+        matching = 1 - metrics["test_accuracy"] <= dense_error + cfg.match_tolerance
+        if matching or fraction <= cfg.min_fraction:
+            metrics = {**metrics, **cost, "lmc_barrier": barrier, "matching": float(matching),
+                       "attempts": float(attempts), "pruned_fraction": fraction}
+            return masks, metrics, adapt_fraction(cfg, fraction, matching, barrier)
+        fraction = adapt_fraction(cfg, fraction, False, barrier)
+        masks = session.prune(previous, previous_masks, fraction)
+        metrics, _ = session.train_round(n, masks, rewind, bar)
 
 
 def _save_rewind(run: Path, state: dict[str, np.ndarray], step: int) -> None:
