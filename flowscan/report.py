@@ -90,7 +90,8 @@ def _pm(mean, sem) -> str:
 
 def render(analysis: Analysis, command: str, figures: Figures | None = None) -> str:
     t = analysis.tables
-    figures = figures or standard_figures(t, analysis.experiments, analysis.points, analysis.scaling)
+    figures = figures or standard_figures(t, analysis.experiments, analysis.points, analysis.scaling,
+                                          landscape=analysis.landscape)
     runs = t["runs"]
     failed = runs.filter(pl.col("status") != "ok")
     ok_runs = runs.filter(pl.col("status") == "ok")["run"].to_list()
@@ -142,6 +143,12 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
     parts.append(html_table(analysis.compare.sort("rms", nulls_last=True), "compare",
                             ["a", "b", "n_shared_blocks", "rms", "euclidean", "cosine_distance",
                              "relevance_agree", "conflict_blocks", "same_class"]))
+
+    if "lmc_summary" in analysis.landscape:
+        parts.append('<h2 id="landscape">Error landscape (Paul et al.)</h2>')
+        parts.append(html_table(analysis.landscape["lmc_summary"], "lmc_summary"))
+    if "sharpness" in analysis.landscape:
+        parts.append(html_table(analysis.landscape["sharpness"], "sharpness"))
 
     parts.append('<h2 id="figures">Figures</h2>')
     for name, (fig, caption) in figures.items.items():

@@ -138,3 +138,17 @@ def test_adaptive_schedule_records_its_choices_and_resumes(tmp_path):
             a = load_file(str(r / f"{part}.safetensors"))
             b = load_file(str(tmp_path / "b" / "seed_0" / r.name / f"{part}.safetensors"))
             assert all(np.array_equal(a[k], b[k]) for k in a), (r.name, part)
+
+
+def test_report_includes_the_landscape_when_computed(produced, tmp_path):
+    from conftest import analyze
+    from flowscan.report import figure_ids
+
+    out = tmp_path / "out"
+    analyze(produced, out)
+    run_cli("lmc", produced, "-o", out, "--points", "3")
+    run_cli("sharpness", produced, "-o", out, "--subset", "128")
+    run_cli("report", out, "--bootstrap", "0")
+    page = (out / "report.html").read_text()
+    assert {"lmc-barrier", "sharpness"} <= set(figure_ids(page))
+    assert 'id="table-lmc_summary"' in page and 'id="table-sharpness"' in page

@@ -155,7 +155,8 @@ def plot(out, output, formats, pairs, grouping) -> None:
     if any(len(p) != 2 for p in chosen):
         raise click.BadParameter("expected two block labels separated by a comma", param_hint="--pair")
     output = output or out / "figures"
-    figs = standard_figures(a.tables, a.experiments, a.points, a.scaling, pairs=chosen or None)
+    figs = standard_figures(a.tables, a.experiments, a.points, a.scaling, pairs=chosen or None,
+                            landscape=a.landscape)
     for name, (fig, _caption) in figs.items.items():
         for path in save(fig, output / name, formats):
             click.echo(str(path))

@@ -22,6 +22,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "run"
 
 
+def _density_axis(ax, label: str = "density (fraction of weights remaining)") -> None:
+    """Log density, decreasing to the right: pruning reads left to right."""
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel(label)
+
+
 def _blocks(frame: pl.DataFrame) -> list[str]:
     return list(dict.fromkeys(frame["block"].to_list()))
 
@@ -176,9 +183,7 @@ def error_density(points: pl.DataFrame, scaling: pl.DataFrame | None = None, run
                 ax.plot(d, scaling_function(d, r["epsilon_np"], r["epsilon_dagger"], r["gamma"], r["p"]),
                         "--" if bound else "-", color=color(k), linewidth=1,
                         label=f"fit, γ = {r['gamma']:.2f}" + (" (at a bound)" if bound else ""))
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("density (fraction of weights remaining)")
+    _density_axis(ax)
     ax.set_ylabel("error")
     ax.set_title("error against density")
     if len(runs) <= 10:
@@ -217,9 +222,7 @@ def lmc_barriers(summary: pl.DataFrame):
             ax.scatter(sel["density"], sel["barrier"], marker=marker(k), facecolors=face, edgecolors=color(k),
                        zorder=3)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("density of round n+1")
+    _density_axis(ax, "density of round n+1")
     ax.set_ylabel("error barrier, round n → n+1")
     ax.set_title("linear mode connectivity (filled: n+1 matching)")
     if len(runs) <= 10:
@@ -255,9 +258,7 @@ def sharpness_plot(sharpness: pl.DataFrame, probe: pl.DataFrame | None = None):
     for k, run in enumerate(runs):
         part = sharpness.filter(pl.col("run") == run).sort("round")
         axes[0].plot(part["density"], part["lambda_max"], marker=marker(k), color=color(k), label=labels[run])
-    axes[0].set_xscale("log")
-    axes[0].invert_xaxis()
-    axes[0].set_xlabel("density")
+    _density_axis(axes[0])
     axes[0].set_ylabel("top Hessian eigenvalue λ_max")
     axes[0].set_title("sharpness at the end of each round")
     axes[0].legend(frameon=False, fontsize=7)

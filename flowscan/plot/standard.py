@@ -25,7 +25,8 @@ class Figures:
 def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFrame | None = None,
                      points: pl.DataFrame | None = None, scaling: pl.DataFrame | None = None,
                      quantity: str = "M", max_detail_runs: int = 6,
-                     pairs: Sequence[tuple[str, str]] | None = None) -> Figures:
+                     pairs: Sequence[tuple[str, str]] | None = None,
+                     landscape: Mapping[str, pl.DataFrame] | None = None) -> Figures:
     """Figures for an analysis; `pairs` picks the block pairs of the flow projection (default: all)."""
     from flowscan.stats.compare import sigma_table
 
@@ -61,6 +62,14 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
         out.add("error-density", figures.error_density(points, scaling),
                 "Error against density with the fitted scaling function (Eq. 15; dashed: a parameter "
                 "ended on its bound).")
+    landscape = landscape or {}
+    if "lmc_summary" in landscape and landscape["lmc_summary"].height:
+        out.add("lmc-barrier", figures.lmc_barriers(landscape["lmc_summary"]),
+                "Error barrier on the line from round n to n+1 against the density of n+1 "
+                "(filled: n+1 matching; Paul et al.).")
+    if "sharpness" in landscape and landscape["sharpness"].height:
+        out.add("sharpness", figures.sharpness_plot(landscape["sharpness"], landscape.get("fraction_probe")),
+                "Top Hessian eigenvalue of the training loss at the end of each round.")
     for run in runs[:max_detail_runs]:
         out.add(f"eigen-{slug(run)}", figures.log_share_fit(tables["rounds"], tables["eigen"], run, quantity),
                 f"{run}: ln {quantity}_i(n) against Σ ln c; straight lines mean {quantity}_i is an eigenfunction.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -50,6 +50,10 @@ class Analysis:
     compare: pl.DataFrame
     classes: dict[str, int]
     metadata: dict[str, str]
+    landscape: dict[str, pl.DataFrame] = field(default_factory=dict)  # lmc*, sharpness, if computed
+
+
+LANDSCAPE_TABLES = ("lmc", "lmc_summary", "sharpness", "fraction_probe")
 
 
 def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 100,
@@ -75,5 +79,7 @@ def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 1
     else:
         scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap) if points is not None else None
     pairs, classes = compare(sigma_units([out], "run", quantity, grouping))
+    landscape = {n: pl.read_parquet(out / f"{n}.parquet") for n in LANDSCAPE_TABLES
+                 if (out / f"{n}.parquet").is_file()}
     return Analysis(out, tables, experiments, points, scaling, pairs, classes,
-                    read_metadata(out / "runs.parquet"))
+                    read_metadata(out / "runs.parquet"), landscape)
