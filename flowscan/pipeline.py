@@ -85,25 +85,43 @@ def analyze_runs(runs: list[Run], options: Options,
     results = {i: RunResult(run, error=run.error) for i, run in enumerate(runs) if run.error}
     pending = {i: len(run.rounds) for i, run in enumerate(runs) if not run.error}
     sums: dict[int, dict[int, RoundSums]] = {i: {} for i in pending}
+    steps: dict[int, dict[int, dict]] = {i: {} for i in pending}   # survival counts per step
     errors: dict[int, str] = {}
     for i, outcome in _reduce_all(tasks, options, progress):
         if isinstance(outcome, RoundSums):
             sums[i][outcome.index] = outcome
+            _count_survival(runs[i], sums[i], steps[i], outcome.index)
         elif options.strict:
             raise ScanError(None, outcome)
         else:
             errors.setdefault(i, outcome)
         pending[i] -= 1
-        if pending[i] == 0:  # the run is complete: assemble it and let its sums (and bits) go
-            results[i] = _finish(runs[i], sums.pop(i), errors.get(i), options)
+        if pending[i] == 0:  # the run is complete: assemble it and let its sums go
+            results[i] = _finish(runs[i], sums.pop(i), steps.pop(i), errors.get(i), options)
     return [results[i] for i in range(len(runs))]
 
 
-def _finish(run: Run, sums: dict[int, RoundSums], error: str | None, options: Options) -> RunResult:
+def _count_survival(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], index: int) -> None:
+    """Count survival for the steps `index` completes, then drop mask bits no step still needs,
+    so at most a few rounds' bits are held whatever the number of rounds."""
+    indices = {r.index for r in run.rounds}
+    for a in (index - 1, index):
+        if a in sums and a + 1 in sums and a not in steps:
+            before, after = sums[a], sums[a + 1]
+            steps[a] = {name: survival_counts(before.bits.get(name), after.bits.get(name), t.n_params)
+                        for name, t in after.tensors.items() if name in before.tensors}
+    for r in (index - 1, index, index + 1):
+        done = (r - 1 not in indices or r - 1 in steps) and (r + 1 not in indices or r in steps)
+        if r in sums and done and sums[r].bits:
+            sums[r] = replace(sums[r], bits={})
+
+
+def _finish(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], error: str | None,
+            options: Options) -> RunResult:
     if error:
         return RunResult(run, error=error)
     try:
-        return assemble(run, [sums[r.index] for r in run.rounds], options)
+        return assemble(run, [sums[r.index] for r in run.rounds], options, steps)
     except ScanError as exc:
         if options.strict:
             raise
@@ -202,8 +220,12 @@ def mask_source(prunable: list[str], inferred: set[str]) -> str:
     return "inferred" if len(inferred) == len(prunable) else "stored+inferred"
 
 
-def assemble(run: Run, rounds: list[RoundSums], options: Options) -> RunResult:
-    """Prunable set, blocks and flow of one run from its per-round sums (DESIGN.md §1)."""
+def assemble(run: Run, rounds: list[RoundSums], options: Options,
+             survival_steps: dict[int, dict] | None = None) -> RunResult:
+    """Prunable set, blocks and flow of one run from its per-round sums (DESIGN.md §1).
+
+    `survival_steps` maps round n to per-tensor survival counts n -> n+1 (else computed here
+    from the rounds' mask bits)."""
     prunable, inferred = prunable_set(run, [rs.tensors for rs in rounds], options.infer_masks)
     shapes = {n: t.shape for rs in rounds for n, t in rs.tensors.items()}
     n_unpruned = np.zeros((len(rounds), len(prunable)), dtype=np.int64)
@@ -229,8 +251,12 @@ def assemble(run: Run, rounds: list[RoundSums], options: Options) -> RunResult:
                for name, value in {**rs.metrics, **rnd.metrics}.items()]
     # survival of round n's kept weights into round n+1, per tensor, then per block
     steps = [r for r in range(len(rounds) - 1) if rounds[r + 1].index == rounds[r].index + 1]
-    per_tensor = np.array([[survival_counts(rounds[r].bits.get(name), rounds[r + 1].bits.get(name), int(n))
-                            for name, n in zip(prunable, n_params)] for r in steps], dtype=np.int64)
+    if survival_steps is None:
+        survival_steps = {rounds[r].index: {name: survival_counts(rounds[r].bits.get(name),
+                                                                  rounds[r + 1].bits.get(name), int(n))
+                                            for name, n in zip(prunable, n_params)} for r in steps}
+    per_tensor = np.array([[survival_steps[rounds[r].index][name] for name in prunable] for r in steps],
+                          dtype=np.int64)
     survival = np.einsum("stk,tb->sbk", per_tensor.reshape(len(steps), len(prunable), 3), member)
     return RunResult(run, None, prunable, labels, blocks, rule, source, block_flow,
                      {q: flow.eigen_summary(block_flow, q) for q in ("M", "P")}, metrics, survival)

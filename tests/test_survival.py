@@ -72,3 +72,26 @@ def test_late_zeros_in_an_odd_sized_tensor_give_exact_bits():
     assert sums.n_nonzero == CHUNK + 4
     assert popcount(bits) == CHUNK + 4
     np.testing.assert_array_equal(np.unpackbits(bits)[: CHUNK + 5], (w[0] != 0).astype(np.uint8))
+
+
+def test_mask_bits_are_dropped_once_both_steps_are_counted():
+    from pathlib import Path
+
+    from flowscan.pipeline import _count_survival
+    from flowscan.readers.base import Round, Run
+    from flowscan.reduce import RoundSums, TensorSums
+
+    def round_sums(index, kept):
+        bits = np.packbits(np.arange(16) < kept)
+        t = TensorSums((16,), 16, True, kept, kept, 1.0, "x")
+        return RoundSums(index, {"w": t}, {}, {"w": bits})
+
+    run = Run(Path("r"), "x", [Round(i, "x", ()) for i in range(3)])
+    sums, steps = {}, {}
+    for index, kept in ((0, 16), (2, 8), (1, 12)):  # out of order, as with --jobs
+        sums[index] = round_sums(index, kept)
+        _count_survival(run, sums, steps, index)
+        if index == 2:
+            assert steps == {} and all(s.bits for s in sums.values())  # nothing countable yet
+    assert steps == {0: {"w": (16, 12, 12)}, 1: {"w": (12, 8, 8)}}
+    assert all(not s.bits for s in sums.values())

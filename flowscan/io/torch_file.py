@@ -8,6 +8,7 @@ Whole pickled modules (`torch.save(model)`) load too; their classes become inert
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 from collections import OrderedDict
@@ -107,7 +108,7 @@ def load(path: Path) -> Any:
 
 def _load_zip(path: Path) -> Any:
     mm = map_file(path)
-    with zipfile.ZipFile(path) as zf:
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
         pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if not pkl:
             raise ScanError(path, "zip archive without data.pkl: not a torch.save file")
@@ -128,7 +129,7 @@ def _load_zip(path: Path) -> Any:
             if info.compress_type != zipfile.ZIP_STORED:
                 raise ScanError(path, f"storage {key} is compressed; torch never writes that")
             nbytes = int(numel) * itemsize(dtype)
-            offset = _zip_data_offset(mm, info)
+            offset = _zip_data_offset(raw.fileno(), info)
             if offset + nbytes > len(mm) or info.file_size < nbytes:
                 raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)")
             return Storage(dtype, int(numel), Region(mm, path, offset, nbytes))
@@ -137,8 +138,10 @@ def _load_zip(path: Path) -> Any:
             return safe_load(f, str(path), allowed=_ALLOWED, persistent_load=persistent_load)
 
 
-def _zip_data_offset(mm, info: zipfile.ZipInfo) -> int:
-    header = mm[info.header_offset: info.header_offset + 30]
+def _zip_data_offset(fd: int, info: zipfile.ZipInfo) -> int:
+    # pread, not the memory map: touching a page of the map pulls its neighbours into memory
+    # too, and a checkpoint has a header before every storage
+    header = os.pread(fd, 30, info.header_offset)
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise ValueError("bad local zip header")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
