@@ -151,10 +151,3 @@ def safe_load(file, path: str = "<pickle>", **kwargs) -> Any:
 def safe_loads(data: bytes, path: str = "<pickle>", **kwargs) -> Any:
     return safe_load(io.BytesIO(data), path, **kwargs)
 
-
-def stub_name(obj: Any) -> str | None:
-    """'module.Class' of a stub instance, else None."""
-    if isinstance(obj, Stub):
-        cls = type(obj)
-        return f"{cls.__module__}.{cls.__qualname__}"
-    return None
