@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401 - not imported by `import torch`
 from safetensors.torch import save_file
 
 from flowscan.errors import ScanError, UnsafePickleError

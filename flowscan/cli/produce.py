@@ -69,9 +69,17 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
     parallel = parallel or (min(seeds, 4) if on_gpu else 1)
     stack = contextlib.ExitStack()
 
-    def progress(label: str, length: int):
-        bar = stack.enter_context(click.progressbar(length=length, label=label, file=sys.stderr, hidden=quiet))
-        return bar.update
+    def progress(label: str, first: int, total: int, per_epoch: int):
+        epochs = -(-total // per_epoch)
+        bar = stack.enter_context(click.progressbar(
+            length=total - first, label=label, file=sys.stderr, hidden=quiet,
+            item_show_func=lambda step: f"epoch {step // per_epoch + 1}/{epochs}" if step is not None else ""))
+        position = [first]
+
+        def update(n: int) -> None:
+            position[0] += n
+            bar.update(n, position[0] - 1)
+        return update
 
     def on_round(report):
         stack.close()  # finish the round's bar before its summary line

@@ -116,7 +116,7 @@ class Session:
             raise FlowscanError(f"model {cfg.model}: no prunable tensors (check --exclude)")
         params = dict(self.model.named_parameters())
         self.original = sum(params[n].numel() for n in self.names)
-        per_epoch = max(1, len(data.y_train) // min(cfg.batch_size, len(data.y_train)))
+        per_epoch = self.per_epoch = max(1, len(data.y_train) // min(cfg.batch_size, len(data.y_train)))
         self.total = max(1, int(round(cfg.epochs * per_epoch)))
         self.start = rewind_step(cfg, self.total)
         tcfg = TrainConfig(steps=self.total, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
@@ -182,8 +182,10 @@ def _barrier(session: Session, before: dict[str, np.ndarray], after: dict[str, n
 
 def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.device, compile: bool = True,
              on_round: Callable[[RoundReport], None] | None = None,
-             progress: Callable[[str, int], Callable[[int], None]] | None = None) -> list[RoundReport]:
-    """All rounds of one seed into `run` (resuming after its last complete round)."""
+             progress: Callable[[str, int, int, int], Callable[[int], None]] | None = None) -> list[RoundReport]:
+    """All rounds of one seed into `run` (resuming after its last complete round).
+
+    `progress(label, first_step, total_steps, steps_per_epoch)` returns a per-step callback."""
     run.mkdir(parents=True, exist_ok=True)
     check_or_write_manifest(run, cfg.manifest_args(seed))
     session = Session(cfg, seed, data, device, compile)
@@ -207,8 +209,8 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
     reports = []
     for n in range(len(done), cfg.rounds):
         began = time.perf_counter()
-        steps = session.total - (0 if n == 0 else session.start)
-        bar = progress(f"seed {seed} round {n}", steps) if progress else None
+        first = 0 if n == 0 else session.start
+        bar = progress(f"seed {seed} round {n}", first, session.total, session.per_epoch) if progress else None
         metrics, made = session.train_round(n, masks, rewind, bar)
         if made is not None:
             rewind = made
