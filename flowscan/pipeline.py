@@ -221,11 +221,9 @@ def mask_source(prunable: list[str], inferred: set[str]) -> str:
 
 
 def assemble(run: Run, rounds: list[RoundSums], options: Options,
-             survival_steps: dict[int, dict] | None = None) -> RunResult:
-    """Prunable set, blocks and flow of one run from its per-round sums (DESIGN.md §1).
-
-    `survival_steps` maps round n to per-tensor survival counts n -> n+1 (else computed here
-    from the rounds' mask bits)."""
+             survival_steps: dict[int, dict]) -> RunResult:
+    """Prunable set, blocks and flow of one run from its per-round sums (DESIGN.md §1);
+    `survival_steps` maps round n to per-tensor survival counts n -> n+1."""
     prunable, inferred = prunable_set(run, [rs.tensors for rs in rounds], options.infer_masks)
     shapes = {n: t.shape for rs in rounds for n, t in rs.tensors.items()}
     n_unpruned = np.zeros((len(rounds), len(prunable)), dtype=np.int64)
@@ -251,10 +249,6 @@ def assemble(run: Run, rounds: list[RoundSums], options: Options,
                for name, value in {**rs.metrics, **rnd.metrics}.items()]
     # survival of round n's kept weights into round n+1, per tensor, then per block
     steps = [r for r in range(len(rounds) - 1) if rounds[r + 1].index == rounds[r].index + 1]
-    if survival_steps is None:
-        survival_steps = {rounds[r].index: {name: survival_counts(rounds[r].bits.get(name),
-                                                                  rounds[r + 1].bits.get(name), int(n))
-                                            for name, n in zip(prunable, n_params)} for r in steps}
     per_tensor = np.array([[survival_steps[rounds[r].index][name] for name in prunable] for r in steps],
                           dtype=np.int64)
     survival = np.einsum("stk,tb->sbk", per_tensor.reshape(len(steps), len(prunable), 3), member)

@@ -20,6 +20,7 @@ from flowscan import __version__
 from flowscan.plot.standard import Figures, standard_figures
 from flowscan.stats.compare import sigma_table
 from flowscan.stats.loading import Analysis
+from flowscan.summary import sigma_grid
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -73,19 +74,8 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _sigma_wide(sigmas: pl.DataFrame) -> pl.DataFrame:
-    units = list(dict.fromkeys(sigmas["unit"].to_list()))
-    blocks = list(dict.fromkeys(sigmas["block"].to_list()))
-    cell = {(u, b): (s, e) for u, b, s, e in sigmas.iter_rows()}
-    data = {"unit": units}
-    for b in blocks:
-        data[f"σ({b})"] = [_pm(*cell[(u, b)]) if (u, b) in cell else "" for u in units]
-    return pl.DataFrame(data)
-
-
-def _pm(mean, sem) -> str:
-    if mean is None or not math.isfinite(mean):
-        return "—"
-    return f"{mean:.3f} ± {sem:.3f}" if sem is not None and math.isfinite(sem) else f"{mean:.3f}"
+    columns, rows = sigma_grid(sigmas, sem=True)
+    return pl.DataFrame(rows, schema=["unit", *columns], orient="row")
 
 
 def render(analysis: Analysis, command: str, figures: Figures | None = None) -> str:

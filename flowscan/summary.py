@@ -80,23 +80,27 @@ def inspection_text(items: Sequence[Inspection]) -> str:
     return "\n".join(lines)
 
 
-def paper_table(sigmas, style: str = "paper", sem: bool = False) -> str:
-    """Rows: units; columns: sigma per block (model order), as in Redman et al.'s Tables 2-6.
+def sigma_grid(sigmas, sem: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header ("σ(block)" per block, in model order) and one row of cells per unit.
 
-    `sigmas` has unit, block, sigma, sigma_sem columns.
-    """
+    `sigmas` has unit, block, sigma, sigma_sem columns."""
     units = list(dict.fromkeys(sigmas["unit"].to_list()))
     blocks = list(dict.fromkeys(sigmas["block"].to_list()))
     cell = {(u, b): (s, e) for u, b, s, e in sigmas.select("unit", "block", "sigma", "sigma_sem").iter_rows()}
 
     def fmt(u, b):
-        if (u, b) not in cell or cell[(u, b)][0] is None or not math.isfinite(cell[(u, b)][0]):
+        s, e = cell.get((u, b), (None, None))
+        if s is None or not math.isfinite(s):
             return "—"
-        s, e = cell[(u, b)]
         return f"{s:.3f} ± {e:.3f}" if sem and e is not None and math.isfinite(e) else f"{s:.3f}"
 
-    header = ["RUN" if style == "paper" else "run"] + [f"σ({b})" for b in blocks]
-    rows = [[u] + [fmt(u, b) for b in blocks] for u in units]
+    return [f"σ({b})" for b in blocks], [[u] + [fmt(u, b) for b in blocks] for u in units]
+
+
+def paper_table(sigmas, style: str = "paper", sem: bool = False) -> str:
+    """Rows: units; columns: sigma per block (model order), as in Redman et al.'s Tables 2-6."""
+    columns, rows = sigma_grid(sigmas, sem)
+    header = ["RUN" if style == "paper" else "run"] + columns
     if style == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])

@@ -126,13 +126,16 @@ def test_pickle_that_names_os_system_is_refused_and_nothing_runs(tmp_path, copy_
 
 
 def test_whole_module_pickle_with_a_malicious_hook_is_refused(tmp_path, copy_fixture):
+    # a pickled module (as BERT-Tickets' model.pt) whose forward hook's pickle calls os.system
     run = copy_fixture("bert-tickets")
     marker = tmp_path / "pwned"
-    target = run / "mrpc" / "checkpoint-1000" / "mask.pt"
-    masks = torch.load(target, weights_only=True)
-    torch.save({**masks, "evil": _Payload(marker)}, target)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.register_forward_pre_hook(_Payload(marker))
+    target = run / "mrpc" / "checkpoint-1000" / "model.pt"
+    torch.save(model, target)
     tables = analyze(run, tmp_path / "out", expect=1)
-    assert "refused" in tables["runs"]["error"][0]
+    error = tables["runs"]["error"][0]
+    assert str(target) in error and "refused" in error and "posix.system" in error
     assert not marker.exists()
 
 

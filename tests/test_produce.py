@@ -84,8 +84,10 @@ def test_other_arguments_into_the_same_folder_are_refused(tmp_path):
     run_cli("produce", *FAST, "--rounds", "2", "-o", tmp_path)
     result = run_cli("produce", *FAST, "--rounds", "2", "--prune-fraction", "0.3", "-o", tmp_path, expect=1)
     assert "holds a run made with other arguments (prune_fraction: 0.2 -> 0.3)" in result.output
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
     again = run_cli("produce", *FAST, "--rounds", "2", "-o", tmp_path)  # same arguments: nothing to do
-    assert "round" not in again.output.splitlines()[0]
+    assert again.output.splitlines() == [f"done: {tmp_path} (analyse with: flowscan analyze {tmp_path} -o OUT)"]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")} == before
 
 
 def test_late_rewinding_trains_later_rounds_from_the_rewind_step(tmp_path):

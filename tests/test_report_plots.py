@@ -46,8 +46,8 @@ def test_report_is_self_contained_with_every_figure_and_table(analysed):
     page = page_path.read_text()
     parser = _Page()
     parser.feed(page)
-    expected = standard_figures(load_analysis(analysed).tables, load_analysis(analysed).experiments,
-                                load_analysis(analysed).points).items
+    a = load_analysis(analysed)
+    expected = standard_figures(a.tables, a.experiments, a.points, a.scaling).items
     assert figure_ids(page) == list(expected)
     assert parser.svgs >= len(expected)  # every figure is an inline SVG
     for table in ("provenance", "versions", "runs", "sigma", "eigen", "experiments", "scaling",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from flowscan.cli.options import scan_options
+from flowscan.cli.options import command_line, scan_options
 
 
 @click.command()
@@ -37,9 +36,7 @@ def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     frames = tables.build_tables(results)
-    command = shlex.join(["flowscan", "analyze", *sys.argv[2:]]) if sys.argv[1:2] == ["analyze"] \
-        else f"flowscan analyze {path} -o {out}"
-    tables.write_tables(frames, out, tables.metadata(command, str(options.blocks)))
+    tables.write_tables(frames, out, tables.metadata(command_line(), str(options.blocks)))
     if not quiet:
         click.echo(summary.analysis_summary(results))
         click.echo(f"tables written to {out}/: {', '.join(f'{t}.parquet' for t in tables.TABLES)}")

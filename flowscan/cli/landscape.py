@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import shlex
-import sys
 from pathlib import Path
 
 import click
+
+from flowscan.cli.options import command_line
 
 
 
@@ -33,7 +33,7 @@ def model_options(command):
 def _write(frames: dict, out: Path) -> None:
     from flowscan import tables
 
-    tables.write_tables(frames, out, tables.metadata(shlex.join(["flowscan", *sys.argv[1:]]), ""))
+    tables.write_tables(frames, out, tables.metadata(command_line(), ""))
     click.echo(f"written: {', '.join(str(out / f'{name}.parquet') for name in frames)}")
 
 

@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import functools
+import shlex
+import sys
 
 import click
+
+
+def command_line() -> str:
+    """The command as typed, for table metadata and reports (from Python: the parsed parameters)."""
+    ctx = click.get_current_context()
+    if sys.argv[1:2] == [ctx.info_name]:  # `flowscan CMD ...` or `python -m flowscan CMD ...`
+        return shlex.join(["flowscan", *sys.argv[1:]])
+    words = ["flowscan", *ctx.command_path.split()[1:]]
+    for name, value in ctx.params.items():
+        for v in value if isinstance(value, tuple) else (value,):
+            if v not in (None, False):
+                words += [f"--{name.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return shlex.join(words)
 
 BLOCKS_HELP = ("Block rule, repeatable, tried in order: a preset (see `flowscan formats`), "
                "LABEL=REGEX, or REGEX (label = first capture group). Default: detect a preset.")

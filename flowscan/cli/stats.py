@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import shlex
-import sys
 from pathlib import Path
 
 import click
+
+from flowscan.cli.options import command_line
 
 OUT_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -24,10 +24,6 @@ def grouping_options(command):
         grouping = Grouping.from_file(mapping, group_regex) if mapping else Grouping(group_regex)
         return command(*args, grouping=grouping, **kwargs)
     return wrapper
-
-
-def _command_line() -> str:
-    return shlex.join(["flowscan", *sys.argv[1:]])
 
 
 def _fail(exc) -> click.ClickException:
@@ -49,7 +45,7 @@ def aggregate(out: Path, grouping) -> None:
         raise _fail(exc) from None
     experiments = stats.aggregate(t["eigen"], t["runs"], grouping)
     members = grouping.membership(t["runs"]["run"].to_list())
-    meta = tables.metadata(_command_line(), "")
+    meta = tables.metadata(command_line(), "")
     tables.write_tables({"experiments": experiments, "experiment_runs": members}, out, meta)
     click.echo(summary.paper_table(sigma_table(experiments, "experiment"), sem=True))
     click.echo(f"written: {out / 'experiments.parquet'}, {out / 'experiment_runs.parquet'}")
@@ -80,7 +76,7 @@ def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, g
     except FlowscanError as exc:
         raise _fail(exc) from None
     scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap, np_tolerance=np_tolerance)
-    tables.write_tables({"scaling": scaling}, out, tables.metadata(_command_line(), ""))
+    tables.write_tables({"scaling": scaling}, out, tables.metadata(command_line(), ""))
     click.echo(summary.scaling_text(scaling))
     click.echo(f"written: {out / 'scaling.parquet'}")
 
@@ -107,7 +103,7 @@ def compare(outs, level, quantity, threshold, output, grouping) -> None:
         raise _fail(exc) from None
     pairs, classes = compare_units(sigmas, threshold)
     output = output or outs[0] / "compare.parquet"
-    tables.write_table(pairs, output, tables.metadata(_command_line(), ""))
+    tables.write_table(pairs, output, tables.metadata(command_line(), ""))
     click.echo(summary.compare_text(pairs, classes))
     click.echo(f"written: {output}")
 
@@ -181,5 +177,5 @@ def report(out, output, bootstrap, grouping) -> None:
     except FlowscanError as exc:
         raise _fail(exc) from None
     output = output or out / "report.html"
-    write_text(output, render(a, _command_line()))
+    write_text(output, render(a, command_line()))
     click.echo(f"written: {output}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import polars as pl
 import torch
@@ -54,53 +54,54 @@ def _model_and_data(run: Run, setup: Setup, cache: dict) -> tuple[torch.nn.Modul
     return archive.build_model(model_spec, data.input_shape, data.n_classes).to(device), data
 
 
-def _density(masks: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    total = sum(m.numel() for m in reference.values())
+def _density(masks: dict[str, torch.Tensor]) -> float:
+    total = sum(m.numel() for m in masks.values())
     return sum(int(m.sum()) for m in masks.values()) / total if total else float("nan")
+
+
+def _loaded_rounds(path: Path, setup: Setup) -> Iterator[tuple[Run, torch.nn.Module, Dataset, int, dict]]:
+    """(run, model holding the round's masked weights, data, round index, masks), round by round."""
+    cache: dict[str, Dataset] = {}
+    for run in runs_below(path, setup):
+        model, data = _model_and_data(run, setup, cache)
+        for rs in archive.iter_rounds(run, setup.names):
+            yield run, model, data, rs.index, archive.load_into(model, rs, setup.device)
 
 
 def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: float = 0.01,
                bn_batches: int = 20, progress: Callable[[str], None] | None = None):
     """(lmc, lmc_summary) frames: error along each n -> n+1 segment, and its barrier."""
-    curves, summary, cache = [], [], {}
+    curves, summary = [], []
     alphas = lmc.alpha_grid(points)
-    for run in runs_below(path, setup):
-        model, data = _model_and_data(run, setup, cache)
-        previous, reference, dense_error = None, None, None
-        for rs in archive.iter_rounds(run, setup.names):
-            masks = archive.load_into(model, rs, setup.device)
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            reference = reference or {k: torch.ones_like(m) for k, m in masks.items()}
-            if previous is not None and rs.index == previous[0] + 1:
-                curve = lmc.interpolate(model, previous[1], state, masks, data, alphas, bn_batches)
-                dense_error = dense_error if dense_error is not None else curve.errors[0]
-                curves += [(run.name, previous[0], float(a), float(e), float(lo))
-                           for a, e, lo in zip(curve.alphas, curve.errors, curve.losses)]
-                summary.append((run.name, previous[0], rs.index, _density(masks, reference), curve.barrier,
-                                curve.loss_barrier, float(curve.errors[0]), float(curve.errors[-1]),
-                                float(dense_error), bool(curve.errors[-1] <= dense_error + tolerance)))
-                if progress:
-                    progress(f"{run.name}: rounds {previous[0]}->{rs.index}: barrier {curve.barrier:+.4f}")
-            previous = (rs.index, state)
+    previous, dense_error = None, None   # (run, round index, state) of the round before
+    for run, model, data, index, masks in _loaded_rounds(path, setup):
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if previous is None or previous[0] is not run:
+            dense_error = None
+        elif index == previous[1] + 1:
+            curve = lmc.interpolate(model, previous[2], state, masks, data, alphas, bn_batches)
+            dense_error = dense_error if dense_error is not None else curve.errors[0]
+            curves += [(run.name, previous[1], float(a), float(e), float(lo))
+                       for a, e, lo in zip(curve.alphas, curve.errors, curve.losses)]
+            summary.append((run.name, previous[1], index, _density(masks), curve.barrier, curve.loss_barrier,
+                            float(curve.errors[0]), float(curve.errors[-1]), float(dense_error),
+                            bool(curve.errors[-1] <= dense_error + tolerance)))
+            if progress:
+                progress(f"{run.name}: rounds {previous[1]}->{index}: barrier {curve.barrier:+.4f}")
+        previous = (run, index, state)
     return (pl.DataFrame(curves, schema=LMC_SCHEMA, orient="row"),
             pl.DataFrame(summary, schema=SUMMARY_SCHEMA, orient="row"))
 
 
 def sharpness_table(path: Path, setup: Setup = Setup(), subset: int = 512, tol: float = 1e-3,
                     max_iter: int = 100, progress: Callable[[str], None] | None = None) -> pl.DataFrame:
-    rows, cache = [], {}
-    for run in runs_below(path, setup):
-        model, data = _model_and_data(run, setup, cache)
-        reference = None
-        for rs in archive.iter_rounds(run, setup.names):
-            masks = archive.load_into(model, rs, setup.device)
-            reference = reference or {k: torch.ones_like(m) for k, m in masks.items()}
-            top = hessian.top_eigenvalue(model, data, masks, subset, tol, max_iter)
-            error, _loss = lmc.evaluate(model, data)
-            rows.append((run.name, rs.index, _density(masks, reference), top.value, top.iterations,
-                         top.converged, error))
-            if progress:
-                progress(f"{run.name}: round {rs.index}: lambda_max {top.value:.4g} ({top.iterations} iterations)")
+    rows = []
+    for run, model, data, index, masks in _loaded_rounds(path, setup):
+        top = hessian.top_eigenvalue(model, data, masks, subset, tol, max_iter)
+        error, _loss = lmc.evaluate(model, data)
+        rows.append((run.name, index, _density(masks), top.value, top.iterations, top.converged, error))
+        if progress:
+            progress(f"{run.name}: round {index}: lambda_max {top.value:.4g} ({top.iterations} iterations)")
     return pl.DataFrame(rows, schema=SHARPNESS_SCHEMA, orient="row")
 
 
