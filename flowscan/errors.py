@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(text: str) -> str:
+    """Text safe to print and to store in parquet: bytes of non-UTF-8 file names become \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class FlowscanError(Exception):
     """Base class for errors flowscan reports to the user."""
 
@@ -13,7 +18,7 @@ class ScanError(FlowscanError):
     """A checkpoint could not be read or fails a sanity check."""
 
     def __init__(self, path: str | Path | None, message: str, tensor: str | None = None):
-        self.path = str(path) if path is not None else None
+        self.path = printable(str(path)) if path is not None else None
         self.tensor = tensor
         self.message = message
         parts = [p for p in (self.path, f"tensor {tensor!r}" if tensor else None, message) if p]

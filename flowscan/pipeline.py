@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -18,14 +19,14 @@ import numpy as np
 
 from flowscan import __version__, flow
 from flowscan.blocks import OTHER, BlockRules
-from flowscan.errors import FlowscanError, ScanError
+from flowscan.errors import FlowscanError, ScanError, printable
 from flowscan.io.atomic import atomic_path, write_text
 from flowscan.readers import registry
 from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
 from flowscan.reduce import RoundSums, TensorSums, open_tensors, reduce_round, survival_counts
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ def _count_survival(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict]
 
 def _finish(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], error: str | None,
             options: Options) -> RunResult:
+    for rs in sums.values():  # what reading noticed (e.g. calls kept as inert records)
+        run.notes.extend(n for n in rs.notes if n not in run.notes)
     if error:
         return RunResult(run, error=error)
     try:
@@ -128,28 +131,58 @@ def _finish(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], error:
         return RunResult(run, error=str(exc))
 
 
-def _reduce_all(tasks, options: Options, progress):
-    """(run number, RoundSums or error message) per task, as they complete."""
-    if options.jobs <= 1 or len(tasks) <= 1:
-        for i, rnd in tasks:
-            yield i, _reduce_task(rnd, options.names, options.cache_dir)
+def _reduce_all(tasks, options: Options, progress, reduce_task=None):
+    """(run number, RoundSums or error message) per task, as they complete.
+
+    With processes, a worker that dies (a crash, the kernel's out-of-memory killer) breaks the
+    pool for every round in it; those rounds are retried, the ones the dead worker could have
+    held one at a time, so the death is pinned on its own round and costs only that run."""
+    reduce_task = reduce_task or _reduce_task
+    work = list(tasks)
+    if options.jobs <= 1 or len(work) <= 1:
+        for i, rnd in work:
+            yield i, reduce_task(rnd, options.names, options.cache_dir)
             if progress:
                 progress(1)
         return
     # spawn, not fork: polars/pyarrow threads make fork unsafe.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=ctx) as pool:
+    while work:
+        unfinished = yield from _pool_pass(work, options, options.jobs, ctx, progress, reduce_task)
+        # the pool hands work out in order: a dead worker held one of the first jobs + 1
+        suspects, work = unfinished[:options.jobs + 1], unfinished[options.jobs + 1:]
+        for i, rnd in suspects:
+            if (yield from _pool_pass([(i, rnd)], options, 1, ctx, progress, reduce_task)):
+                where = rnd.files[0] if rnd.files else "?"
+                yield i, (f"{printable(str(where))}: the process reading this round died (a crash or "
+                          "out of memory); the file is probably hostile or corrupt")
+                if progress:
+                    progress(1)
+
+
+def _pool_pass(work, options: Options, jobs: int, ctx, progress, reduce_task):
+    """Reduce `work` in a process pool, yielding outcomes; returns the tasks a broken pool lost."""
+    lost = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         # workers get only what they need: block rules hold unpicklable preset functions
-        futures = {pool.submit(_reduce_task, rnd, options.names, options.cache_dir): i for i, rnd in tasks}
+        futures = {pool.submit(reduce_task, rnd, options.names, options.cache_dir): k
+                   for k, (_i, rnd) in enumerate(work)}
         try:
             for future in as_completed(futures):
-                yield futures[future], future.result()
+                k = futures[future]
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool:
+                    lost.append(k)
+                    continue
+                yield work[k][0], outcome
                 if progress:
                     progress(1)
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
+    return [work[k] for k in sorted(lost)]
 
 
 def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None) -> RoundSums | str:
@@ -174,7 +207,7 @@ def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None) -> Roun
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - one unreadable round must not stop the other runs
         where = rnd.files[0] if rnd.files else "?"
-        return f"{where}: {type(exc).__name__}: {exc}"
+        return printable(f"{where}: {type(exc).__name__}: {exc}")
 
 
 def _cache_key(rnd: Round, names: NameOptions) -> str:
@@ -286,7 +319,7 @@ def inspect_run(run: Run, options: Options) -> Inspection:
     try:
         listing = []
         for rnd in run.rounds:
-            refs, _metrics = open_tensors(rnd, options.names)
+            refs, _metrics, _notes = open_tensors(rnd, options.names)
             listing.append({r.name: TensorInfo(r.shape, r.mask is not None, str(r.path)) for r in refs})
         prunable, inferred = prunable_set(run, listing, options.infer_masks)
     except ScanError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
+from flowscan.io.arrays import Checksum
 from flowscan.readers import names, registry
 from flowscan.readers.base import NameOptions, Round, TensorRef
 
@@ -41,9 +42,10 @@ class RoundSums:
     # packed bits (np.packbits, 1 = kept) of each stored mask, and of the nonzeros of 2+-D weights
     # without a mask that have zeros (for inferred masks); absent = all kept. For survival.
     bits: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+    notes: tuple[str, ...] = ()   # what reading noticed (e.g. calls kept as inert records)
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "metrics": self.metrics,
+        return {"index": self.index, "metrics": self.metrics, "notes": list(self.notes),
                 "tensors": [{"name": k, **asdict(v)} for k, v in self.tensors.items()]}
 
     @classmethod
@@ -54,7 +56,7 @@ class RoundSums:
             name = t.pop("name")
             t["shape"] = tuple(t["shape"])
             tensors[name] = TensorSums(**t)
-        return cls(data["index"], tensors, dict(data["metrics"]))
+        return cls(data["index"], tensors, dict(data["metrics"]), notes=tuple(data.get("notes", ())))
 
 
 class _Buffers:
@@ -75,16 +77,26 @@ def _flat(array: Any) -> np.ndarray:
     return arr.reshape(-1)
 
 
+def _accumulator(dtype: np.dtype) -> np.dtype:
+    """Chunk dtype for |w|: float32 unless that would round the values (float64, wide ints)."""
+    if dtype == np.float64 or (dtype.kind in "iu" and dtype.itemsize >= 4):
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
 def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> tuple[TensorSums, np.ndarray | None]:
-    """The tensor's sums, and its mask as packed bits (None: every entry kept)."""
+    """The tensor's sums, and its mask as packed bits (None: every entry kept).
+
+    Zip members are CRC-checked on the way (`Checksum`), chunk by chunk with the reduction."""
     buffers = buffers or _Buffers()
     weight = _flat(ref.weight)
-    if weight.dtype.kind not in "fiub":
+    if weight.dtype.kind not in "fiubc":
         raise ScanError(ref.path, f"weight has non-numeric dtype {weight.dtype}", tensor=ref.name)
-    acc = np.dtype(np.float64 if weight.dtype == np.float64 else np.float32)
+    acc = _accumulator(weight.dtype)
     mask = _flat(ref.mask) if ref.mask is not None else None
     if mask is not None and mask.dtype.kind not in "fiub":
         raise ScanError(ref.mask_path or ref.path, f"mask has non-numeric dtype {mask.dtype}", tensor=ref.name)
+    checks = [c for c in (Checksum.for_array(ref.weight), Checksum.for_array(ref.mask)) if c is not None]
     n = weight.size
     track_zeros = mask is None and len(ref.shape) >= 2  # a mask may be inferred from its zeros
     bits = np.empty((n + 7) // 8, dtype=np.uint8) if mask is not None else None
@@ -92,7 +104,13 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> tuple[Tens
     for start in range(0, n, CHUNK):  # CHUNK is a multiple of 8: packed chunks concatenate
         stop = min(start + CHUNK, n)
         buf = buffers.get(acc, stop - start)
-        np.abs(weight[start:stop], out=buf, casting="unsafe")
+        if weight.dtype.kind in "iu":  # widen first: |INT_MIN| does not fit its own type
+            np.copyto(buf, weight[start:stop], casting="unsafe")
+            np.abs(buf, out=buf)
+        else:
+            np.abs(weight[start:stop], out=buf, casting="unsafe")
+        for check in checks:
+            check.update(start, stop)
         if mask is None:
             nonzero = np.count_nonzero(buf)  # only needed when masks are inferred from zeros
             n_nonzero += nonzero
@@ -108,6 +126,8 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> tuple[Tens
             bits[start // 8:(stop + 7) // 8] = np.packbits(as_bool)
             np.multiply(buf, m, out=buf, casting="unsafe")
         abs_sum += float(buf.sum(dtype=np.float64))
+    for check in checks:
+        check.finish()
     if not math.isfinite(abs_sum):
         raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
     if bits is not None and n % 8:  # the last byte's padding bits count as pruned
@@ -141,14 +161,14 @@ def _not_binary(m: np.ndarray, ref: TensorRef):
     raise ScanError(ref.mask_path or ref.path, f"mask is not 0/1 (found value {bad!r})", tensor=ref.name)
 
 
-def open_tensors(round: Round, opts: NameOptions) -> tuple[list[TensorRef], dict[str, float]]:
-    """The canonical tensors of a round, and metrics found inside its files."""
+def open_tensors(round: Round, opts: NameOptions) -> tuple[list[TensorRef], dict[str, float], list[str]]:
+    """The canonical tensors of a round, metrics found inside its files, and notes on reading."""
     raw = registry.get(round.reader).open_round(round)
-    return names.pair(raw, opts), dict(raw.metrics)
+    return names.pair(raw, opts), dict(raw.metrics), list(raw.notes)
 
 
 def reduce_round(round: Round, opts: NameOptions) -> RoundSums:
-    refs, metrics = open_tensors(round, opts)
+    refs, metrics, notes = open_tensors(round, opts)
     if not refs:
         raise ScanError(round.files[0] if round.files else None,
                         "no tensors found" + (f" under --select {opts.select!r}" if opts.select else ""))
@@ -158,7 +178,7 @@ def reduce_round(round: Round, opts: NameOptions) -> RoundSums:
         sums[ref.name], packed = reduce_tensor(ref, buffers)
         if packed is not None:
             bits[ref.name] = packed
-    return RoundSums(round.index, sums, metrics, bits)
+    return RoundSums(round.index, sums, metrics, bits, tuple(notes))
 
 
 def survival_counts(before: np.ndarray | None, after: np.ndarray | None, n: int) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from flowscan import __version__
 from flowscan.flow import relevance
+from flowscan.errors import printable
 from flowscan.io.atomic import atomic_path
 from flowscan.pipeline import RunResult
 
@@ -55,10 +56,10 @@ def build_tables(results: Sequence[RunResult]) -> dict[str, pl.DataFrame]:
 
     for res in results:
         run, f = res.run, res.flow
-        add("runs", run=run.name, path=str(run.path), format=run.format, n_rounds=len(run.rounds),
+        add("runs", run=run.name, path=printable(str(run.path)), format=run.format, n_rounds=len(run.rounds),
             n_prunable_tensors=len(res.tensors), n_prunable_params=res.n_prunable_params,
-            status="ok" if res.ok else "error", error=res.error, blocks=res.blocks_rule or None,
-            mask_source=res.mask_source or None, notes="; ".join(run.notes) or None)
+            status="ok" if res.ok else "error", error=printable(res.error) if res.error else None, blocks=res.blocks_rule or None,
+            mask_source=res.mask_source or None, notes=printable("; ".join(run.notes)) or None)
         if f is None:
             continue
         for r, index in enumerate(f.rounds):

@@ -57,7 +57,7 @@ def test_truncated_torch_checkpoint(tmp_path, copy_fixture):
     bad = copy_fixture("closed-form/prune-style", "runs/bad")
     target = bad / "3checkpoint.pth.tar"
     target.write_bytes(target.read_bytes()[:20000])
-    _assert_one_failure(root, tmp_path / "out", str(target), "not a readable torch checkpoint")
+    _assert_one_failure(root, tmp_path / "out", str(target), "truncated or corrupt")
 
 
 def test_mask_that_is_not_zero_one(tmp_path, copy_fixture):

@@ -1,44 +1,49 @@
-"""Lazily materialized, file-backed arrays.
+"""Lazily materialized, file-backed arrays that a hostile file cannot point outside its bytes.
 
-Readers hand out `StoredArray`s: shape and dtype are known from the file's index, and the data
-is a zero-copy view into a memory map, made only when the reducer asks for it. `release()` tells
-the kernel the pages may go, which keeps resident memory near one tensor whatever the archive
-size.
+Readers hand out `StoredArray`s: shape and dtype come from the file's index and the data is a
+zero-copy view into a memory map, made only when the reducer asks for it. Every object here is
+immutable once built, because the unpickler hands them to a pickle's instructions (which could
+otherwise rewrite a storage's size or dtype), and every view is checked against its storage over
+all of its elements before numpy sees it. `release()` tells the kernel the pages may go, which
+keeps resident memory near one tensor whatever the archive size.
 """
 
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from flowscan.errors import ScanError
+
 # numpy has no bfloat16: such data is read as uint16 and widened to float32 on demand.
 BFLOAT16 = "bfloat16"
 _PAGE = mmap.PAGESIZE
+MAX_DIMS = 32                 # numpy's own limit is 64; no real weight has more than 5
+# A view may repeat storage elements (stride 0, e.g. torch's expand) only up to this many
+# elements in all; beyond it a few stored bytes could claim a tensor that takes hours to reduce.
+MAX_REPEATED_ELEMENTS = 1 << 24
 
 
-@dataclass(frozen=True)
-class Region:
-    """A byte range of a memory-mapped file holding one storage."""
+class Frozen:
+    """Instances refuse attribute changes after __init__ (pickle BUILD cannot touch them)."""
 
-    mm: mmap.mmap
-    path: Path
-    offset: int
-    nbytes: int
+    __slots__ = ()
 
-    def raw(self, dtype: np.dtype, count: int) -> np.ndarray:
-        return np.frombuffer(self.mm, dtype=dtype, count=count, offset=self.offset)
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is read-only")
 
-    def release(self) -> None:
-        start = self.offset - self.offset % _PAGE
-        length = self.offset + self.nbytes - start
-        if length > 0 and hasattr(self.mm, "madvise"):
-            try:
-                self.mm.madvise(mmap.MADV_DONTNEED, start, length)
-            except (OSError, ValueError):  # advice only; harmless if refused
-                pass
+    __delattr__ = __setattr__
+
+    def _init(self, **values) -> None:
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+
+def itemsize(dtype: object) -> int:
+    return 2 if dtype == BFLOAT16 else np.dtype(dtype).itemsize
 
 
 def map_file(path: Path) -> mmap.mmap:
@@ -47,53 +52,239 @@ def map_file(path: Path) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-class StoredArray:
-    """A strided view of a storage in a file; `np.asarray()` materializes it (zero-copy)."""
+class StorageFile(Frozen):
+    """The storages of one file: where each one's bytes are, and their checksums.
 
-    __slots__ = ("shape", "dtype", "_storage", "_offset", "_stride")
+    Storages are registered by the reader as it finds them (`add`); a tensor view is accepted
+    only over a storage of this very object, so nothing a pickle builds can stand in for one.
+    CRC-32s (zip members) are checked once per storage, on its first full read.
+    """
 
-    def __init__(self, storage: "Storage", offset: int, shape: tuple[int, ...],
-                 stride: tuple[int, ...] | None = None):
-        self._storage = storage
-        self._offset = int(offset)
-        self.shape = tuple(int(s) for s in shape)
-        self._stride = tuple(int(s) for s in stride) if stride is not None else _contiguous(self.shape)
-        self.dtype = storage.dtype
+    __slots__ = ("path", "_mm", "_regions", "_crc", "_verified")
+
+    def __init__(self, path: Path, mm: mmap.mmap | None):
+        self._init(path=Path(path), _mm=mm, _regions={}, _crc={}, _verified=set())
+
+    def set_region(self, key: str, offset: int, nbytes: int, crc: int | None = None,
+                   crc_prefix: int = 0) -> None:
+        """Where storage `key` lies; `crc` covers its bytes and the `crc_prefix` bytes before."""
+        size = len(self._mm) if self._mm is not None else 0
+        if offset < crc_prefix or nbytes < 0 or (nbytes and offset + nbytes > size):
+            raise ScanError(self.path, f"storage {key} extends past the end of the file (truncated?)")
+        if key in self._regions:
+            raise ScanError(self.path, f"storage {key} appears twice in the file")
+        self._regions[key] = (offset, nbytes)
+        if crc is not None:
+            self._crc[key] = (crc, crc_prefix)
+
+    def has_region(self, key: str) -> bool:
+        return key in self._regions
+
+    def raw(self, key: str, dtype: np.dtype, count: int) -> np.ndarray:
+        offset, nbytes = self._region(key)
+        if count == 0:
+            return np.zeros(0, dtype=dtype)
+        if count * np.dtype(dtype).itemsize > nbytes:
+            raise ScanError(self.path, f"storage {key} holds {nbytes} bytes, fewer than its tensors need")
+        return np.frombuffer(self._mm, dtype=dtype, count=count, offset=offset)
+
+    def _region(self, key: str) -> tuple[int, int]:
+        try:
+            return self._regions[key]
+        except KeyError:
+            raise ScanError(self.path, f"storage {key} has no data in the file") from None
+
+    def release(self, key: str) -> None:
+        offset, nbytes = self._regions.get(key, (0, 0))
+        start = offset - offset % _PAGE
+        length = offset + nbytes - start
+        if nbytes > 0 and hasattr(self._mm, "madvise"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, length)
+            except (OSError, ValueError):  # advice only; harmless if refused
+                pass
+
+    # -- integrity ---------------------------------------------------------------------------
+    def region_bytes(self, key: str) -> np.ndarray:
+        """All bytes of a storage's region, zero-copy."""
+        offset, nbytes = self._region(key)
+        return self.raw(key, np.uint8, nbytes)
+
+    def crc_start(self, key: str) -> int:
+        """The running CRC-32 of the bytes before a storage that its checksum also covers."""
+        offset, _nbytes = self._region(key)
+        prefix = self._crc[key][1]
+        return zlib.crc32(self._mm[offset - prefix:offset]) if prefix else 0
+
+    def needs_check(self, key: str) -> bool:
+        return key in self._crc and key not in self._verified
+
+    def check(self, key: str, crc: int) -> None:
+        """Compare a CRC-32 computed over a storage's whole region with the archive's."""
+        expected = self._crc[key][0] if key in self._crc else None
+        if expected is not None and crc != expected:
+            raise ScanError(self.path, f"storage {key} fails its CRC-32 check: the file is corrupt "
+                                       f"(stored {expected:08x}, read {crc:08x})")
+        self._verified.add(key)
+
+    def check_whole(self, key: str) -> None:
+        """Checksum a storage in one pass (for views that do not cover their storage in order)."""
+        if self.needs_check(key):
+            crc, data, step = self.crc_start(key), self.region_bytes(key), 1 << 22
+            for start in range(0, data.size, step):
+                crc = zlib.crc32(data[start:start + step], crc)
+            self.check(key, crc)
+
+
+class Checksum:
+    """CRC-32 of a storage computed alongside the reduction of a tensor that covers it in order,
+    so the bytes are checked while they are in cache (no second read of the file)."""
+
+    __slots__ = ("_file", "_key", "_bytes", "_item", "_crc")
+
+    def __init__(self, array: "StoredArray"):
+        st = array.storage
+        self._file, self._key, self._item = st.file, st.key, itemsize(array.dtype)
+        self._crc = st.file.crc_start(st.key)
+        self._bytes = st.file.region_bytes(st.key)
+
+    @staticmethod
+    def for_array(array) -> "Checksum | None":
+        """A running checksum for `array`, or None (nothing to check, or checked separately)."""
+        if not isinstance(array, StoredArray) or not array.storage.file.needs_check(array.storage.key):
+            return None
+        if not array.covers_storage:
+            array.storage.file.check_whole(array.storage.key)
+            return None
+        return Checksum(array)
+
+    def update(self, start: int, stop: int) -> None:
+        """Add elements [start, stop) of the flattened tensor (in order)."""
+        self._crc = zlib.crc32(self._bytes[start * self._item:stop * self._item], self._crc)
+
+    def finish(self) -> None:
+        self._file.check(self._key, self._crc)
+
+
+class Storage(Frozen):
+    """A typed, flat storage of a `StorageFile`, named by its key in that file."""
+
+    __slots__ = ("dtype", "numel", "file", "key")
+
+    def __init__(self, dtype: object, numel: int, file: StorageFile, key: str):
+        if type(numel) is not int or numel < 0:
+            raise ScanError(file.path, f"storage {key} claims {numel!r} elements")
+        self._init(dtype=dtype, numel=numel, file=file, key=str(key))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+class StoredArray(Frozen):
+    """A strided view of a storage; `np.asarray()` materializes it (zero-copy).
+
+    The view is validated when built: integer shape and strides, and every element it can
+    address inside the storage (any stride sign, zero strides, arbitrary-size integers).
+    """
+
+    __slots__ = ("shape", "dtype", "storage", "offset", "stride")
+
+    def __init__(self, storage: Storage, offset, shape, stride=None, *, owner: StorageFile,
+                 dtype: object = None, tensor: str | None = None):
+        if type(storage) is not Storage or storage.file is not owner:
+            raise ScanError(owner.path, f"a tensor is built over {_describe(storage)}, not over a "
+                                        "storage of this file (refused)", tensor=tensor)
+        shape = _int_tuple(shape, owner.path, "shape", tensor)
+        stride = _contiguous(shape) if stride is None else _int_tuple(stride, owner.path, "stride", tensor)
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise ScanError(owner.path, f"storage offset {offset!r} is not an integer", tensor=tensor)
+        dtype = storage.dtype if dtype is None else dtype
+        _check_view(storage, offset, shape, stride, dtype, owner.path, tensor)
+        self._init(shape=shape, dtype=dtype, storage=storage, offset=offset, stride=stride)
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return _product(self.shape)
+
+    @property
+    def covers_storage(self) -> bool:
+        """True when the view is its whole storage in order (its bytes are the storage's bytes)."""
+        st = self.storage
+        return (self.offset == 0 and self.stride == _contiguous(self.shape)
+                and self.size * itemsize(self.dtype) == st.file.region_bytes(st.key).size)
 
     def __array__(self, dtype=None, copy=None):
-        st = self._storage
-        item = np.dtype(np.uint16 if st.dtype == BFLOAT16 else st.dtype)
+        item = np.dtype(np.uint16 if self.dtype == BFLOAT16 else self.dtype)
+        st = self.storage
         if self.size == 0:
             arr = np.zeros(self.shape, dtype=item)
         else:
-            last = self._offset + sum((n - 1) * s for n, s in zip(self.shape, self._stride))
-            if self._offset < 0 or last >= st.numel:
-                raise ValueError(f"tensor view [{self._offset}..{last}] lies outside its storage of {st.numel} elements")
-            base = st.region.raw(item, st.numel)[self._offset:]
+            count = st.nbytes // item.itemsize
+            base = st.file.raw(st.key, item, count)[self.offset:]
             arr = np.lib.stride_tricks.as_strided(
-                base, self.shape, tuple(s * item.itemsize for s in self._stride), writeable=False)
-        if st.dtype == BFLOAT16:
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+                base, self.shape, tuple(s * item.itemsize for s in self.stride), writeable=False)
+        if self.dtype == BFLOAT16:
+            widened = np.empty(self.shape, dtype=np.uint32)
+            np.left_shift(arr, 16, out=widened, dtype=np.uint32, casting="unsafe")
+            arr = widened.view(np.float32)   # stays an array for 0-d tensors too
         return _as_requested(arr, dtype, copy)
 
     def release(self) -> None:
-        self._storage.region.release()
+        self.storage.file.release(self.storage.key)
 
     def __repr__(self) -> str:
         return f"StoredArray(shape={self.shape}, dtype={self.dtype})"
 
 
-@dataclass
-class Storage:
-    """A typed, flat storage; its region is filled in once the file's layout is known."""
+def _describe(obj) -> str:
+    if type(obj) is Storage:
+        return "a storage of another file"
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"a {cls.__module__}.{cls.__qualname__}"
 
-    dtype: object  # np.dtype or BFLOAT16
-    numel: int
-    region: Region | None = None
+
+def _int_tuple(values, path, what: str, tensor) -> tuple[int, ...]:
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ScanError(path, f"tensor {what} {values!r} is not a sequence", tensor=tensor) from None
+    if len(items) > MAX_DIMS:
+        raise ScanError(path, f"tensor {what} has {len(items)} dimensions (at most {MAX_DIMS})", tensor=tensor)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise ScanError(path, f"tensor {what} {items!r} is not all integers", tensor=tensor)
+    if what == "shape" and any(v < 0 for v in items):
+        raise ScanError(path, f"tensor shape {items} has a negative size", tensor=tensor)
+    return tuple(int(v) for v in items)
+
+
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _check_view(storage: Storage, offset: int, shape, stride, dtype, path, tensor) -> None:
+    """Every addressable element of the view must lie in the storage (Python ints: no overflow)."""
+    if len(stride) != len(shape):
+        raise ScanError(path, f"tensor has {len(shape)} sizes but {len(stride)} strides", tensor=tensor)
+    if offset < 0:
+        raise ScanError(path, f"negative storage offset {offset}", tensor=tensor)
+    size = _product(shape)
+    if size == 0:
+        return
+    if itemsize(dtype) != itemsize(storage.dtype) and storage.dtype != np.uint8:
+        raise ScanError(path, f"tensor of {dtype} over a storage of {storage.dtype}", tensor=tensor)
+    numel = storage.nbytes // itemsize(dtype)
+    low = offset + sum((n - 1) * s for n, s in zip(shape, stride) if s < 0)
+    high = offset + sum((n - 1) * s for n, s in zip(shape, stride) if s > 0)
+    if low < 0 or high >= numel:
+        raise ScanError(path, f"tensor view (elements {low}..{high}) lies outside its storage of "
+                              f"{numel} elements", tensor=tensor)
+    if size > max(numel, MAX_REPEATED_ELEMENTS):
+        raise ScanError(path, f"tensor of {size} elements over a storage of {numel} repeats storage "
+                              f"elements beyond the limit of {MAX_REPEATED_ELEMENTS}", tensor=tensor)
 
 
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -104,21 +295,17 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def itemsize(dtype: object) -> int:
-    return 2 if dtype == BFLOAT16 else np.dtype(dtype).itemsize
-
-
-class LoadedArray:
-    """An array read on demand by a callback (formats that cannot be memory-mapped, e.g. npz)."""
+class LoadedArray(Frozen):
+    """An array read on demand by a callback (formats that cannot be memory-mapped)."""
 
     __slots__ = ("shape", "dtype", "_load")
 
     def __init__(self, shape, dtype, load):
-        self.shape, self.dtype, self._load = tuple(shape), dtype, load
+        self._init(shape=tuple(shape), dtype=dtype, _load=load)
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return _product(self.shape)
 
     def __array__(self, dtype=None, copy=None):
         return _as_requested(self._load(), dtype, copy)

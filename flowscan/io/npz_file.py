@@ -1,46 +1,115 @@
-"""numpy .npz archives, one array read at a time (pickled object arrays are refused)."""
+"""numpy .npz archives without pickle: stored members are memory-mapped, compressed ones inflated.
+
+`np.savez` stores members uncompressed: they become zero-copy `StoredArray`s whose zip CRC-32
+the reducer checks as it reads them. `np.savez_compressed` members are inflated one at a time
+when reduced (zipfile checks their CRC-32), within a memory budget. Object arrays need pickle
+and are refused.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import LoadedArray
+from flowscan.io.arrays import LoadedArray, Storage, StorageFile, StoredArray, map_file
+from flowscan.io.zip_members import data_offset, unique_members
+
+_NPY_MAGIC = b"\x93NUMPY"
 
 
-def load(path: Path) -> dict[str, LoadedArray]:
+def inflate_budget() -> int:
+    """Largest array a compressed member may inflate to: half of this machine's memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 << 30
+
+
+def load(path: Path) -> dict[str, StoredArray | LoadedArray]:
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ScanError(path, f"not a readable .npz archive (truncated or corrupt?): {exc}") from None
-    out: dict[str, LoadedArray] = {}
-    with zf:
-        for member in zf.namelist():
-            if not member.endswith(".npy"):
-                continue
-            with zf.open(member) as f:
-                try:
-                    version = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _fortran, dtype = read_header(f)
-                except ValueError as exc:
-                    raise ScanError(path, f"bad array header: {exc}", tensor=member[:-4]) from None
-            if dtype.hasobject:
-                raise ScanError(path, "object arrays need pickle; refused", tensor=member[:-4])
-            out[member[:-4]] = LoadedArray(shape, dtype, _loader(path, member[:-4]))
+    with zf, open(path, "rb") as raw:
+        members = [i for n, i in unique_members(path, zf).items() if n.endswith(".npy")]
+        storages = StorageFile(path, map_file(path))
+        out: dict[str, StoredArray | LoadedArray] = {}
+        for info in members:
+            name = info.filename[:-4]
+            try:
+                array = _member(path, zf, raw, info, storages, name)
+            except ScanError as exc:
+                raise ScanError(exc.path or path, exc.message, exc.tensor or name) from None
+            except Exception as exc:  # noqa: BLE001 - zipfile and numpy raise many kinds
+                raise ScanError(path, f"unreadable array member: {type(exc).__name__}: {exc}",
+                                tensor=name) from None
+            if array is not None:
+                out[name] = array
     return out
 
 
-def _loader(path: Path, key: str):
-    def load_one() -> np.ndarray:
+def _member(path, zf, raw, info, storages: StorageFile, name: str):
+    with zf.open(info) as f:
+        if f.read(6) != _NPY_MAGIC:
+            raise ScanError(path, "member is not a .npy array", tensor=name)
+        f.seek(0)
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ScanError(path, f"unknown .npy version {version}", tensor=name)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        header_len = f.tell()
+    if dtype.hasobject:
+        raise ScanError(path, "object arrays need pickle; refused", tensor=name)
+    if dtype.kind not in "biufc" or dtype.itemsize == 0:
+        return None   # strings and records are not weights
+    nbytes = math.prod(shape) * dtype.itemsize
+    if header_len + nbytes != info.file_size:
+        raise ScanError(path, f"array of shape {shape} needs {nbytes} bytes but its member holds "
+                              f"{info.file_size - header_len} (truncated or corrupt?)", tensor=name)
+    stride = None
+    if fortran and len(shape) > 1:
+        stride, acc = [], 1
+        for n in shape:
+            stride.append(acc)
+            acc *= max(n, 1)
+    if info.compress_type == zipfile.ZIP_STORED:
+        start = data_offset(raw.fileno(), info)
+        storages.set_region(name, start + header_len, nbytes, info.CRC, crc_prefix=header_len)
+        storage = Storage(dtype, nbytes // dtype.itemsize if dtype.itemsize else 0, storages, name)
+        return StoredArray(storage, 0, shape, stride, owner=storages, tensor=name)
+    if nbytes > inflate_budget():
+        raise ScanError(path, f"compressed array inflates to {nbytes} bytes, more than half of this "
+                              "machine's memory (refused)", tensor=name)
+    return LoadedArray(shape, dtype, _inflater(path, info.filename, header_len, nbytes, shape,
+                                               dtype, bool(fortran), name))
+
+
+def _inflater(path: Path, member: str, header_len: int, nbytes: int, shape, dtype, fortran, name):
+    def inflate() -> np.ndarray:
+        out = np.empty(nbytes, dtype=np.uint8)
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                return npz[key]
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise ScanError(path, f"cannot read array: {exc}", tensor=key) from None
-    return load_one
+            with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+                f.read(header_len)
+                view, got = memoryview(out), 0
+                while got < nbytes:
+                    n = f.readinto(view[got:]) if hasattr(f, "readinto") else 0
+                    if not n:
+                        break
+                    got += n
+                if got != nbytes or f.read(1):  # reading to the end makes zipfile check the CRC
+                    raise ScanError(path, "compressed member is truncated or longer than its header says",
+                                    tensor=name)
+        except ScanError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC), zlib.error, OSError ...
+            raise ScanError(path, f"cannot inflate array: {type(exc).__name__}: {exc}", tensor=name) from None
+        return out.view(dtype).reshape(shape, order="F" if fortran else "C")
+    return inflate

@@ -1,18 +1,32 @@
-"""A restricted unpickler: it never imports a module and never calls anything off its allow-list.
+"""A restricted unpickler: nothing a pickle names is ever imported or run.
 
 Pickled checkpoints name the classes and functions that rebuild them; plain `pickle` imports and
-calls whatever they name, so a checkpoint can run any code. Here, names on the allow-list resolve
-to safe stand-ins (tensor rebuilders that make lazy arrays, containers, numpy reconstructors);
-every other class becomes an inert `Stub` whose instances only hold their pickled state, and
-calling any other name is refused with `UnsafePickleError` before anything runs.
+calls whatever they name, so a checkpoint can run any code. Here every name is one of three kinds:
+
+* **allowed**: tensor rebuilders, containers and numpy reconstructors resolve to stand-ins made
+  afresh for each file and immutable, so nothing one file does can change how another is read;
+* **hostile**: names of the code-execution families that pickle scanners flag (`os`,
+  `subprocess`, `builtins.eval`, `functools.partial`, `torch.hub`, ... see `HOSTILE_MODULES` and
+  `HOSTILE_NAMES`) refuse the whole file with `UnsafePickleError`, naming the global;
+* **anything else** becomes an inert `Stub` class. Creating or calling it never runs code: the
+  result is an inert record of the call, and `Unpickled.not_executed` lists each such name so
+  the reader can say what it left alone (e.g. Lightning's `pathlib`/`datetime` hyper-parameters).
+
+A stub keeps its pickled state in one private slot, never as attributes: no pickled key can
+become `shape`, `dtype`, `__array_interface__` or anything else that numpy, Python or flowscan
+would honour. Before unpickling, the opcode stream is checked (`prescan`) for resource attacks:
+absurd memo indices and sizes past the stream's end.
 """
 
 from __future__ import annotations
 
-import collections
+import _compat_pickle
 import codecs
+import collections
 import io
 import pickle
+import pickletools
+from collections import Counter
 from typing import Any, Callable
 
 import numpy as np
@@ -22,114 +36,307 @@ try:  # numpy >= 2 moved these; pickles from either era name either module
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct as _np_reconstruct, scalar as _np_scalar
 
-from flowscan.errors import UnsafePickleError
+from flowscan.errors import ScanError, UnsafePickleError
+
+# Module families whose every name can run code, read or write files, or reach the network.
+HOSTILE_MODULES = frozenset({
+    "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "_posixsubprocess", "sys", "importlib",
+    "runpy", "pickle", "_pickle", "cPickle", "marshal", "ctypes", "_ctypes", "socket", "_socket",
+    "shutil", "pty", "commands", "webbrowser", "code", "codeop", "pdb", "bdb", "asyncio",
+    "multiprocessing", "signal", "platform", "pip", "timeit", "trace", "cProfile", "profile",
+    "types", "dill", "cloudpickle", "joblib", "zipimport", "pkgutil", "requests", "urllib",
+    "urllib2", "urllib3", "http", "httplib", "ftplib", "smtplib", "telnetlib", "aiohttp", "ssl",
+    "io", "_io", "tempfile", "glob", "threading", "_thread", "gc", "inspect", "site", "ensurepip",
+    "venv", "distutils", "setuptools", "torch.hub", "torch.serialization", "torch._inductor",
+    "torch.jit", "torch.package", "torch._dynamo", "torch.utils.cpp_extension", "numpy.testing",
+    "numpy.f2py", "numpy.distutils",
+})
+# Single names that run code, load pickles or touch files.
+HOSTILE_NAMES = frozenset({
+    ("builtins", n) for n in ("eval", "exec", "execfile", "compile", "__import__", "getattr",
+                              "setattr", "delattr", "open", "input", "breakpoint", "globals",
+                              "locals", "vars", "apply", "file", "reload", "exit", "quit", "help",
+                              "__loader__", "__build_class__", "memoryview", "type", "super")
+} | {
+    ("operator", "attrgetter"), ("operator", "methodcaller"), ("_operator", "attrgetter"),
+    ("_operator", "methodcaller"), ("functools", "partial"), ("functools", "reduce"),
+    ("_functools", "partial"), ("_functools", "reduce"), ("torch", "load"), ("torch", "save"),
+    ("torch", "from_file"), ("numpy", "load"), ("numpy", "fromfile"), ("numpy", "save"),
+    ("numpy", "loadtxt"), ("numpy", "genfromtxt"), ("numpy.lib.npyio", "load"),
+    ("codecs", "open"), ("codecs", "lookup"), ("pathlib", "Path.write_text"),
+})
+_HOSTILE_COMPONENTS = frozenset(m for m in HOSTILE_MODULES if "." not in m) | frozenset(
+    n for _m, n in HOSTILE_NAMES if _m == "builtins")
+
+MAX_PICKLE_BYTES = 512 << 20   # tensors live outside the pickle; a real one is KBs to a few MBs
+MAX_MEMO_INDEX = 1 << 24       # pickle writes memo indices 0, 1, 2, ... in order
+
+
+def is_hostile(module: str, name: str) -> bool:
+    if (module, name) in HOSTILE_NAMES:
+        return True
+    if any(module == m or module.startswith(m + ".") for m in HOSTILE_MODULES):
+        return True
+    # a dotted name is resolved attribute by attribute by pickle (`posixpath` + `os.system`)
+    return any(part in _HOSTILE_COMPONENTS for part in name.split(".")) and "." in name
+
+
+class _Rejected(Exception):
+    """Raised inside the unpickler when a file is refused; converted with the file's name."""
+
+
+class StubState:
+    """What a pickle said about one stub instance: constructor arguments, state and items."""
+
+    __slots__ = ("args", "kwargs", "state", "items", "mapping", "called")
+
+    def __init__(self, args=(), kwargs=None, called=False):
+        self.args, self.kwargs, self.called = tuple(args), dict(kwargs or {}), called
+        self.state, self.items, self.mapping = None, [], {}
 
 
 class _StubMeta(type):
     def __call__(cls, *args, **kwargs):
-        # Calling a class runs its __init__/__new__ code paths in the real library; refuse.
-        raise _Refused(f"{cls.__module__}.{cls.__qualname__}")
+        # REDUCE of an unknown callable: record the call, run nothing
+        cls._stub_calls[f"{cls.__module__}.{cls.__qualname__}"] += 1
+        obj = cls.__new__(cls, *args, **kwargs)
+        object.__getattribute__(obj, "_stub").called = True
+        return obj
+
+    def __setattr__(cls, name, value):
+        raise _Rejected(f"a pickle tried to set attribute {name!r} of class {cls.__qualname__}")
+
+    __delattr__ = __setattr__
 
     def __repr__(cls):
         return f"<stub {cls.__module__}.{cls.__qualname__}>"
 
 
 class Stub(metaclass=_StubMeta):
-    """Inert stand-in for a pickled object of a class we do not import; holds its state."""
+    """Inert stand-in for an object of a class that is never imported."""
+
+    __slots__ = ("_stub",)
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
-        obj.__dict__["_stub_args"] = args
+        object.__setattr__(obj, "_stub", StubState(args, kwargs))
         return obj
 
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
-            state, slots = state  # (dict_state, slot_state) form
-            if isinstance(slots, dict):
-                self.__dict__.update(slots)
-        if isinstance(state, dict):
-            self.__dict__.update({str(k): v for k, v in state.items()})
-        else:
-            self.__dict__["_stub_state"] = state
+    def __setattr__(self, name, value):  # BUILD with slot state
+        raise _Rejected(f"a pickle tried to set attribute {name!r} of a {type(self).__qualname__}")
 
-    # pickle's BUILD falls back to these for list/dict-like objects
-    def append(self, item):
-        self.__dict__.setdefault("_stub_items", []).append(item)
+    __delattr__ = __setattr__
+
+    def __setstate__(self, state):       # BUILD
+        self._stub.state = state
+
+    def append(self, item):              # APPEND(S) on list-like objects
+        self._stub.items.append(item)
 
     def extend(self, items):
-        self.__dict__.setdefault("_stub_items", []).extend(items)
+        self._stub.items.extend(items)
 
-    def __setitem__(self, key, value):
-        self.__dict__.setdefault("_stub_mapping", {})[key] = value
+    def __setitem__(self, key, value):   # SETITEM(S) on dict-like objects
+        self._stub.mapping[key] = value
+
+    def __repr__(self):
+        return f"<stub {type(self).__module__}.{type(self).__qualname__} object>"
 
 
-class _Refused(Exception):
-    """Raised inside the unpickler; turned into UnsafePickleError with the file name."""
+def stub_state(obj: Stub) -> dict:
+    """A stub's attribute dict as pickled (`__dict__` state, or the dict of (dict, slots))."""
+    state = object.__getattribute__(obj, "_stub").state
+    if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+        merged = dict(state[0] or {})
+        if isinstance(state[1], dict):
+            merged.update(state[1])
+        return merged
+    return state if isinstance(state, dict) else {}
 
 
-def _stub_class(module: str, name: str) -> type:
-    return _StubMeta(name, (Stub,), {"__module__": module, "__qualname__": name})
+def _stub_class(module: str, name: str, calls: Counter) -> type:
+    return _StubMeta(name, (Stub,), {"__module__": module, "__qualname__": name, "__slots__": (),
+                                      "_stub_calls": calls})
+
+
+class Allowed:
+    """An allow-listed callable: immutable, made afresh for each file."""
+
+    __slots__ = ("_name", "_fn")
+
+    def __init__(self, name: str, fn: Callable):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __setattr__(self, name, value):
+        raise _Rejected(f"a pickle tried to change the allow-listed {self._name}")
+
+    __delattr__ = __setattr__
+
+    def __repr__(self):
+        return f"<allowed {self._name}>"
+
+
+class Token(Allowed):
+    """An allow-listed name used as a value, not called (e.g. `numpy.ndarray`, `torch.float32`)."""
+
+    def __init__(self, name: str, value: Any = None):
+        super().__init__(name, _not_callable(name))
+        object.__setattr__(self, "_value", value)
+
+    __slots__ = ("_value",)
+
+    @property
+    def value(self):
+        return self._value
+
+
+def _not_callable(name: str):
+    def refuse(*args, **kwargs):
+        raise _Rejected(f"{name} is not a constructor flowscan accepts")
+    return refuse
+
+
+_TEXT_ENCODINGS = frozenset({"latin1", "latin-1", "iso-8859-1", "utf-8", "utf8", "ascii"})
+
+
+def _codecs_encode(text, encoding="utf-8", errors="strict"):
+    # protocol-2 bytes are pickled as _codecs.encode(str, 'latin1')
+    if not isinstance(text, str) or str(encoding).lower() not in _TEXT_ENCODINGS or errors != "strict":
+        raise _Rejected(f"_codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, encoding)
+
+
+def _bytearray(*args):
+    # bytearray(n) would allocate n zero bytes: accept only data
+    if args and not isinstance(args[0], (bytes, str)):
+        raise _Rejected("builtins.bytearray of a size")
+    return bytearray(*args)
 
 
 def _reconstructor(cls, base, state=None):
-    # copyreg._reconstructor(cls, object, None): object creation without running __init__.
-    if isinstance(cls, type) and issubclass(cls, Stub) and base is object:
-        return cls.__new__(cls)
-    raise _Refused(f"copyreg._reconstructor for {cls!r}")
+    # copyreg._reconstructor(cls, base, state): object creation without running __init__
+    if isinstance(cls, type) and issubclass(cls, Stub):
+        obj = cls.__new__(cls)
+        if state is not None:
+            obj.__setstate__(state)
+        return obj
+    raise _Rejected(f"copyreg._reconstructor for {cls!r}")
 
 
 def _newobj(cls, *args):
     if isinstance(cls, type) and issubclass(cls, Stub):
         return cls.__new__(cls, *args)
-    raise _Refused(f"copyreg.__newobj__ for {cls!r}")
+    raise _Rejected(f"copyreg.__newobj__ for {cls!r}")
 
 
-# Names a pickle may call or refer to, and what they resolve to. Only pure data constructors.
-BASE_ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("collections", "defaultdict"): lambda *a: collections.defaultdict(None),
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
-    ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray,
-    ("__builtin__", "set"): set,
-    ("_codecs", "encode"): lambda s, enc="utf-8", *a: codecs.encode(s, enc),  # protocol-2 bytes
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("copy_reg", "_reconstructor"): _reconstructor,
-    ("copyreg", "__newobj__"): _newobj,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy.core.multiarray", "scalar"): _np_scalar,
-    ("numpy._core.multiarray", "scalar"): _np_scalar,
-    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-}
-# numpy scalar types appear as dtype arguments (e.g. numpy.float64)
-for _t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool_"):
-    BASE_ALLOWED[("numpy", _t)] = getattr(np, _t)
+def _newobj_ex(cls, args, kwargs):
+    if isinstance(cls, type) and issubclass(cls, Stub):
+        return cls.__new__(cls, *args, **kwargs)
+    raise _Rejected(f"copyreg.__newobj_ex__ for {cls!r}")
+
+
+def _np_dtype(spec, align=False, copy=True):
+    if isinstance(spec, Token):
+        spec = spec.value
+    dtype = np.dtype(spec, align=bool(align), copy=True)  # never numpy's shared singletons
+    if dtype.hasobject:
+        raise _Rejected("numpy.dtype of Python objects")
+    return dtype
+
+
+def _ndarray_reconstruct(cls, shape, typecode):
+    # numpy pickles arrays as _reconstruct(ndarray, (0,), b'b') + BUILD(state); anything
+    # else (subclasses, allocations of an attacker's size) is refused
+    if not (isinstance(cls, Token) and cls.value is np.ndarray) or tuple(shape) != (0,):
+        raise _Rejected(f"numpy _reconstruct of {cls!r} with shape {shape!r}")
+    return _np_reconstruct(np.ndarray, (0,), b"b")
+
+
+def _np_frombuffer(buffer, dtype, shape, order):
+    # numpy's protocol-5 arrays: numpy._core.numeric._frombuffer(buf, dtype, shape, order)
+    dtype = _np_dtype(dtype)
+    if order not in ("C", "F"):
+        raise _Rejected(f"numpy _frombuffer with order {order!r}")
+    return np.frombuffer(bytes(buffer), dtype=dtype).reshape(tuple(shape), order=order)
+
+
+def _scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise _Rejected("numpy scalar of a non-numeric dtype")
+    return _np_scalar(dtype, data)
+
+
+def _defaultdict(*args):
+    return collections.defaultdict(None, *args[1:])   # never keep a default factory
+
+
+def base_allowed() -> dict[tuple[str, str], Any]:
+    """The allow-list, made afresh: names a pickle may refer to, and their stand-ins."""
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,   # immutable C types
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "slice"): slice,
+        ("builtins", "complex"): complex,
+        ("builtins", "object"): Token("builtins.object"),
+    }
+    functions = {
+        ("collections", "defaultdict"): _defaultdict,
+        ("builtins", "bytearray"): _bytearray,
+        ("_codecs", "encode"): _codecs_encode,
+        ("copyreg", "_reconstructor"): _reconstructor,
+        ("copyreg", "__newobj__"): _newobj,
+        ("copyreg", "__newobj_ex__"): _newobj_ex,
+        ("numpy", "dtype"): _np_dtype,
+    }
+    for prefix in ("numpy.core", "numpy._core"):
+        functions[(f"{prefix}.multiarray", "scalar")] = _scalar
+        functions[(f"{prefix}.multiarray", "_reconstruct")] = _ndarray_reconstruct
+        functions[(f"{prefix}.numeric", "_frombuffer")] = _np_frombuffer
+    for key, fn in functions.items():
+        allowed[key] = Allowed(".".join(key), fn)
+    allowed[("numpy", "ndarray")] = Token("numpy.ndarray", np.ndarray)
+    # numpy scalar types appear as dtype arguments (e.g. numpy.float64)
+    for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
+                 "uint16", "uint32", "uint64", "bool_", "complex64", "complex128"):
+        allowed[("numpy", name)] = Token(f"numpy.{name}", getattr(np, name))
+    return allowed
+
+
+def normalize(module: str, name: str) -> tuple[str, str]:
+    """Python 2 names as pickle's fix_imports maps them (`__builtin__` -> `builtins`, ...)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only `allowed` names and stubs every other class."""
+    """Unpickler that resolves only allow-listed names and stubs every other class."""
 
     def __init__(self, file, allowed: dict[tuple[str, str], Any] | None = None,
                  persistent_load: Callable[[Any], Any] | None = None, **kwargs):
         super().__init__(file, **kwargs)
-        self._allowed = dict(BASE_ALLOWED)
+        self._allowed = base_allowed()
         if allowed:
             self._allowed.update(allowed)
         self._persistent = persistent_load
         self._stubs: dict[tuple[str, str], type] = {}
+        self.calls: Counter = Counter()
 
     def find_class(self, module: str, name: str):
-        key = (module, name)
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise _Rejected(f"a global named by non-strings {module!r}, {name!r}")
+        key = normalize(module, name)
         if key in self._allowed:
             return self._allowed[key]
-        # Never import: a stub class stands in. Instantiating it through NEWOBJ is inert; calling
-        # it (REDUCE, as a malicious `os.system` payload does) raises _Refused.
+        if is_hostile(*key):
+            raise UnsafePickleError(None, f"{key[0]}.{key[1]}")
         if key not in self._stubs:
-            self._stubs[key] = _stub_class(module, name)
+            self._stubs[key] = _stub_class(key[0], key[1], self.calls)
         return self._stubs[key]
 
     def persistent_load(self, pid):
@@ -138,16 +345,91 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._persistent(pid)
 
 
-def safe_load(file, path: str = "<pickle>", **kwargs) -> Any:
-    """Unpickle one object from a binary file object, refusing anything off the allow-list."""
+class Unpickled:
+    """A loaded object and the calls that were recorded instead of run."""
+
+    __slots__ = ("value", "not_executed")
+
+    def __init__(self, value: Any, not_executed: dict[str, int]):
+        self.value, self.not_executed = value, not_executed
+
+    def note(self) -> str | None:
+        if not self.not_executed:
+            return None
+        names = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(self.not_executed.items()))
+        return f"not executed (kept as inert records): {names}"
+
+
+class _Clamped:
+    """A read-only file view that never hands out more than `limit` bytes in all."""
+
+    def __init__(self, file, limit: int):
+        self._file, self._left = file, limit
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._file.read(n)
+        self._left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self._file.readline(self._left)
+        self._left -= len(line)
+        return line
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+def prescan(file, path: str, max_bytes: int = MAX_PICKLE_BYTES) -> None:
+    """Walk one pickle's opcodes (up to STOP) and refuse memory-exhaustion tricks before
+    anything is built: a stream larger than `max_bytes`, memo indices out of order."""
+    puts = 0
     try:
-        return RestrictedUnpickler(file, encoding="latin1", **kwargs).load()
-    except _Refused as exc:
-        raise UnsafePickleError(path, f"refused to unpickle: the file asks to call {exc}, "
-                                      "which is not a known tensor or container constructor "
-                                      "(nothing was executed)") from None
+        for op, arg, _pos in pickletools.genops(_Clamped(file, max_bytes)):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                index = puts if op.name == "MEMOIZE" else arg
+                if not isinstance(index, int) or index > puts or index > MAX_MEMO_INDEX:
+                    raise ScanError(path, f"pickle memo index {index} is out of order "
+                                          "(a memory-exhaustion trick; refused)")
+                puts += 1
+            elif op.name in ("GET", "BINGET", "LONG_BINGET") and (not isinstance(arg, int) or arg >= puts):
+                raise ScanError(path, f"pickle refers to memo entry {arg} that was never stored")
+    except ScanError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and friends
+        raise ScanError(path, f"malformed pickle (or one over {max_bytes} bytes): "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def safe_load(file, path: str = "<pickle>", *, max_bytes: int = MAX_PICKLE_BYTES, **kwargs) -> Unpickled:
+    """Unpickle the next object of a seekable binary file, never running what it names.
+
+    The file is left just after the pickle (legacy torch files hold several in a row)."""
+    start = file.tell()
+    prescan(file, path, max_bytes)
+    end = file.tell()
+    file.seek(start)
+    data = file.read(end - start)
+    unpickler = RestrictedUnpickler(io.BytesIO(data), encoding="latin1", **kwargs)
+    try:
+        value = unpickler.load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(path, f"refused as hostile: the pickle names {exc.message}, "
+                                      "which can run code (nothing was executed)") from None
+    except _Rejected as exc:
+        raise UnsafePickleError(path, f"refused: {exc} (nothing was executed)") from None
+    except ScanError as exc:
+        raise ScanError(exc.path or path, exc.message, exc.tensor) from None
+    except RecursionError:
+        raise ScanError(path, "pickle nests too deeply to read") from None
+    except MemoryError:
+        raise ScanError(path, "pickle needs more memory than this machine has (refused)") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure is a malformed file
+        raise ScanError(path, f"malformed pickle: {type(exc).__name__}: {exc}") from None
+    return Unpickled(value, dict(unpickler.calls))
 
 
 def safe_loads(data: bytes, path: str = "<pickle>", **kwargs) -> Any:
-    return safe_load(io.BytesIO(data), path, **kwargs)
-
+    """The object of a pickle held in memory (for tests and small side files)."""
+    return safe_load(io.BytesIO(data), path, **kwargs).value

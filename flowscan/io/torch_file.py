@@ -2,12 +2,15 @@
 
 Tensors come back as `StoredArray`s: lazy views into a memory map of the file, so opening a
 checkpoint costs only its (small) pickle, and each tensor's bytes are touched when reduced.
+Tensor rebuilders accept only storages this module registered for this file (`StorageFile`),
+and every view is bounds-checked; zip members keep their CRC-32 for the reducer to verify.
 Whole pickled modules (`torch.save(model)`) load too; their classes become inert stubs and
 `module_state_dict()` walks `_parameters`, `_buffers` and `_modules` to recover the tensors.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zipfile
@@ -18,10 +21,13 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import BFLOAT16, Region, Storage, StoredArray, itemsize, map_file
-from flowscan.io.safe_pickle import Stub, _Refused, safe_load
+from flowscan.io.zip_members import data_offset, unique_members
+from flowscan.io.arrays import BFLOAT16, Storage, StorageFile, StoredArray, itemsize, map_file
+from flowscan.io.safe_pickle import (MAX_PICKLE_BYTES, Allowed, Stub, Token, _Rejected, safe_load,
+                                     stub_state)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".tar")
+MAX_TENSORS = 1 << 17   # per file; real models have thousands, a flood of tiny ones is an attack
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
@@ -29,22 +35,131 @@ _STORAGE_DTYPES = {
     "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
     "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
     "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+    "ComplexFloatStorage": np.dtype(np.complex64), "ComplexDoubleStorage": np.dtype(np.complex128),
+    "UntypedStorage": np.dtype(np.uint8),   # torch >= 2: bytes, typed by the rebuild's dtype
+}
+# torch dtypes with an exact numpy equivalent (as named in pickles: torch.float32 ...)
+_TORCH_DTYPES = {
+    "float32": np.dtype(np.float32), "float64": np.dtype(np.float64), "float16": np.dtype(np.float16),
+    "bfloat16": BFLOAT16, "int64": np.dtype(np.int64), "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16), "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32), "uint64": np.dtype(np.uint64),
+    "bool": np.dtype(np.bool_), "complex64": np.dtype(np.complex64),
+    "complex128": np.dtype(np.complex128),
+}
+# torch dtypes that exist but have no exact numpy form: named in the refusal
+_UNSUPPORTED_DTYPES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                       "float8_e8m0fnu", "float4_e2m1fn_x2", "complex32", "qint8", "quint8",
+                       "qint32", "quint4x2", "quint2x4", "bits8", "bits16", "bits1x8", "bits2x4",
+                       "bits4x2", "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
+                       "int1", "int2", "int3", "int4", "int5", "int6", "int7")
+_UNSUPPORTED_REBUILDS = {
+    "_rebuild_qtensor": "quantized tensors", "_rebuild_sparse_tensor": "sparse tensors",
+    "_rebuild_sparse_csr_tensor": "sparse tensors", "_rebuild_nested_tensor": "nested tensors",
+    "_rebuild_meta_tensor_no_storage": "meta tensors (no data)",
+    "_rebuild_wrapper_subclass": "tensor subclasses without storage",
+    "_rebuild_device_tensor_from_numpy": "device tensors", "_rebuild_xla_tensor": "XLA tensors",
+    "_rebuild_mtia_tensor": "MTIA tensors", "_rebuild_device_tensor_from_cpu_tensor": "device tensors",
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-class _StorageType:
-    """Stand-in for torch.FloatStorage & co.: carries only the element dtype."""
+class UnreadableTensor(Stub):
+    """A tensor flowscan cannot read exactly (quantized, sparse, float8 ...): why, not its data."""
 
-    def __init__(self, dtype):
-        self.dtype = dtype
+    __slots__ = ()
+
+    def __repr__(self):
+        return f"<unreadable tensor: {self._stub.state}>"
+
+    @property
+    def reason(self) -> str:
+        return str(self._stub.state)
 
 
-def _rebuild_tensor(storage: Storage, storage_offset, size, stride, *unused):
-    return StoredArray(storage, storage_offset, tuple(size), tuple(stride))
+def _unreadable(reason: str) -> UnreadableTensor:
+    obj = UnreadableTensor.__new__(UnreadableTensor)
+    obj.__setstate__(reason)
+    return obj
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+class _FileReader:
+    """The per-file allow-list: fresh stand-ins whose rebuilders accept only this file's storages."""
+
+    def __init__(self, path: Path, storages: StorageFile):
+        self.path, self.storages, self.n_tensors = path, storages, 0
+
+    def allowed(self) -> dict[tuple[str, str], Any]:
+        allowed: dict[tuple[str, str], Any] = {}
+        for module in ("torch._utils", "torch._tensor"):
+            for name, reason in _UNSUPPORTED_REBUILDS.items():
+                allowed[(module, name)] = Allowed(f"{module}.{name}", _refuse_kind(reason))
+        functions = {
+            ("torch._utils", "_rebuild_tensor"): self.rebuild,
+            ("torch._utils", "_rebuild_tensor_v2"): self.rebuild,
+            ("torch._utils", "_rebuild_tensor_v3"): self.rebuild_v3,
+            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+            ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+            ("torch._tensor", "_rebuild_from_type"): _rebuild_from_type,
+            ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
+            ("torch", "Size"): lambda *a: tuple(*a),
+            ("torch", "device"): lambda *a: ":".join(str(x) for x in a),
+        }
+        for key, fn in functions.items():
+            allowed[key] = Allowed(".".join(key), fn)
+        for name, dtype in _STORAGE_DTYPES.items():
+            allowed[("torch", name)] = Token(f"torch.{name}", dtype)
+            allowed[("torch.storage", name)] = Token(f"torch.storage.{name}", dtype)
+        for name, dtype in _TORCH_DTYPES.items():
+            allowed[("torch", name)] = Token(f"torch.{name}", dtype)
+        for name in _UNSUPPORTED_DTYPES:
+            allowed[("torch", name)] = Token(f"torch.{name}", None)
+        return allowed
+
+    def _count(self) -> None:
+        self.n_tensors += 1
+        if self.n_tensors > MAX_TENSORS:
+            raise ScanError(self.path, f"more than {MAX_TENSORS} tensors in one file (refused as a "
+                                       "resource attack)")
+
+    def rebuild(self, storage, storage_offset, size, stride, *unused):
+        self._count()
+        if isinstance(storage, UnreadableTensor):
+            return storage
+        return StoredArray(storage, storage_offset, size, stride, owner=self.storages)
+
+    def rebuild_v3(self, storage, storage_offset, size, stride, requires_grad, hooks, dtype, *unused):
+        self._count()
+        if not isinstance(dtype, Token):
+            raise ScanError(self.path, f"tensor dtype {dtype!r} is not a torch dtype")
+        if dtype.value is None:
+            return _unreadable(f"dtype {dtype._name} has no exact numpy equivalent")
+        if isinstance(storage, UnreadableTensor):
+            return storage
+        return StoredArray(storage, storage_offset, size, stride, owner=self.storages, dtype=dtype.value)
+
+    def storage_dtype(self, storage_type) -> object | None:
+        """The element dtype of a storage type, or None when flowscan cannot read it."""
+        if isinstance(storage_type, Token) and storage_type.value is not None:
+            return storage_type.value
+        return None
+
+
+def _type_name(obj) -> str:
+    if isinstance(obj, Allowed):
+        return obj._name
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _refuse_kind(reason: str):
+    def rebuild(*args, **kwargs):
+        return _unreadable(f"{reason} are not supported")
+    return rebuild
+
+
+def _rebuild_parameter(data, *unused):
     return data
 
 
@@ -52,30 +167,8 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)
 
 
-def _dtype_name(name: str):
-    return f"torch.{name}"
-
-
-def _torch_allowed() -> dict[tuple[str, str], Any]:
-    allowed: dict[tuple[str, str], Any] = {
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch", "Size"): tuple,
-        ("torch", "device"): lambda *a: ":".join(str(x) for x in a),
-        ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
-    }
-    for name, dtype in _STORAGE_DTYPES.items():
-        allowed[("torch", name)] = _StorageType(dtype)
-    for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16",
-                 "int8", "uint8", "bool"):
-        allowed[("torch", name)] = _dtype_name(name)
-    return allowed
-
-
-_ALLOWED = _torch_allowed()
+def _rebuild_from_type(func, type, args, dict):
+    return func(*args)
 
 
 def is_torch_file(path: Path) -> bool:
@@ -83,8 +176,10 @@ def is_torch_file(path: Path) -> bool:
     return path.is_file() and name.endswith(TORCH_SUFFIXES)
 
 
-def load(path: Path) -> Any:
-    """The object a torch.save file holds, with tensors as lazy `StoredArray`s."""
+def load(path: Path, notes: list[str] | None = None) -> Any:
+    """The object a torch.save file holds, with tensors as lazy `StoredArray`s.
+
+    Calls a pickle asked for that were recorded instead of run are appended to `notes`."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -93,133 +188,194 @@ def load(path: Path) -> Any:
     if size == 0:
         raise ScanError(path, "file is empty")
     try:
-        if zipfile.is_zipfile(path):
-            return _load_zip(path)
-        return _load_legacy(path)
+        loaded = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
     except ScanError:
         raise
-    except _Refused as exc:  # pragma: no cover - safe_load converts these
-        raise ScanError(path, f"refused to unpickle {exc}") from None
-    except (zipfile.BadZipFile, EOFError, struct.error, ValueError, OSError, IndexError,
-            KeyError, TypeError, AttributeError, __import__("pickle").UnpicklingError) as exc:
+    except _Rejected as exc:
+        raise ScanError(path, f"refused: {exc}") from None
+    except RecursionError:
+        raise ScanError(path, "nested too deeply to read") from None
+    except MemoryError:
+        raise ScanError(path, "needs more memory than this machine has (refused)") from None
+    except Exception as exc:  # noqa: BLE001 - whatever else breaks, it is this file's fault
         raise ScanError(path, f"not a readable torch checkpoint (truncated or corrupt?): "
                               f"{type(exc).__name__}: {exc}") from None
+    if notes is not None and loaded.note():
+        notes.append(f"{path.parent.name}/{path.name}: {loaded.note()}")
+    return loaded.value
 
 
-def _load_zip(path: Path) -> Any:
-    mm = map_file(path)
+def _load_zip(path: Path):
     with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
-        pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+        infos = unique_members(path, zf)
+        names = list(infos)
+        pkl = [n for n in names if n.endswith("data.pkl")]
         if not pkl:
             raise ScanError(path, "zip archive without data.pkl: not a torch.save file")
         prefix = pkl[0][: -len("data.pkl")]
         byteorder = prefix + "byteorder"
-        if byteorder in zf.namelist() and zf.read(byteorder).strip() == b"big":
+        if byteorder in names and zf.read(byteorder).strip() == b"big":
             raise ScanError(path, "big-endian torch files are not supported")
-        infos = {info.filename: info for info in zf.infolist()}
+        storages = StorageFile(path, map_file(path))
+        reader = _FileReader(path, storages)
+        made: dict[str, Storage] = {}
 
         def persistent_load(pid):
-            kind, storage_type, key, _location, numel = pid[:5]
-            if kind != "storage":
-                raise ScanError(path, f"unknown persistent id kind {kind!r}")
-            dtype = _storage_dtype(path, storage_type)
+            if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+                raise ScanError(path, f"unknown persistent id {_short(pid)}")
+            _kind, storage_type, key, _location, numel = pid[:5]
+            key = str(key)
+            dtype = reader.storage_dtype(storage_type)
+            if dtype is None:
+                return _unreadable(f"storage type {_type_name(storage_type)} is not supported")
+            if key in made:  # a storage shared by several tensors
+                if made[key].dtype != dtype or made[key].numel != numel:
+                    raise ScanError(path, f"storage {key} is declared twice with different types or sizes")
+                return made[key]
             info = infos.get(f"{prefix}data/{key}")
             if info is None:
                 raise ScanError(path, f"storage {key} is missing from the archive")
             if info.compress_type != zipfile.ZIP_STORED:
                 raise ScanError(path, f"storage {key} is compressed; torch never writes that")
-            nbytes = int(numel) * itemsize(dtype)
-            offset = _zip_data_offset(raw.fileno(), info)
-            if offset + nbytes > len(mm) or info.file_size < nbytes:
-                raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)")
-            return Storage(dtype, int(numel), Region(mm, path, offset, nbytes))
+            storage = Storage(dtype, numel, storages, key)
+            if info.file_size < storage.nbytes:
+                raise ScanError(path, f"storage {key} claims {storage.nbytes} bytes but its archive "
+                                      f"member holds {info.file_size}")
+            storages.set_region(key, data_offset(raw.fileno(), info), info.file_size, info.CRC)
+            made[key] = storage
+            return storage
 
-        with zf.open(pkl[0]) as f:
-            return safe_load(f, str(path), allowed=_ALLOWED, persistent_load=persistent_load)
-
-
-def _zip_data_offset(fd: int, info: zipfile.ZipInfo) -> int:
-    # pread, not the memory map: touching a page of the map pulls its neighbours into memory
-    # too, and a checkpoint has a header before every storage
-    header = os.pread(fd, 30, info.header_offset)
-    if len(header) < 30 or header[:4] != b"PK\x03\x04":
-        raise ValueError("bad local zip header")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+        info = zf.getinfo(pkl[0])
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise ScanError(path, f"data.pkl claims {info.file_size} bytes: refused (tensors are stored "
+                                  "outside the pickle, so a real one is far smaller)")
+        with zf.open(info) as f:
+            data = f.read()   # zipfile checks its CRC-32 on this full read
+        return safe_load(io.BytesIO(data), str(path), allowed=reader.allowed(),
+                         persistent_load=persistent_load)
 
 
-def _storage_dtype(path: Path, storage_type) -> object:
-    if isinstance(storage_type, _StorageType):
-        return storage_type.dtype
-    name = getattr(type(storage_type), "__qualname__", None) or repr(storage_type)
-    raise ScanError(path, f"unsupported tensor storage type {name}")
+def _short(obj) -> str:
+    text = repr(obj)
+    return text if len(text) < 80 else text[:77] + "..."
 
 
-def _load_legacy(path: Path) -> Any:
+def _load_legacy(path: Path):
     """Pre-1.6 format: magic, protocol, sys_info pickles, the object, the storage keys, then data."""
+    storages = StorageFile(path, map_file(path))
+    reader = _FileReader(path, storages)
+    made: dict[str, Storage] = {}
     with open(path, "rb") as f:
-        magic = safe_load(f, str(path))
+        try:
+            magic = safe_load(f, str(path), max_bytes=64).value
+        except ScanError:
+            magic = None
         if magic != _LEGACY_MAGIC:
             raise ScanError(path, "not a torch checkpoint (neither a zip archive nor a legacy "
                                   "torch file; truncated or corrupt?)")
         safe_load(f, str(path))  # protocol version
         safe_load(f, str(path))  # sys_info
-        storages: dict[str, Storage] = {}
 
         def persistent_load(pid):
-            kind = pid[0]
-            if kind == "module":  # ('module', cls, file, source): keep the (stub) class only
-                return pid[1]
+            if isinstance(pid, tuple) and pid and pid[0] == "module":
+                return pid[1] if len(pid) > 1 else None  # ('module', cls, file, source): the stub class
+            if not isinstance(pid, tuple) or len(pid) != 6 or pid[0] != "storage":
+                raise ScanError(path, f"unknown persistent id {_short(pid)}")
             _kind, storage_type, root_key, _location, numel, view_metadata = pid
-            dtype = _storage_dtype(path, storage_type)
-            root = storages.setdefault(root_key, Storage(dtype, int(numel)))
+            root_key = str(root_key)
+            dtype = reader.storage_dtype(storage_type)
+            if dtype is None:
+                return _unreadable(f"storage type {_type_name(storage_type)} is not supported")
+            root = made.get(root_key)
+            if root is None:
+                root = made[root_key] = Storage(dtype, numel, storages, root_key)
+            elif root.dtype != dtype or root.numel != numel:
+                raise ScanError(path, f"storage {root_key} is declared twice with different types or sizes")
             if view_metadata is not None:
-                view_key, offset, view_size = view_metadata
-                return _StorageView(root, int(offset), int(view_size))
+                _view_key, offset, view_size = view_metadata
+                return _LegacyView(root, offset, view_size, path)
             return root
 
-        obj = safe_load(f, str(path), allowed={**_ALLOWED, ("torch._utils", "_rebuild_tensor"): _rebuild_legacy,
-                                                 ("torch._utils", "_rebuild_tensor_v2"): _rebuild_legacy},
-                        persistent_load=persistent_load)
-        keys = safe_load(f, str(path))
+        allowed = reader.allowed()
+        rebuild = Allowed("torch._utils._rebuild_tensor", lambda s, o, *rest: reader.rebuild(
+            *_resolve_view(s, o), *rest))
+        allowed[("torch._utils", "_rebuild_tensor")] = allowed[("torch._utils", "_rebuild_tensor_v2")] = rebuild
+        loaded = safe_load(f, str(path), allowed=allowed, persistent_load=persistent_load)
+        keys = safe_load(f, str(path)).value
         offset = f.tell()
-    mm = map_file(path)
-    for key in keys:
-        storage = storages[key]
-        numel = struct.unpack_from("<q", mm, offset)[0]
-        nbytes = numel * itemsize(storage.dtype)
-        if offset + 8 + nbytes > len(mm):
-            raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)")
-        storage.numel = numel
-        storage.region = Region(mm, path, offset + 8, nbytes)
-        offset += 8 + nbytes
-    return obj
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ScanError(path, "legacy storage key list is malformed")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        for key in keys:
+            header = os.pread(f.fileno(), 8, offset)
+            if len(header) < 8:
+                raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)")
+            numel = struct.unpack("<q", header)[0]
+            storage = made.get(key)
+            if storage is None or numel != storage.numel:
+                raise ScanError(path, f"storage {key} holds {numel} elements, but the pickle declares "
+                                      f"{storage.numel if storage else 'no such storage'}")
+            if offset + 8 + storage.nbytes > size:
+                raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)")
+            storages.set_region(key, offset + 8, storage.nbytes)
+            offset += 8 + storage.nbytes
+    missing = sorted(set(made) - set(keys))
+    if missing:
+        raise ScanError(path, f"storage {missing[0]} is used but has no data in the file")
+    return loaded
 
 
-class _StorageView:
-    def __init__(self, root: Storage, offset: int, size: int):
+class _LegacyView:
+    """A legacy storage view: (root storage, element offset, element count)."""
+
+    __slots__ = ("root", "offset", "size")
+
+    def __init__(self, root: Storage, offset, size, path):
+        if not all(isinstance(v, int) and v >= 0 for v in (offset, size)) or offset + size > root.numel:
+            raise ScanError(path, f"storage view {offset}+{size} lies outside storage {root.key}")
         self.root, self.offset, self.size = root, offset, size
 
+    def __setattr__(self, name, value):
+        if hasattr(self, "size"):
+            raise _Rejected("a pickle tried to change a storage view")
+        object.__setattr__(self, name, value)
 
-def _rebuild_legacy(storage, storage_offset, size, stride, *unused):
-    if isinstance(storage, _StorageView):
-        return StoredArray(storage.root, storage.offset + storage_offset, tuple(size), tuple(stride))
-    return StoredArray(storage, storage_offset, tuple(size), tuple(stride))
+
+def _resolve_view(storage, storage_offset):
+    if isinstance(storage, _LegacyView):
+        if not isinstance(storage_offset, int):
+            return storage.root, storage_offset
+        return storage.root, storage.offset + storage_offset
+    return storage, storage_offset
 
 
 def module_state_dict(obj: Any, prefix: str = "") -> "OrderedDict[str, Any]":
-    """State dict of a pickled nn.Module (a stub tree): parameters and buffers by dotted name."""
+    """State dict of a pickled nn.Module (a stub tree), as `state_dict()` gives it: parameters
+    and persistent buffers by dotted name. Walks without recursion (any depth)."""
     out: OrderedDict[str, Any] = OrderedDict()
-    state = obj.__dict__
-    for attr in ("_parameters", "_buffers"):
-        for name, value in (state.get(attr) or {}).items():
-            if value is not None:
-                out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if isinstance(child, Stub):
-            out.update(module_state_dict(child, f"{prefix}{name}."))
+    stack, seen = [(obj, prefix)], set()
+    while stack:
+        module, at = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        state = stub_state(module)
+        skip = state.get("_non_persistent_buffers_set") or ()
+        skip = set(skip) if isinstance(skip, (set, frozenset, list, tuple)) else set()
+        for attr in ("_parameters", "_buffers"):
+            entries = state.get(attr)
+            for name, value in (entries.items() if isinstance(entries, dict) else ()):
+                if value is not None and not (attr == "_buffers" and name in skip):
+                    out[f"{at}{name}"] = value
+        children = state.get("_modules")
+        if isinstance(children, dict):
+            # pushed in reverse so that children come out in definition order
+            for name, child in reversed(list(children.items())):
+                if isinstance(child, Stub):
+                    stack.append((child, f"{at}{name}."))
     return out
 
 
 def is_module(obj: Any) -> bool:
-    return isinstance(obj, Stub) and "_parameters" in obj.__dict__
+    return isinstance(obj, Stub) and not isinstance(obj, UnreadableTensor) and "_parameters" in stub_state(obj)

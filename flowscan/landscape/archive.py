@@ -61,7 +61,7 @@ def build_model(spec: str, input_shape, n_classes: int) -> torch.nn.Module:
 def iter_rounds(run: Run, names: NameOptions = NameOptions()) -> Iterator[RoundState]:
     """One round at a time (a model's worth of tensors in memory)."""
     for rnd in run.rounds:
-        refs, metrics = open_tensors(rnd, names)
+        refs, metrics, _notes = open_tensors(rnd, names)
         state = {r.name: torch.from_numpy(np.array(r.weight)) for r in refs}  # a copy, off the memory map
         masks = {r.name: torch.from_numpy(np.asarray(r.mask) != 0) for r in refs if r.mask is not None}
         yield RoundState(rnd.index, state, masks, {**metrics, **rnd.metrics})

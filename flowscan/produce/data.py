@@ -127,7 +127,7 @@ def _cifar_batch(path: Path, label_key: str):
     if not path.is_file():
         raise FlowscanError(f"{path}: missing (expected the standard cifar-*-python batch files)")
     with open(path, "rb") as f:
-        batch = safe_load(f, str(path))
+        batch = safe_load(f, str(path)).value
     try:
         data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int64)

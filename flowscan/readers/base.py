@@ -54,6 +54,7 @@ class RawRound:
     masks: Mapping[str, Any] | None = None    # a separate masks file, if the layout has one
     mask_path: Path | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)  # found inside the files
+    notes: list[str] = field(default_factory=list)              # e.g. calls kept as inert records
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
-"""Find the IMP runs below a path: the first reader that claims a folder owns it (and its subtree)."""
+"""Find the IMP runs below a path: the first reader that claims a folder owns it (and its subtree).
+
+Whatever goes wrong while looking at one folder (a malformed manifest, an unreadable index, a
+name that is not UTF-8) becomes that run's error; the walk goes on to the other folders.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from flowscan.errors import FlowscanError, ScanError
+from flowscan.errors import FlowscanError, ScanError, printable
 from flowscan.readers import registry
 from flowscan.readers.base import Reader, Run
 
@@ -14,36 +18,45 @@ def discover(root: Path, format: str | None = None, exclude: Path | None = None)
     """Runs below `root` in path order; a run whose layout is broken carries its error."""
     root = Path(root)
     if not root.is_dir():
-        raise FlowscanError(f"{root}: not a folder (flowscan analyzes folders of checkpoints)")
+        raise FlowscanError(f"{printable(str(root))}: not a folder (flowscan analyzes folders of checkpoints)")
     readers = [registry.get(format)] if format else registry.all_readers()
     exclude = exclude.resolve() if exclude else None
     runs: list[Run] = []
-    _walk(root, root, readers, exclude, runs)
+    stack = [root]
+    while stack:  # depth first, in name order, without recursion (any depth of folders)
+        folder = stack.pop()
+        if exclude is not None and folder.resolve() == exclude:
+            continue
+        run, children = _look_at(folder, readers)
+        if run is not None:
+            run.name = _relative(root, folder)
+            runs.append(run)
+        stack.extend(reversed(children))
     return runs
 
 
-def _walk(root: Path, folder: Path, readers: list[Reader], exclude: Path | None, runs: list[Run]) -> None:
-    if exclude is not None and folder.resolve() == exclude:
-        return
+def _look_at(folder: Path, readers: list[Reader]) -> tuple[Run | None, list[Path]]:
+    """(the run this folder is, or None), and the subfolders to look at next."""
     reader = None
     try:
         reader = next((r for r in readers if r.guess_can_open(folder)), None)
-        if reader is not None:
-            run = reader.open_run(folder)
-            if not run.rounds:
-                run.error = f"{folder}: no complete rounds found"
-    except (ScanError, OSError) as exc:
-        run = Run(folder, reader.name if reader else "?", [], error=str(exc))
-    else:
         if reader is None:
-            for child in sorted(folder.iterdir()):
-                if child.is_dir() and not child.name.startswith("."):
-                    _walk(root, child, readers, exclude, runs)
-            return
-    run.name = _relative(root, folder)
-    runs.append(run)
+            return None, sorted(c for c in folder.iterdir() if c.is_dir() and not c.name.startswith("."))
+        run = reader.open_run(folder)
+        if not run.rounds:
+            run.error = f"{printable(str(folder))}: no complete rounds found"
+        return run, []
+    except ScanError as exc:
+        error = str(exc)
+    except OSError as exc:
+        error = f"{printable(str(exc.filename or folder))}: cannot read: {exc.strerror or exc}"
+    except RecursionError:
+        error = f"{printable(str(folder))}: nested too deeply to read"
+    except Exception as exc:  # noqa: BLE001 - a reader's surprise costs only this folder
+        error = f"{printable(str(folder))}: {type(exc).__name__}: {exc}"
+    return Run(folder, reader.name if reader else "?", [], error=error), []
 
 
 def _relative(root: Path, folder: Path) -> str:
     rel = os.path.relpath(folder, root)
-    return "." if rel == "." else Path(rel).as_posix()
+    return "." if rel == "." else printable(Path(rel).as_posix())

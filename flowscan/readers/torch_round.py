@@ -21,21 +21,22 @@ from flowscan.readers.names import is_array
 
 def open_torch_round(weights: Path, masks: Path | None = None) -> RawRound:
     """The tensors, masks and float metrics of a torch checkpoint (+ an optional masks file)."""
-    obj = torch_file.load(weights)
+    notes: list[str] = []
+    obj = torch_file.load(weights, notes)
     tensors = state_dict_of(obj)
     if tensors is None:
         raise ScanError(weights, "no state dict found (looked for a pickled module, the top level "
                                  "and state_dict/model_state_dict/model/net)")
     mask_dict, mask_path = None, None
     if masks is not None:
-        mask_dict, mask_path = torch_file.load(masks), masks
+        mask_dict, mask_path = torch_file.load(masks, notes), masks
         if not isinstance(mask_dict, Mapping):
             raise ScanError(masks, "mask file is not a dict of tensors")
     elif isinstance(obj, Mapping):  # Chen et al.'s ImageNet runs keep a mask dict beside the weights
         candidate = obj.get("mask", obj.get("masks"))
         if isinstance(candidate, Mapping) and candidate is not tensors:
             mask_dict, mask_path = candidate, weights
-    return RawRound(tensors, weights, mask_dict, mask_path, scalar_metrics(obj))
+    return RawRound(tensors, weights, mask_dict, mask_path, scalar_metrics(obj), notes)
 
 
 def state_dict_of(obj: Any) -> Mapping[str, Any] | None:

@@ -1,0 +1,31 @@
+"""Zip archive facts both torch.save files and .npz archives need, read without trusting them."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+from flowscan.errors import ScanError
+
+
+def data_offset(fd: int, info: zipfile.ZipInfo) -> int:
+    """Where a member's bytes start in the archive file (after its local header)."""
+    # pread, not a memory map: touching a page of the map pulls its neighbours into memory
+    # too, and an archive has a header before every member
+    header = os.pread(fd, 30, info.header_offset)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise ScanError(None, f"member {info.filename!r} has no valid local zip header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def unique_members(path: Path, zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """Members by name; an archive that lists a name twice is refused (which copy is meant?)."""
+    infos = zf.infolist()
+    twice = [n for n, c in Counter(i.filename for i in infos).items() if c > 1]
+    if twice:
+        raise ScanError(path, f"archive lists member {twice[0]!r} twice (which copy is meant?)")
+    return {i.filename: i for i in infos}
