@@ -70,6 +70,7 @@ _HOSTILE_COMPONENTS = frozenset(m for m in HOSTILE_MODULES if "." not in m) | fr
 
 MAX_PICKLE_BYTES = 512 << 20   # tensors live outside the pickle; a real one is KBs to a few MBs
 MAX_MEMO_INDEX = 1 << 24       # pickle writes memo indices 0, 1, 2, ... in order
+MAX_STACK_DEPTH = 5_000        # nesting; a pickled BERT module reaches a few dozen
 
 
 def is_hostile(module: str, name: str) -> bool:
@@ -384,9 +385,13 @@ class _Clamped:
 def prescan(file, path: str, max_bytes: int = MAX_PICKLE_BYTES) -> None:
     """Walk one pickle's opcodes (up to STOP) and refuse memory-exhaustion tricks before
     anything is built: a stream larger than `max_bytes`, memo indices out of order."""
-    puts = 0
+    puts, depth, marks = 0, 0, []
     try:
         for op, arg, _pos in pickletools.genops(_Clamped(file, max_bytes)):
+            depth = _stack_depth(op, depth, marks)
+            if depth > MAX_STACK_DEPTH or len(marks) > MAX_STACK_DEPTH:
+                raise ScanError(path, f"pickle nests more than {MAX_STACK_DEPTH} levels deep "
+                                      "(a resource attack; refused)")
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
                 index = puts if op.name == "MEMOIZE" else arg
                 if not isinstance(index, int) or index > puts or index > MAX_MEMO_INDEX:
@@ -400,6 +405,23 @@ def prescan(file, path: str, max_bytes: int = MAX_PICKLE_BYTES) -> None:
     except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and friends
         raise ScanError(path, f"malformed pickle (or one over {max_bytes} bytes): "
                               f"{type(exc).__name__}: {exc}") from None
+
+
+def _stack_depth(op, depth: int, marks: list[int]) -> int:
+    """The unpickler's stack depth after `op` (from pickletools' stack effects)."""
+    before, after = op.stack_before, op.stack_after
+    if pickletools.markobject in before:
+        if not marks:
+            raise ValueError(f"{op.name} without a MARK")
+        depth = marks.pop() - before.index(pickletools.markobject)
+    else:
+        depth -= len(before)
+    if pickletools.markobject in after:
+        marks.append(depth)
+        return depth
+    if depth < 0:
+        raise ValueError(f"{op.name} on an empty stack")
+    return depth + len(after)
 
 
 def safe_load(file, path: str = "<pickle>", *, max_bytes: int = MAX_PICKLE_BYTES, **kwargs) -> Unpickled:

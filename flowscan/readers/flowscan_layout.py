@@ -25,10 +25,12 @@ class FlowscanReader(Reader):
             manifest = sub / layout.ROUND_MANIFEST
             try:
                 info = layout.read_json(manifest)
-            except (OSError, ValueError) as exc:
-                raise ScanError(manifest, f"unreadable round manifest: {exc}") from None
-            metrics = {k: float(v) for k, v in (info.get("metrics") or {}).items()
-                       if isinstance(v, (int, float))}
+            except (OSError, ValueError, RecursionError) as exc:
+                raise ScanError(manifest, f"unreadable round manifest: {type(exc).__name__}: {exc}") from None
+            if not isinstance(info, dict) or not isinstance(info.get("metrics") or {}, dict):
+                raise ScanError(manifest, "round manifest is not a JSON object with a metrics object")
+            metrics = {str(k): float(v) for k, v in (info.get("metrics") or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
             masks = sub / layout.MASKS
             files = (sub / layout.WEIGHTS,) + ((masks,) if masks.exists() else ())
             rounds.append(Round(index, self.name, files, (), metrics))

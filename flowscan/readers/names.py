@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from flowscan.errors import ScanError
+from flowscan.io.torch_file import UnreadableTensor
 from flowscan.readers.base import NameOptions, RawRound, TensorRef
 
 _OPENLTH_MASK = re.compile(r"^mask_(.+)$")
@@ -37,8 +38,11 @@ def is_array(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
-def _canonical_items(arrays: Mapping[str, Any], opts: NameOptions) -> Iterable[tuple[str, str, Any]]:
+def _canonical_items(arrays: Mapping[str, Any], opts: NameOptions, path: Path | None = None
+                     ) -> Iterable[tuple[str, str, Any]]:
     for raw, value in arrays.items():
+        if isinstance(value, UnreadableTensor):
+            raise ScanError(path, f"cannot be read exactly: {value.reason}", tensor=str(raw))
         if not is_array(value):
             continue
         name = canonical(str(raw), opts)
@@ -48,7 +52,7 @@ def _canonical_items(arrays: Mapping[str, Any], opts: NameOptions) -> Iterable[t
 
 def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
     """TensorRefs in file order: one per weight, with its mask where one is stored."""
-    items = list(_canonical_items(raw.tensors, opts))
+    items = list(_canonical_items(raw.tensors, opts, raw.path))
     weights: dict[str, tuple[str, Any]] = {}
     for raw_name, name, value in items:
         if name.endswith("_orig"):
@@ -68,7 +72,7 @@ def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
             if weights.get(name, (None,))[0] == raw_name:
                 del weights[name]
     # A separate masks file fills in masks the weights file does not carry itself.
-    for raw_name, name, value in _canonical_items(raw.masks or {}, opts):
+    for raw_name, name, value in _canonical_items(raw.masks or {}, opts, raw.mask_path or raw.path):
         base = name[: -len("_mask")] if name.endswith("_mask") else name
         masks.setdefault(base, (raw_name, value, raw.mask_path or raw.path))
 

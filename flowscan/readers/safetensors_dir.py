@@ -37,12 +37,26 @@ def _folder_files(folder: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
     files = sorted(p for p in folder.iterdir() if _is_array_file(p))
     masks = tuple(p for p in files if _is_mask_file(p))
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
-            raise ScanError(index, f"unreadable shard index: {exc}") from None
-        return tuple(folder / s for s in shards), masks
+        return _shards(index), masks
     return tuple(p for p in files if not _is_mask_file(p)), masks
+
+
+def _shards(index: Path) -> tuple[Path, ...]:
+    """The shard files an HF index lists; each must be a file of the index's own folder."""
+    try:
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError) as exc:
+        raise ScanError(index, f"unreadable shard index: {type(exc).__name__}: {exc}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ScanError(index, "shard index has no weight_map of tensor name -> shard file name")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = index.parent / name
+        if Path(name).name != name or name in (".", "..") or not shard.is_file():
+            raise ScanError(index, f"shard {name!r} is not a file beside the index (refused: an index "
+                                   "may only name files of its own folder)")
+        shards.append(shard)
+    return tuple(shards)
 
 
 def _round_folders(folder: Path) -> list[Path]:
