@@ -38,6 +38,11 @@ def is_array(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
+def is_tensor(value: Any) -> bool:
+    """An array, or a tensor the file holds that flowscan cannot read exactly (an error if used)."""
+    return is_array(value) or isinstance(value, UnreadableTensor)
+
+
 def _canonical_items(arrays: Mapping[str, Any], opts: NameOptions, path: Path | None = None
                      ) -> Iterable[tuple[str, str, Any]]:
     for raw, value in arrays.items():

@@ -16,7 +16,7 @@ from flowscan.errors import ScanError
 from flowscan.io import torch_file
 from flowscan.io.torch_file import is_module, module_state_dict
 from flowscan.readers.base import RawRound
-from flowscan.readers.names import is_array
+from flowscan.readers.names import is_tensor
 
 
 def open_torch_round(weights: Path, masks: Path | None = None) -> RawRound:
@@ -49,9 +49,9 @@ def state_dict_of(obj: Any) -> Mapping[str, Any] | None:
         inner = obj.get(key)
         if is_module(inner):
             return module_state_dict(inner)
-        if isinstance(inner, Mapping) and any(is_array(v) for v in inner.values()):
+        if isinstance(inner, Mapping) and any(is_tensor(v) for v in inner.values()):
             return inner
-    if any(is_array(v) for v in obj.values()):
+    if any(is_tensor(v) for v in obj.values()):
         return obj
     return None
 
