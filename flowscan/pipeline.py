@@ -38,6 +38,7 @@ class Options:
     jobs: int = 1
     strict: bool = False
     cache_dir: Path | None = None  # per-round sums, so an interrupted analysis resumes
+    verify: bool = True           # CRC-32 of zip members, checked as they are reduced
 
 
 @dataclass
@@ -141,7 +142,7 @@ def _reduce_all(tasks, options: Options, progress, reduce_task=None):
     work = list(tasks)
     if options.jobs <= 1 or len(work) <= 1:
         for i, rnd in work:
-            yield i, reduce_task(rnd, options.names, options.cache_dir)
+            yield i, reduce_task(rnd, options.names, options.cache_dir, options.verify)
             if progress:
                 progress(1)
         return
@@ -165,7 +166,7 @@ def _pool_pass(work, options: Options, jobs: int, ctx, progress, reduce_task):
     lost = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         # workers get only what they need: block rules hold unpicklable preset functions
-        futures = {pool.submit(reduce_task, rnd, options.names, options.cache_dir): k
+        futures = {pool.submit(reduce_task, rnd, options.names, options.cache_dir, options.verify): k
                    for k, (_i, rnd) in enumerate(work)}
         try:
             for future in as_completed(futures):
@@ -185,10 +186,10 @@ def _pool_pass(work, options: Options, jobs: int, ctx, progress, reduce_task):
     return [work[k] for k in sorted(lost)]
 
 
-def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None) -> RoundSums | str:
+def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = True) -> RoundSums | str:
     """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
     try:
-        cached = cache_dir / f"{_cache_key(rnd, names)}.json" if cache_dir else None
+        cached = cache_dir / f"{_cache_key(rnd, names, verify)}.json" if cache_dir else None
         if cached is not None and cached.is_file() and cached.with_suffix(".npz").is_file():
             try:
                 with np.load(cached.with_suffix(".npz"), allow_pickle=False) as bits:
@@ -196,7 +197,7 @@ def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None) -> Roun
                                    bits={k: bits[k] for k in bits.files})
             except (ValueError, KeyError, TypeError, OSError):
                 pass  # a damaged cache entry is recomputed
-        result = reduce_round(rnd, names)
+        result = reduce_round(rnd, names, verify)
         if cached is not None:  # bits first: the json marks the entry complete
             with atomic_path(cached.with_suffix(".npz")) as tmp:
                 with open(tmp, "wb") as f:
@@ -210,13 +211,13 @@ def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None) -> Roun
         return printable(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def _cache_key(rnd: Round, names: NameOptions) -> str:
+def _cache_key(rnd: Round, names: NameOptions, verify: bool) -> str:
     files = []
     for f in rnd.files:
         st = Path(f).stat()
         files.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
     payload = json.dumps([CACHE_VERSION, __version__, rnd.reader, rnd.index, files,
-                          [str(s) for s in rnd.spec], asdict(names)], sort_keys=True)
+                          [str(s) for s in rnd.spec], asdict(names), verify], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

@@ -84,10 +84,12 @@ def _accumulator(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> tuple[TensorSums, np.ndarray | None]:
+def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
+                  verify: bool = True) -> tuple[TensorSums, np.ndarray | None]:
     """The tensor's sums, and its mask as packed bits (None: every entry kept).
 
-    Zip members are CRC-checked on the way (`Checksum`), chunk by chunk with the reduction."""
+    With `verify`, zip members are CRC-checked on the way (`Checksum`), chunk by chunk with the
+    reduction, while their bytes are in cache."""
     buffers = buffers or _Buffers()
     weight = _flat(ref.weight)
     if weight.dtype.kind not in "fiubc":
@@ -96,10 +98,31 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> tuple[Tens
     mask = _flat(ref.mask) if ref.mask is not None else None
     if mask is not None and mask.dtype.kind not in "fiub":
         raise ScanError(ref.mask_path or ref.path, f"mask has non-numeric dtype {mask.dtype}", tensor=ref.name)
-    checks = [c for c in (Checksum.for_array(ref.weight), Checksum.for_array(ref.mask)) if c is not None]
+    checks = [c for c in (Checksum.for_array(ref.weight), Checksum.for_array(ref.mask))
+              if c is not None] if verify else []
     n = weight.size
     track_zeros = mask is None and len(ref.shape) >= 2  # a mask may be inferred from its zeros
     bits = np.empty((n + 7) // 8, dtype=np.uint8) if mask is not None else None
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums are reported below
+        abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, acc, buffers, checks,
+                                                              track_zeros, bits)
+    if not math.isfinite(abs_sum):
+        raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
+    if bits is not None and n % 8:  # the last byte's padding bits count as pruned
+        bits[-1] &= (0xFF << (8 - n % 8)) & 0xFF
+    for array in (ref.weight, ref.mask):
+        if hasattr(array, "release"):
+            array.release()
+    sums = TensorSums(shape=tuple(int(s) for s in ref.shape), n_params=int(n), masked=mask is not None,
+                      n_unpruned=int(n_unpruned if mask is not None else n),
+                      n_nonzero=int(n_unpruned if mask is not None else n_nonzero),
+                      abs_sum=abs_sum, path=str(ref.path))
+    return sums, bits
+
+
+def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits):
+    """The chunked pass of `reduce_tensor`: (sum |m*w|, ones in the mask, nonzeros, packed bits)."""
+    n = weight.size
     abs_sum, n_unpruned, n_nonzero = 0.0, 0, 0
     for start in range(0, n, CHUNK):  # CHUNK is a multiple of 8: packed chunks concatenate
         stop = min(start + CHUNK, n)
@@ -128,18 +151,7 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None) -> tuple[Tens
         abs_sum += float(buf.sum(dtype=np.float64))
     for check in checks:
         check.finish()
-    if not math.isfinite(abs_sum):
-        raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
-    if bits is not None and n % 8:  # the last byte's padding bits count as pruned
-        bits[-1] &= (0xFF << (8 - n % 8)) & 0xFF
-    for array in (ref.weight, ref.mask):
-        if hasattr(array, "release"):
-            array.release()
-    sums = TensorSums(shape=tuple(int(s) for s in ref.shape), n_params=int(n), masked=mask is not None,
-                      n_unpruned=int(n_unpruned if mask is not None else n),
-                      n_nonzero=int(n_unpruned if mask is not None else n_nonzero),
-                      abs_sum=abs_sum, path=str(ref.path))
-    return sums, bits
+    return abs_sum, n_unpruned, n_nonzero, bits
 
 
 def _count_ones(m: np.ndarray, ref: TensorRef) -> int:
@@ -167,7 +179,7 @@ def open_tensors(round: Round, opts: NameOptions) -> tuple[list[TensorRef], dict
     return names.pair(raw, opts), dict(raw.metrics), list(raw.notes)
 
 
-def reduce_round(round: Round, opts: NameOptions) -> RoundSums:
+def reduce_round(round: Round, opts: NameOptions, verify: bool = True) -> RoundSums:
     refs, metrics, notes = open_tensors(round, opts)
     if not refs:
         raise ScanError(round.files[0] if round.files else None,
@@ -175,7 +187,7 @@ def reduce_round(round: Round, opts: NameOptions) -> RoundSums:
     buffers = _Buffers()
     sums, bits = {}, {}
     for ref in refs:
-        sums[ref.name], packed = reduce_tensor(ref, buffers)
+        sums[ref.name], packed = reduce_tensor(ref, buffers, verify)
         if packed is not None:
             bits[ref.name] = packed
     return RoundSums(round.index, sums, metrics, bits, tuple(notes))

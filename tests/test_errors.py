@@ -167,11 +167,11 @@ def test_an_interrupted_analysis_resumes_from_cached_rounds(tmp_path, monkeypatc
     calls = []
     real = pipeline.reduce_round
 
-    def interrupted(rnd, names: NameOptions):
+    def interrupted(rnd, names: NameOptions, *args):
         calls.append(rnd.index)
         if rnd.index == 3:
             raise KeyboardInterrupt  # the user hits Ctrl-C while round 3 is read
-        return real(rnd, names)
+        return real(rnd, names, *args)
 
     monkeypatch.setattr(pipeline, "reduce_round", interrupted)
     run = FIXTURES / "closed-form" / "safetensors"
@@ -180,7 +180,8 @@ def test_an_interrupted_analysis_resumes_from_cached_rounds(tmp_path, monkeypatc
     assert calls == [0, 1, 2, 3]
 
     calls.clear()
-    monkeypatch.setattr(pipeline, "reduce_round", lambda rnd, names: (calls.append(rnd.index), real(rnd, names))[1])
+    monkeypatch.setattr(pipeline, "reduce_round",
+                        lambda rnd, names, *args: (calls.append(rnd.index), real(rnd, names, *args))[1])
     resumed = pipeline.analyze(run, options)
     assert calls == [3, 4]  # rounds 0-2 came from the cache
     fresh = pipeline.analyze(run, pipeline.Options())
@@ -198,3 +199,18 @@ def test_a_changed_file_is_not_served_from_the_cache(tmp_path, copy_fixture):
     after = analyze(run, out)
     assert after["rounds"].filter(round=4, block="a.0")["abs_sum"][0] == pytest.approx(
         2 * before["rounds"].filter(round=4, block="a.0")["abs_sum"][0])
+
+
+def test_a_dying_worker_costs_only_its_round(tmp_path):
+    import crashing_reducer
+    from flowscan.readers.base import Round
+
+    tasks = [(i % 2, Round(i, "prune-style", (tmp_path / f"{i}.pt",))) for i in range(6)]
+    options = pipeline.Options(jobs=2)
+    outcomes = list(pipeline._reduce_all(tasks, options, None, crashing_reducer.reduce_or_die))
+    assert len(outcomes) == 6
+    reduced = sorted(o for _run, o in outcomes if o.startswith("reduced"))
+    assert reduced == [f"reduced {i}" for i in (0, 1, 3, 4, 5)]
+    [(run, died)] = [(run, o) for run, o in outcomes if not o.startswith("reduced")]
+    assert died.startswith(f"{tmp_path / '2.pt'}: the process reading this round died")
+    assert run == 0   # charged to the run of round 2 only

@@ -19,13 +19,16 @@ from flowscan.cli.options import command_line, scan_options
               help="Reduce rounds in this many processes.")
 @click.option("--strict", is_flag=True, help="Stop at the first run that fails.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse per-round sums from an earlier, interrupted run.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the CRC-32 check of torch zip and .npz members (a flipped byte then goes unnoticed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache: bool, quiet: bool) -> None:
+def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache: bool, no_verify: bool,
+            quiet: bool) -> None:
     """Compute M, P, lambda and sigma per block for every IMP run below PATH."""
     from flowscan import pipeline, summary, tables
     from flowscan.errors import FlowscanError
 
-    options = pipeline.Options(**scan, jobs=jobs, strict=strict,
+    options = pipeline.Options(**scan, jobs=jobs, strict=strict, verify=not no_verify,
                                cache_dir=None if no_cache else out / ".cache")
     try:
         runs = pipeline.find_runs(path, options, exclude=out)
