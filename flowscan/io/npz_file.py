@@ -34,10 +34,14 @@ def load(path: Path) -> dict[str, StoredArray | LoadedArray]:
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise ScanError(path, f"not a readable .npz archive (truncated or corrupt?): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError, OSError ...
+        raise ScanError(path, f"not a readable .npz archive (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from None
     with zf, open(path, "rb") as raw:
-        members = [i for n, i in unique_members(path, zf).items() if n.endswith(".npy")]
+        members = list(unique_members(path, zf).values())
+        odd = [i.filename for i in members if not i.filename.endswith(".npy")]
+        if odd:  # numpy writes only NAME.npy members; anything else is damage or a different file
+            raise ScanError(path, f"member {odd[0]!r} is not a .npy array (a damaged or foreign archive)")
         storages = StorageFile(path, map_file(path))
         out: dict[str, StoredArray | LoadedArray] = {}
         for info in members:
