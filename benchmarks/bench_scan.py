@@ -8,7 +8,8 @@ prunable parameters) for `--rounds` rounds, in two layouts: per-round safetensor
 masks, and Chen et al.-style prune-style `{k}checkpoint.pth.tar` (float32 weight_orig and
 weight_mask). Then, each in a fresh subprocess (so peak RSS is its own), on a warm page cache:
 
-  flowscan         pipeline.analyze (what `flowscan analyze` runs), --jobs 1 and 2
+  flowscan         pipeline.analyze (what `flowscan analyze` runs), --jobs 1 and 2, and with
+                   --verify (CRC-32 of every zip member) on the torch files
   plain-read       reading the same files' bytes into one reused buffer (an I/O ceiling)
   naive            torch.load(weights_only=True) of each whole file + per-tensor (w*m).abs().sum()
 
@@ -139,7 +140,7 @@ def child(method: str, folder: Path, jobs: int) -> None:
         import torch  # noqa: F401
     start = time.perf_counter()
     if method.startswith("flowscan"):
-        method_flowscan(folder, jobs, verify=method != "flowscan-noverify")
+        method_flowscan(folder, jobs, verify=method == "flowscan-verify")
     elif method == "plain-read":
         method_plain_read(folder)
     else:
@@ -179,9 +180,9 @@ def main() -> None:
         folder = data / layout
         size = archive_bytes(folder)
         method_plain_read(folder)  # warm the page cache
-        for method, jobs in (("flowscan", 1), ("flowscan-noverify", 1), ("flowscan", 2), ("plain-read", 1),
+        for method, jobs in (("flowscan", 1), ("flowscan-verify", 1), ("flowscan", 2), ("plain-read", 1),
                              ("naive", 1)):
-            if method == "flowscan-noverify" and layout == "safetensors":
+            if method == "flowscan-verify" and layout == "safetensors":
                 continue   # safetensors carry no checksum
             r = measure(method, folder, jobs)
             label = f"{method} -j{jobs}" if method.startswith("flowscan") else method

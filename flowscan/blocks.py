@@ -8,6 +8,7 @@ blocks flat, and the stage depends on the depth).
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -109,10 +110,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+_PRESET_LIKE = re.compile(r"[a-z]+(-[a-z0-9]+)+")
+
+
 def parse_rule(text: str) -> RegexRule | Preset:
-    """A preset name, LABEL=REGEX, or REGEX."""
+    """A preset name, LABEL=REGEX, or REGEX. A word-hyphen-word value that is no preset is an
+    error: it is far likelier a misspelt preset than a regex for tensor names."""
     if text in PRESETS:
         return PRESETS[text]
+    if _PRESET_LIKE.fullmatch(text):
+        close = difflib.get_close_matches(text, list(PRESETS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FlowscanError(f"--blocks {text!r}: no such preset; {hint}(presets: {', '.join(PRESETS)}; "
+                            f"to match names with this regular expression, write {text}={text})")
     label, sep, regex = text.partition("=")
     # '=' also occurs inside regexes ((?=...), (?P=...)): only a plain word before it is a label.
     if not sep or not re.fullmatch(r"[\w.\-/ ]+", label):
@@ -153,6 +163,18 @@ class BlockRules:
 
     def __str__(self) -> str:
         return " ".join(str(r) for r in self.rules) or "auto"
+
+    def warnings(self, names: Sequence[str], labels: Sequence[str], n_params: Sequence[int]) -> list[str]:
+        """What a user should hear about the grouping: rules that match no tensor, and a
+        result where most prunable parameters fall into `(other)`."""
+        out = [f"block rule {str(rule)!r} matches no prunable tensor" for rule in self.rules
+               if not any(label is not None for label in rule.labels(names))]
+        total = sum(n_params)
+        other = sum(n for n, label in zip(n_params, labels) if label == OTHER)
+        if total and other / total > 0.5:
+            out.append(f"{other / total:.0%} of the prunable parameters match no block rule and are in "
+                       f"{OTHER}; see `flowscan inspect` and --blocks")
+        return out
 
 
 def detect_preset(names: Sequence[str]) -> Preset:

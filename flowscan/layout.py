@@ -51,7 +51,9 @@ def complete_rounds(run: Path) -> list[tuple[int, Path]]:
         index = round_index(child)
         if index is not None and (child / ROUND_MANIFEST).is_file():
             found.append((index, child))
-    return sorted(found)
+    from flowscan.readers.numbering import unique_rounds  # a round folder per number, or an error
+
+    return unique_rounds(found)
 
 
 def read_json(path: Path) -> dict:

@@ -38,7 +38,9 @@ class Options:
     jobs: int = 1
     strict: bool = False
     cache_dir: Path | None = None  # per-round sums, so an interrupted analysis resumes
-    verify: bool = True           # CRC-32 of zip members, checked as they are reduced
+    # CRC-32 of zip members, checked as they are reduced: off by default, as it halves the warm
+    # throughput of torch zip archives (benchmarks/bench_scan.py)
+    verify: bool = False
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RunResult:
     eigen: dict[str, flow.Eigen] = field(default_factory=dict)
     metrics: list[tuple[int, str, float]] = field(default_factory=list)
     survival: np.ndarray | None = None    # steps x blocks x (kept before, kept in both, kept after)
+    warnings: list[str] = field(default_factory=list)   # e.g. block rules that match nothing
 
     @property
     def ok(self) -> bool:
@@ -186,7 +189,7 @@ def _pool_pass(work, options: Options, jobs: int, ctx, progress, reduce_task):
     return [work[k] for k in sorted(lost)]
 
 
-def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = True) -> RoundSums | str:
+def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = False) -> RoundSums | str:
     """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
     try:
         cached = cache_dir / f"{_cache_key(rnd, names, verify)}.json" if cache_dir else None
@@ -274,6 +277,9 @@ def assemble(run: Run, rounds: list[RoundSums], options: Options,
     n_params = np.array([int(np.prod(shapes[n], dtype=np.int64)) for n in prunable], dtype=np.int64)
 
     labels, rule = options.blocks.resolve(prunable)
+    warnings = options.blocks.warnings(prunable, labels, [int(np.prod(shapes[n], dtype=np.int64))
+                                                          for n in prunable])
+    run.notes.extend(w for w in warnings if w not in run.notes)
     blocks = list(dict.fromkeys(labels))
     member = np.array([[lab == b for b in blocks] for lab in labels], dtype=np.int64)  # T x B
     block_flow = flow.compute_flow([rs.index for rs in rounds], n_params @ member,
@@ -287,7 +293,8 @@ def assemble(run: Run, rounds: list[RoundSums], options: Options,
                           dtype=np.int64)
     survival = np.einsum("stk,tb->sbk", per_tensor.reshape(len(steps), len(prunable), 3), member)
     return RunResult(run, None, prunable, labels, blocks, rule, source, block_flow,
-                     {q: flow.eigen_summary(block_flow, q) for q in ("M", "P")}, metrics, survival)
+                     {q: flow.eigen_summary(block_flow, q) for q in ("M", "P")}, metrics, survival,
+                     warnings)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def _accumulator(dtype: np.dtype) -> np.dtype:
 
 
 def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
-                  verify: bool = True) -> tuple[TensorSums, np.ndarray | None]:
+                  verify: bool = False) -> tuple[TensorSums, np.ndarray | None]:
     """The tensor's sums, and its mask as packed bits (None: every entry kept).
 
     With `verify`, zip members are CRC-checked on the way (`Checksum`), chunk by chunk with the
@@ -179,7 +179,7 @@ def open_tensors(round: Round, opts: NameOptions) -> tuple[list[TensorRef], dict
     return names.pair(raw, opts), dict(raw.metrics), list(raw.notes)
 
 
-def reduce_round(round: Round, opts: NameOptions, verify: bool = True) -> RoundSums:
+def reduce_round(round: Round, opts: NameOptions, verify: bool = False) -> RoundSums:
     refs, metrics, notes = open_tensors(round, opts)
     if not refs:
         raise ScanError(round.files[0] if round.files else None,

@@ -76,7 +76,7 @@ def read_round(run: Path, fmt: str) -> str:
     folder = (run / target).parent   # round.json is not read as a file of the round, but beside it
     rnd = next(r for r in rounds if any(Path(f) == run / target or (folder != run and Path(f).parent == folder)
                                         for f in r.files))
-    sums = reduce_round(rnd, NameOptions()).to_json()
+    sums = reduce_round(rnd, NameOptions(), verify=True).to_json()
     for tensor in sums["tensors"]:
         del tensor["path"]   # the case's own folder
     return json.dumps([sums, dict(rnd.metrics)], sort_keys=True, default=str)

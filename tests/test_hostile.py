@@ -22,7 +22,7 @@ GOOD = "zz_good"  # analysed after every bad run
 def _analyze(root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     # a subprocess, so that a crash (segfault) fails this test instead of killing pytest
     return subprocess.run([sys.executable, "-m", "flowscan", "analyze", str(root), "-o", str(out), "-q",
-                           "--no-cache", *args], capture_output=True, text=True, timeout=600,
+                           "--no-cache", "--verify", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 

@@ -95,7 +95,7 @@ def test_npz_damage_is_named(tmp_path):
     from flowscan.readers.base import TensorRef
     from flowscan.reduce import reduce_tensor
     with pytest.raises(ScanError, match="CRC-32"):
-        reduce_tensor(TensorRef("w", arrays["w"], None, tmp_path / "flipped.npz"))
+        reduce_tensor(TensorRef("w", arrays["w"], None, tmp_path / "flipped.npz"), verify=True)
     (tmp_path / "short.npz").write_bytes(bytes(raw[:300]))
     with pytest.raises(ScanError, match="not a readable .npz"):
         npz_file.load(tmp_path / "short.npz")

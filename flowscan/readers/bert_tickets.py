@@ -19,6 +19,7 @@ import numpy as np
 from flowscan.io import torch_file
 from flowscan.readers.base import RawRound, Reader, Round
 from flowscan.readers.torch_round import open_torch_round
+from flowscan.readers.numbering import unique_rounds
 from flowscan.readers.registry import register
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -28,7 +29,7 @@ def _checkpoints(folder: Path) -> list[Path]:
     found = [(int(m.group(1)), c) for c in folder.iterdir()
              if (m := _CHECKPOINT.match(c.name)) and c.is_dir()
              and ((c / "model.pt").is_file() or (c / "mask.pt").is_file())]
-    return [c for _n, c in sorted(found)]
+    return [c for _n, c in unique_rounds(found, "checkpoint step")]
 
 
 def _metric_dict(obj) -> dict[str, float]:

@@ -6,6 +6,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from flowscan.errors import ScanError
+
 _LAST_NUMBER = re.compile(r"^(.*?)(\d+)(\D*)$")
 _SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".tar", ".npz", ".bin", ".ckpt")
 # HF Trainer folders count optimizer steps, not rounds: their order gives the round.
@@ -36,6 +38,17 @@ def numbered_groups(paths: list[Path]) -> dict[str, list[tuple[int, Path]]]:
         if found:
             groups[found[0]].append((found[1], path))
     return {k: sorted(v) for k, v in groups.items()}
+
+
+def unique_rounds(numbered: list[tuple[int, Path]], what: str = "round") -> list[tuple[int, Path]]:
+    """`numbered` sorted by number; two paths with one number (`round_2`, `round_02`) are an
+    error naming both, never a silent pick."""
+    numbered = sorted(numbered, key=lambda item: (item[0], str(item[1])))
+    for (n, a), (m, b) in zip(numbered, numbered[1:]):
+        if n == m:
+            raise ScanError(a.parent, f"{a.name} and {b.name} are both {what} {n}: which one is meant? "
+                                      "(move one away)")
+    return numbered
 
 
 def as_rounds(numbered: list[tuple[int, Path]]) -> tuple[list[tuple[int, Path]], str | None]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from flowscan.errors import ScanError
 from flowscan.readers.base import RawRound, Reader, Round
 from flowscan.readers.torch_round import open_torch_round
+from flowscan.readers.numbering import unique_rounds
 from flowscan.readers.registry import register
 
 _LEVEL = re.compile(r"^level_(\d+)$")
@@ -25,12 +26,9 @@ _MASK_FILES = ("mask.pth", "mask.pt")
 
 
 def _levels(folder: Path) -> list[tuple[int, Path]]:
-    out = []
-    for child in folder.iterdir():
-        m = _LEVEL.match(child.name)
-        if m and (child / "main").is_dir():
-            out.append((int(m.group(1)), child / "main"))
-    return sorted(out)
+    found = [(int(m.group(1)), child) for child in folder.iterdir()
+             if (m := _LEVEL.match(child.name)) and (child / "main").is_dir()]
+    return [(n, level / "main") for n, level in unique_rounds(found, "level")]
 
 
 def _weights_file(main: Path) -> Path | None:

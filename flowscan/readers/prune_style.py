@@ -15,7 +15,7 @@ from flowscan.errors import ScanError
 from flowscan.io import torch_file
 from flowscan.readers.base import RawRound, Reader, Round
 from flowscan.readers.torch_round import open_torch_round
-from flowscan.readers.numbering import numbered_groups
+from flowscan.readers.numbering import numbered_groups, unique_rounds
 from flowscan.readers.registry import register
 
 # Preferred file families when a folder holds several (first match wins).
@@ -45,7 +45,7 @@ class PruneStyleReader(Reader):
         others = sorted(set(groups) - {chosen})
         if others:
             notes.append("ignored: " + ", ".join(o.replace("{n}", "{round}") for o in others))
-        rounds = [Round(n, self.name, (path,)) for n, path in groups[chosen]]
+        rounds = [Round(n, self.name, (path,)) for n, path in unique_rounds(groups[chosen])]
         return rounds, notes
 
     def open_round(self, round: Round) -> RawRound:

@@ -17,7 +17,7 @@ from pathlib import Path
 from flowscan.errors import ScanError
 from flowscan.io import npz_file, safetensors_file
 from flowscan.readers.base import RawRound, Reader, Round
-from flowscan.readers.numbering import as_rounds, numbered_groups, pattern_and_number
+from flowscan.readers.numbering import as_rounds, numbered_groups, pattern_and_number, unique_rounds
 from flowscan.readers.registry import register
 
 _EXTS = (".safetensors", ".npz")
@@ -60,14 +60,18 @@ def _shards(index: Path) -> tuple[Path, ...]:
 
 
 def _round_folders(folder: Path) -> list[Path]:
-    """Numbered subfolders holding weight files and no folders of their own (a run per seed
-    folder, e.g. seed_0/round_0000/..., is a run, not a round)."""
+    """Numbered subfolders holding one round's weights: no folders of their own, and weight files
+    without round numbers (model.safetensors, or shards listed by an index). A subfolder of
+    numbered files (seed_0/round_0.safetensors, ...) is a run of its own, not a round."""
     found = []
     for c in folder.iterdir():
         if c.is_dir() and pattern_and_number(c.name):
             children = list(c.iterdir())
-            if not any(p.is_dir() for p in children) and any(
-                    _is_array_file(p) and not _is_mask_file(p) for p in children):
+            weights = [p for p in children if _is_array_file(p) and not _is_mask_file(p)]
+            if any(p.is_dir() for p in children) or not weights:
+                continue
+            indexed = (c / "model.safetensors.index.json").is_file()
+            if indexed or not any(pattern_and_number(p.name) and "-of-" not in p.name for p in weights):
                 found.append(c)
     return found
 
@@ -76,6 +80,18 @@ def _load(path: Path):
     if path.name.endswith(".npz"):
         return npz_file.load(path)
     return safetensors_file.load(path)[0]
+
+
+def _merge(paths) -> dict:
+    """The arrays of several files of one round; a name in two files is an error, not a pick."""
+    out: dict = {}
+    where: dict = {}
+    for path in paths:
+        for name, array in _load(path).items():
+            if name in out:
+                raise ScanError(path, f"tensor {name!r} is also in {where[name].name}: which one is meant?")
+            out[name], where[name] = array, path
+    return out
 
 
 @register
@@ -92,15 +108,15 @@ class SafetensorsReader(Reader):
         subdirs = _round_folders(folder)
         if subdirs:
             group = max(numbered_groups(subdirs).values(), key=len)
-            numbered, note = as_rounds(group)
+            numbered, note = as_rounds(unique_rounds(group))
             specs = [(n, *_folder_files(p)) for n, p in numbered]
         else:
             flat = [p for p in folder.iterdir() if _is_array_file(p)]
             groups = numbered_groups([p for p in flat if not _is_mask_file(p)])
             key = max(groups, key=lambda k: (len(groups[k]), k))
-            numbered, note = as_rounds(groups[key])
-            mask_by_number = {n: p for g in numbered_groups([p for p in flat if _is_mask_file(p)]).values()
-                              for n, p in g}
+            numbered, note = as_rounds(unique_rounds(groups[key]))
+            masks = [item for g in numbered_groups([p for p in flat if _is_mask_file(p)]).values() for item in g]
+            mask_by_number = dict(unique_rounds(masks, "the mask file of round"))
             specs = [(n, (p,), (mask_by_number[n],) if n in mask_by_number else ()) for n, p in numbered]
             if len(groups) > 1:
                 notes.append("ignored: " + ", ".join(sorted(set(groups) - {key})))
@@ -112,11 +128,6 @@ class SafetensorsReader(Reader):
     def open_round(self, round: Round) -> RawRound:
         n_weights = round.spec[0]
         weight_files, mask_files = round.files[:n_weights], round.files[n_weights:]
-        tensors: dict = {}
-        for path in weight_files:
-            tensors.update(_load(path))
-        masks: dict = {}
-        for path in mask_files:
-            masks.update(_load(path))
+        tensors, masks = _merge(weight_files), _merge(mask_files)
         where = weight_files[0] if len(weight_files) == 1 else weight_files[0].parent
         return RawRound(tensors, where, masks or None, mask_files[0] if mask_files else None)
