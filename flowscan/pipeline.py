@@ -42,6 +42,11 @@ class Options:
     # throughput of torch zip archives (benchmarks/bench_scan.py)
     verify: bool = False
 
+    def identity(self) -> dict[str, str]:
+        """The options that change the scan tables (not how fast they are made)."""
+        return {"blocks": str(self.blocks), "format": self.format or "", "infer_masks": str(self.infer_masks),
+                "select": self.names.select or "", "strip_model_prefix": str(self.names.strip_model_prefix)}
+
 
 @dataclass
 class RunResult:

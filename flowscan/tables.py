@@ -7,6 +7,10 @@ and then renamed into place one after another, so a second analysis replaces the
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,7 +20,7 @@ import pyarrow.parquet as pq
 from flowscan import __version__
 from flowscan.flow import relevance
 from flowscan.errors import printable
-from flowscan.io.atomic import atomic_path
+from flowscan.io.atomic import atomic_path, write_text
 from flowscan.pipeline import RunResult
 
 TABLES = ("runs", "rounds", "steps", "eigen", "metrics", "survival")
@@ -94,8 +98,95 @@ def build_tables(results: Sequence[RunResult]) -> dict[str, pl.DataFrame]:
     return {t: _frame(t, cols[t]) for t in TABLES}
 
 
-def metadata(command: str, blocks: str) -> dict[str, str]:
-    return {"flowscan_version": __version__, "command": command, "blocks": blocks}
+def metadata(command: str, blocks: str, *, analysis_id: str = "", source: str = "") -> dict[str, str]:
+    """Key-value metadata of a table: version, command, block rules, and its identity: the
+    analysis it derives from (`analysis_id`) and, for tables computed from an archive (lmc,
+    sharpness), that archive's path (`source`)."""
+    return {"flowscan_version": __version__, "command": command, "blocks": blocks,
+            "analysis_id": analysis_id, "source": source}
+
+
+# -- one output folder describes one analysis ---------------------------------------------------
+ANALYSIS_MANIFEST = "flowscan-analysis.json"
+# tables computed from the scan tables or from the archive, by later commands
+DERIVED_TABLES = ("experiments", "experiment_runs", "scaling", "compare", "lmc", "lmc_summary",
+                  "sharpness", "fraction_probe")
+DERIVED_FILES = ("figures", "report.html")
+
+
+def analysis_identity(path: Path, options: Mapping[str, str]) -> dict[str, str]:
+    """What makes two analyses the same: the archive's path and the scan options."""
+    source = str(Path(path).resolve())
+    digest = hashlib.sha256(json.dumps([source, dict(options)], sort_keys=True).encode()).hexdigest()[:16]
+    return {"analysis_id": digest, "source": source, "options": dict(options)}
+
+
+def read_manifest(out: Path) -> dict | None:
+    try:
+        data = json.loads((Path(out) / ANALYSIS_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "analysis_id" in data else None
+
+
+def write_manifest(out: Path, identity: Mapping[str, object]) -> None:
+    write_text(Path(out) / ANALYSIS_MANIFEST, json.dumps(
+        {**identity, "flowscan_version": __version__, "tables": list(TABLES)}, indent=2, sort_keys=True))
+
+
+def current_id(out: Path) -> str:
+    """The analysis id of the scan tables in `out` ("" when there are none yet)."""
+    manifest = read_manifest(out)
+    return manifest["analysis_id"] if manifest else ""
+
+
+def is_stale(table: Path, manifest: Mapping | None) -> bool:
+    """A derived table that belongs to another analysis than the folder's scan tables."""
+    if manifest is None:
+        return False
+    meta = read_metadata(table)
+    if meta.get("source"):   # computed from an archive: stale if it was another archive
+        return meta["source"] != manifest.get("source")
+    return meta.get("analysis_id", "") != manifest["analysis_id"]
+
+
+def set_aside_stale(out: Path, identity: Mapping[str, str]) -> tuple[Path | None, list[str]]:
+    """Before new scan tables are written: move the derived outputs of another analysis into
+    `OUT/stale-<their id>/`, so no table of one archive is shown with the runs of another."""
+    out = Path(out)
+    old = read_manifest(out)
+    candidates = [out / f"{t}.parquet" for t in DERIVED_TABLES] + [out / f for f in DERIVED_FILES]
+    present = [p for p in candidates if p.exists()]
+    if not present:
+        return None, []
+    if old is not None and old["analysis_id"] == identity["analysis_id"]:
+        moving = [p for p in present if p.suffix == ".parquet" and is_stale(p, old)]
+    else:
+        new = {"analysis_id": identity["analysis_id"], "source": identity["source"]}
+        moving = [p for p in present if p.suffix != ".parquet" or is_stale(p, new)]
+    if not moving:
+        return None, []
+    aside = out / f"stale-{old['analysis_id'] if old else 'unknown'}"
+    aside.mkdir(exist_ok=True)
+    for p in moving:
+        target = aside / p.name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(p, target)
+    return aside, [p.name for p in moving]
+
+
+def read_derived(out: Path, name: str, warnings: list[str] | None = None) -> pl.DataFrame | None:
+    """A derived table of `out`, or None when absent or stale (then a warning says why)."""
+    path = Path(out) / f"{name}.parquet"
+    if not path.is_file():
+        return None
+    if is_stale(path, read_manifest(out)):
+        if warnings is not None:
+            warnings.append(f"{path}: from another analysis than the tables in {out} (ignored; "
+                            f"re-run the command that wrote it)")
+        return None
+    return pl.read_parquet(path)
 
 
 def write_tables(frames: Mapping[str, pl.DataFrame], out: Path, meta: Mapping[str, str]) -> list[Path]:

@@ -158,7 +158,7 @@ def test_second_analysis_replaces_the_tables_whole(tmp_path):
     for table in second.values():
         assert set(table["run"].unique()) <= {"seed0"}
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
-        f"{t}.parquet" for t in TABLES)
+        [f"{t}.parquet" for t in TABLES] + ["flowscan-analysis.json"])
 
 
 def test_an_interrupted_analysis_resumes_from_cached_rounds(tmp_path, monkeypatch):

@@ -86,3 +86,47 @@ def test_good_rules_give_no_warning(tmp_path):
     result = run_cli("analyze", FIXTURES / "closed-form" / "safetensors", "-o", tmp_path / "out", "-q",
                      "--blocks", r"^(a|b)\.")
     assert "warning" not in result.output
+
+
+def _landscape_table(out, source):
+    from flowscan import tables
+
+    frame = pl.DataFrame({"run": ["."], "round": [0], "barrier": [0.5]})
+    tables.write_tables({"lmc_summary": frame}, out, tables.metadata("test", "", source=str(source.resolve())))
+
+
+def test_analysis_of_another_archive_sets_the_old_derived_tables_aside(tmp_path):
+    a, b, out = FIXTURES / "closed-form" / "safetensors", FIXTURES / "torch-prune", tmp_path / "out"
+    analyze(a, out)
+    run_cli("aggregate", out)
+    _landscape_table(out, a)
+    assert (out / "experiments.parquet").is_file() and (out / "lmc_summary.parquet").is_file()
+    run_cli("analyze", a, "-o", out, "-q")                  # the same analysis again: all kept
+    assert (out / "experiments.parquet").is_file() and (out / "lmc_summary.parquet").is_file()
+
+    result = run_cli("analyze", b, "-o", out, "-q")
+    assert "note: moved experiments.parquet, experiment_runs.parquet, lmc_summary.parquet" in result.output
+    assert not (out / "experiments.parquet").exists() and not (out / "lmc_summary.parquet").exists()
+    aside = [p for p in out.iterdir() if p.name.startswith("stale-")]
+    assert len(aside) == 1 and (aside[0] / "lmc_summary.parquet").is_file()
+    assert read_tables(out)["runs"]["run"].to_list() == ["seed0"]
+
+
+def test_other_options_make_stats_tables_stale_but_keep_the_archive_tables(tmp_path):
+    a, out = FIXTURES / "closed-form" / "safetensors", tmp_path / "out"
+    analyze(a, out)
+    run_cli("aggregate", out)
+    _landscape_table(out, a)
+    run_cli("analyze", a, "-o", out, "-q", "--blocks", r"^(a|b)\.")
+    assert not (out / "experiments.parquet").exists()      # derived from the old blocks
+    assert (out / "lmc_summary.parquet").is_file()         # computed from the same archive
+
+
+def test_readers_of_derived_tables_ignore_a_stale_one_and_say_so(tmp_path):
+    out = tmp_path / "out"
+    analyze(FIXTURES / "closed-form" / "safetensors", out)
+    _landscape_table(out, FIXTURES / "torch-prune")         # e.g. `lmc OTHER -o out`
+    result = run_cli("report", out)
+    assert "warning:" in result.output and "lmc_summary.parquet: from another analysis" in result.output
+    from flowscan.stats.loading import load_analysis
+    assert "lmc_summary" not in load_analysis(out).landscape

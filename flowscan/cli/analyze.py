@@ -40,7 +40,14 @@ def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     frames = tables.build_tables(results)
-    tables.write_tables(frames, out, tables.metadata(command_line(), str(options.blocks)))
+    identity = tables.analysis_identity(path, options.identity())
+    aside, moved = tables.set_aside_stale(out, identity)
+    if moved:
+        click.echo(f"note: moved {', '.join(moved)} of an earlier analysis of another archive or with other "
+                   f"options to {aside}/", err=True)
+    tables.write_tables(frames, out, tables.metadata(command_line(), str(options.blocks),
+                                                     analysis_id=identity["analysis_id"]))
+    tables.write_manifest(out, identity)
     if not quiet:
         click.echo(summary.analysis_summary(results))
         click.echo(f"tables written to {out}/: {', '.join(f'{t}.parquet' for t in tables.TABLES)}")

@@ -30,10 +30,10 @@ def model_options(command):
     return wrapper
 
 
-def _write(frames: dict, out: Path) -> None:
+def _write(frames: dict, out: Path, source: Path) -> None:
     from flowscan import tables
 
-    tables.write_tables(frames, out, tables.metadata(command_line(), ""))
+    tables.write_tables(frames, out, tables.metadata(command_line(), "", source=str(Path(source).resolve())))
     click.echo(f"written: {', '.join(str(out / f'{name}.parquet') for name in frames)}")
 
 
@@ -54,7 +54,7 @@ def lmc(path, out, setup, points, tolerance, bn_batches) -> None:
         curves, summary = lmc_tables(path, setup, points, tolerance, bn_batches, progress=click.echo)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
-    _write({"lmc": curves, "lmc_summary": summary}, out)
+    _write({"lmc": curves, "lmc_summary": summary}, out, path)
     if summary.height:
         save(figures.lmc_barriers(summary), out / "figures" / "lmc-barrier")
         for run in summary["run"].unique(maintain_order=True):
@@ -85,5 +85,5 @@ def sharpness(path, out, setup, subset, tol, max_iter, probe, tolerance) -> None
                                                        setup.device)
     except (FlowscanError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    _write(frames, out)
+    _write(frames, out, path)
     save(figures.sharpness_plot(frames["sharpness"], frames.get("fraction_probe")), out / "figures" / "sharpness")

@@ -45,7 +45,7 @@ def aggregate(out: Path, grouping) -> None:
         raise _fail(exc) from None
     experiments = stats.aggregate(t["eigen"], t["runs"], grouping)
     members = grouping.membership(t["runs"]["run"].to_list())
-    meta = tables.metadata(command_line(), "")
+    meta = tables.metadata(command_line(), "", analysis_id=tables.current_id(out))
     tables.write_tables({"experiments": experiments, "experiment_runs": members}, out, meta)
     click.echo(summary.paper_table(sigma_table(experiments, "experiment"), sem=True))
     click.echo(f"written: {out / 'experiments.parquet'}, {out / 'experiment_runs.parquet'}")
@@ -76,7 +76,7 @@ def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, g
     except FlowscanError as exc:
         raise _fail(exc) from None
     scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap, np_tolerance=np_tolerance)
-    tables.write_tables({"scaling": scaling}, out, tables.metadata(command_line(), ""))
+    tables.write_tables({"scaling": scaling}, out, tables.metadata(command_line(), "", analysis_id=tables.current_id(out)))
     click.echo(summary.scaling_text(scaling))
     click.echo(f"written: {out / 'scaling.parquet'}")
 
@@ -103,7 +103,7 @@ def compare(outs, level, quantity, threshold, output, grouping) -> None:
         raise _fail(exc) from None
     pairs, classes = compare_units(sigmas, threshold)
     output = output or outs[0] / "compare.parquet"
-    tables.write_table(pairs, output, tables.metadata(command_line(), ""))
+    tables.write_table(pairs, output, tables.metadata(command_line(), "", analysis_id=tables.current_id(outs[0])))
     click.echo(summary.compare_text(pairs, classes))
     click.echo(f"written: {output}")
 
@@ -150,6 +150,8 @@ def plot(out, output, formats, pairs, grouping) -> None:
     chosen = [tuple(p.split(",", 1)) for p in pairs]
     if any(len(p) != 2 for p in chosen):
         raise click.BadParameter("expected two block labels separated by a comma", param_hint="--pair")
+    for warning in a.warnings:
+        click.echo(f"warning: {warning}", err=True)
     output = output or out / "figures"
     figs = standard_figures(a.tables, a.experiments, a.points, a.scaling, pairs=chosen or None,
                             landscape=a.landscape)
@@ -176,6 +178,8 @@ def report(out, output, bootstrap, grouping) -> None:
         a = load_analysis(out, grouping, bootstrap)
     except FlowscanError as exc:
         raise _fail(exc) from None
+    for warning in a.warnings:
+        click.echo(f"warning: {warning}", err=True)
     output = output or out / "report.html"
     write_text(output, render(a, command_line()))
     click.echo(f"written: {output}")

@@ -51,6 +51,7 @@ class Analysis:
     classes: dict[str, int]
     metadata: dict[str, str]
     landscape: dict[str, pl.DataFrame] = field(default_factory=dict)  # lmc*, sharpness, if computed
+    warnings: list[str] = field(default_factory=list)                 # derived tables left out
 
 
 LANDSCAPE_TABLES = ("lmc", "lmc_summary", "sharpness", "fraction_probe")
@@ -62,24 +63,22 @@ def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 1
     from flowscan.errors import FlowscanError
     from flowscan.stats.compare import compare
     from flowscan.stats.critical import error_points, fit_scaling
-    from flowscan.tables import read_metadata, read_tables
+    from flowscan.tables import read_derived, read_metadata, read_tables
 
     out = Path(out)
+    warnings: list[str] = []
     tables = read_tables(out, optional=("survival",))
-    if (out / "experiments.parquet").is_file():
-        experiments = pl.read_parquet(out / "experiments.parquet")
-    else:
+    experiments = read_derived(out, "experiments", warnings)
+    if experiments is None:
         experiments = aggregate(tables["eigen"], tables["runs"], grouping)
     try:
         points = error_points(tables["metrics"], tables["rounds"])
     except FlowscanError:
         points = None
-    if (out / "scaling.parquet").is_file():
-        scaling = pl.read_parquet(out / "scaling.parquet")
-    else:
+    scaling = read_derived(out, "scaling", warnings)
+    if scaling is None:
         scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap) if points is not None else None
     pairs, classes = compare(sigma_units([out], "run", quantity, grouping))
-    landscape = {n: pl.read_parquet(out / f"{n}.parquet") for n in LANDSCAPE_TABLES
-                 if (out / f"{n}.parquet").is_file()}
+    landscape = {n: frame for n in LANDSCAPE_TABLES if (frame := read_derived(out, n, warnings)) is not None}
     return Analysis(out, tables, experiments, points, scaling, pairs, classes,
-                    read_metadata(out / "runs.parquet"), landscape)
+                    read_metadata(out / "runs.parquet"), landscape, warnings)
