@@ -1,4 +1,4 @@
-"""Block rules: which block each prunable tensor belongs to (DESIGN.md §3).
+"""Block rules: which block each prunable tensor belongs to (docs/definitions.md).
 
 A rule is a preset name, `LABEL=REGEX`, or `REGEX` (label = first capture group, else the whole
 match). Rules are tried in order, the first match wins, and unmatched tensors go to `(other)`.

@@ -1,4 +1,4 @@
-"""Flow math of Redman et al. (2022), DESIGN.md §1: pure functions on reduced sums, no I/O.
+"""Flow math of Redman et al. (2022), docs/definitions.md: pure functions on reduced sums, no I/O.
 
 Shapes: R rounds (rows, in increasing round order) x B blocks (columns).
 """
@@ -118,7 +118,7 @@ def relevance(sigma_mean: float, sigma_sem: float) -> str:
 
 @dataclass(frozen=True)
 class Flow:
-    """Everything DESIGN.md §1 defines for one run (rows: rounds in order; columns: blocks)."""
+    """Everything docs/definitions.md defines for one run (rows: rounds in order; columns: blocks)."""
 
     rounds: np.ndarray        # R round indices
     n_params: np.ndarray      # B

@@ -230,7 +230,7 @@ def _cache_key(rnd: Round, names: NameOptions, verify: bool) -> str:
 
 
 def prunable_set(run: Run, rounds: list[dict], infer_masks: bool) -> tuple[list[str], set[str]]:
-    """(prunable tensors in model order, those whose masks are inferred from zeros), DESIGN.md §1.
+    """(prunable tensors in model order, those whose masks are inferred from zeros), docs/definitions.md.
 
     `rounds` maps tensor names to anything with .shape, .masked and .path, per round in order.
     The prunable set is every tensor with a stored mask in some round; with no mask anywhere in
@@ -264,7 +264,7 @@ def mask_source(prunable: list[str], inferred: set[str]) -> str:
 
 def assemble(run: Run, rounds: list[RoundSums], options: Options,
              survival_steps: dict[int, dict]) -> RunResult:
-    """Prunable set, blocks and flow of one run from its per-round sums (DESIGN.md §1);
+    """Prunable set, blocks and flow of one run from its per-round sums (docs/definitions.md);
     `survival_steps` maps round n to per-tensor survival counts n -> n+1."""
     prunable, inferred = prunable_set(run, [rs.tensors for rs in rounds], options.infer_masks)
     shapes = {n: t.shape for rs in rounds for n, t in rs.tensors.items()}

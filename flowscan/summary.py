@@ -110,15 +110,19 @@ def paper_table(sigmas, style: str = "paper", sem: bool = False) -> str:
 
 
 def scaling_text(scaling) -> str:
-    lines = [f"{'level':<10} {'name':<30} {'gamma':>16} {'95% CI':>20} {'eps_np':>7} {'eps_dag':>7} "
-             f"{'p':>8} {'points':>6}"]
+    """One line per fit; gamma always beside the fit's status (only `ok` fits are measurements)."""
+    names = [str(r["name"]) for r in scaling.iter_rows(named=True)]
+    width = max([len("name"), *map(len, names)])
+    lines = [f"{'level':<10} {'name':<{width}} {'status':<12} {'gamma':>18} {'95% CI':>18} {'eps_np':>7} "
+             f"{'eps_dag':>7} {'p':>8} {'points':>6}"]
     for r in scaling.iter_rows(named=True):
+        head = f"{r['level']:<10} {str(r['name']):<{width}} {r['status']:<12}"
         if r["status"] == "error":
-            lines.append(f"{r['level']:<10} {r['name']:<30} not fitted: {r['error']}")
+            lines.append(f"{head} not fitted: {r['error']}")
             continue
         ci = f"[{r['gamma_ci_low']:.3f}, {r['gamma_ci_high']:.3f}]" if math.isfinite(r["gamma_ci_low"]) else "n/a"
-        lines.append(f"{r['level']:<10} {r['name']:<30} {_pm(r['gamma'], r['gamma_se']):>16} {ci:>20} "
-                     f"{r['epsilon_np']:>7.4f} {r['epsilon_dagger']:>7.4f} {r['p']:>8.4f} {r['n_points']:>6}"
+        lines.append(f"{head} {_pm(r['gamma'], r['gamma_se']):>18} {ci:>18} {r['epsilon_np']:>7.4f} "
+                     f"{r['epsilon_dagger']:>7.4f} {r['p']:>8.4f} {r['n_points']:>6}"
                      + (f"  ({r['error']})" if r["error"] else ""))
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The five output tables of DESIGN.md §2: tidy polars frames, written as zstd parquet.
+"""The five output tables of the output contract (README, Output tables): tidy polars frames, written as zstd parquet.
 
 Column names and types are a public interface. All tables are written to temporary files first
 and then renamed into place one after another, so a second analysis replaces the set whole.

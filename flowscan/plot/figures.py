@@ -176,13 +176,13 @@ def error_density(points: pl.DataFrame, scaling: pl.DataFrame | None = None, run
         ax.plot(part["density"], part["error"], marker(k), color=color(k), label=labels[run], markersize=4)
         if scaling is not None:
             fit = scaling.filter((pl.col("level") == "run") & (pl.col("name") == run) & (pl.col("status") != "error"))
-            if fit.height:
+            if fit.height and fit["status"][0] == "ok":
                 r = fit.row(0, named=True)
                 d = np.geomspace(part["density"].min(), part["density"].max(), 200)
-                bound = r["status"] == "at_bound"  # drawn, but dashed: not a measurement
                 ax.plot(d, scaling_function(d, r["epsilon_np"], r["epsilon_dagger"], r["gamma"], r["p"]),
-                        "--" if bound else "-", color=color(k), linewidth=1,
-                        label=f"fit, γ = {r['gamma']:.2f}" + (" (at a bound)" if bound else ""))
+                        "-", color=color(k), linewidth=1, label=f"fit, γ = {r['gamma']:.2f}")
+            elif fit.height:  # a fit that is not a measurement is not drawn; the legend says so
+                ax.plot([], [], " ", label=f"no fit drawn ({fit['status'][0]})")
     _density_axis(ax)
     ax.set_ylabel("error")
     ax.set_title("error against density")

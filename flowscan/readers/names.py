@@ -1,6 +1,6 @@
 """Canonical tensor names, and pairing each weight with its mask, for every layout.
 
-Conventions handled (DESIGN.md §4): torch.nn.utils.prune's `X.weight_orig` + `X.weight_mask`
+Conventions handled (the facts about each code base are in the readers' docstrings): torch.nn.utils.prune's `X.weight_orig` + `X.weight_mask`
 (the effective weight is their product; `weight_orig` is not zero where pruned), open_lth's
 `mask_a___b___weight` buffers, separate mask files keyed `X.weight` or `X.weight_mask`, the
 DataParallel `module.` prefix, an optional `model.` prefix, and a `select` prefix (MoCo's
