@@ -224,3 +224,27 @@ def test_rewind_point_is_the_initialization_and_stays_so(tmp_path):
     rewind = load_file(str(tmp_path / "seed_0" / "rewind.safetensors"))
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(rewind[name], value.numpy())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-net", "--data", "digits"], "unknown model 'no-such-net'"),
+    (["--model", "lenet", "--data", "digits"], "--model lenet cannot take --data digits"),
+])
+def test_bad_model_or_data_fails_before_anything_is_written(tmp_path, args, message):
+    from conftest import run_cli
+
+    out = tmp_path / "arch"
+    result = run_cli("produce", *args, "--rounds", "1", "--epochs", "0.1", "-o", out, "-q", expect=1)
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_a_folder_where_no_round_completed_does_not_lock_the_arguments(tmp_path):
+    from flowscan import layout
+    from flowscan.produce.imp import check_or_write_manifest
+
+    run = tmp_path / "seed_0"
+    run.mkdir()
+    check_or_write_manifest(run, {"model": "lenet"})
+    check_or_write_manifest(run, {"model": "mlp"})          # nothing completed: replaced
+    assert layout.read_json(run / layout.RUN_MANIFEST)["args"] == {"model": "mlp"}

@@ -90,7 +90,8 @@ def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def check_or_write_manifest(run: Path, args: dict) -> None:
     """Refuse to mix runs: an existing folder must have been made with the same arguments."""
     path = run / layout.RUN_MANIFEST
-    if path.is_file():
+    # a folder where no round completed holds nothing to protect: new arguments replace the old
+    if path.is_file() and layout.complete_rounds(run):
         old = layout.read_json(path).get("args", {})
         if old != args:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in sorted(set(old) | set(args))

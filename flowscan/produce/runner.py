@@ -36,13 +36,34 @@ def _one_seed(cfg: IMPConfig, seed: int, out: Path, device: str, compile: bool) 
                     on_round=lambda r: print(round_line(r), flush=True))
 
 
+def check_model_and_data(cfg: IMPConfig, data) -> None:
+    """Build the model for the data and run one example through it, before anything is written:
+    an unknown model or one that cannot take this data is an error here, not mid-run."""
+    from flowscan.errors import FlowscanError
+    from flowscan.produce import models
+
+    try:
+        model, _spec = models.build(cfg.model, data.input_shape, data.n_classes)
+    except ValueError as exc:
+        raise FlowscanError(f"--model: {exc}") from None
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(data.x_test[:1].cpu())
+    except Exception as exc:  # noqa: BLE001 - shape errors come as RuntimeError/ValueError/...
+        raise FlowscanError(f"--model {cfg.model} cannot take --data {cfg.data} (inputs of shape "
+                            f"{tuple(data.input_shape)}): {exc}") from None
+
+
 def produce(cfg: IMPConfig, seeds: Sequence[int], out: Path, device: str = "auto", parallel: int = 1,
             compile: bool = True, on_round: Callable[[RoundReport], None] | None = None,
             progress=None) -> list[RoundReport]:
     out = Path(out)
+    data = load(cfg.data)
+    check_model_and_data(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
     if parallel <= 1 or len(seeds) <= 1:
-        data = load(cfg.data).to(resolve_device(device))
+        data = data.to(resolve_device(device))
         reports = []
         for seed in seeds:
             reports += run_seed(cfg, seed, seed_folder(out, seed), data, resolve_device(device), compile,
