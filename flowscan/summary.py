@@ -6,6 +6,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+import polars as pl
 
 from flowscan.flow import relevance
 from flowscan.pipeline import Inspection, RunResult
@@ -41,6 +42,38 @@ def analysis_summary(results: Sequence[RunResult]) -> str:
     failed = sum(not r.ok for r in results)
     lines.append(f"{len(results)} run(s) analysed, {failed} failed.")
     return "\n".join(lines)
+
+
+def inspection_data(items: Sequence[Inspection]) -> list[dict]:
+    """`inspection_text` as data (for --json)."""
+    out = []
+    for item in items:
+        run = item.run
+        entry = {"run": run.name, "path": str(run.path), "format": run.format, "notes": list(run.notes),
+                 "error": item.error, "rounds": [{"round": r.index, "files": [str(f) for f in r.files],
+                                                   "metrics": dict(r.metrics)} for r in run.rounds]}
+        if not item.error:
+            entry.update(mask_source=item.mask_source, blocks_rule=item.blocks_rule, prunable=[
+                {"tensor": n, "shape": list(item.tensors[n].shape), "block": label}
+                for n, label in zip(item.prunable, item.labels)])
+        out.append(entry)
+    return out
+
+
+def analysis_data(results: Sequence[RunResult]) -> list[dict]:
+    """`analysis_summary` as data (for --json): per run its status and sigma (M) per block."""
+    out = []
+    for res in results:
+        item = {"run": res.run.name, "format": res.run.format, "status": "ok" if res.ok else "error",
+                "error": res.error, "notes": list(res.run.notes), "warnings": list(res.warnings)}
+        if res.ok:
+            e = res.eigen["M"]
+            item.update(rounds=[int(r) for r in res.flow.rounds], blocks_rule=res.blocks_rule, blocks=[
+                {"block": block, "sigma_mean": float(e.sigma_mean[b]), "sigma_sem": float(e.sigma_sem[b]),
+                 "sigma_fit": float(e.fits[b].slope), "n_pairs": int(e.n_pairs[b]),
+                 "relevance": relevance(e.sigma_mean[b], e.sigma_sem[b])} for b, block in enumerate(res.blocks)])
+        out.append(item)
+    return out
 
 
 def _rounds_text(indices: Sequence[int]) -> str:
@@ -135,9 +168,14 @@ def compare_text(pairs, classes: dict) -> str:
     for c, units in sorted(by_class.items()):
         lines.append(f"  {c}: {', '.join(units)}")
     lines.append("pairs (RMS sigma distance over shared blocks; relevance agreement):")
-    for r in pairs.sort("rms", nulls_last=True).iter_rows(named=True):
-        agree = "agree" if r["relevance_agree"] else (f"conflict in {r['conflict_blocks']}" if r["n_conflicts"]
-                                                      else "no shared blocks")
+    unshared = pairs.filter(pl.col("n_shared_blocks") == 0)
+    for r in pairs.filter(pl.col("n_shared_blocks") > 0).sort("rms", nulls_last=True).iter_rows(named=True):
+        agree = "agree" if r["relevance_agree"] else f"conflict in {r['conflict_blocks']}"
         rms = f"{r['rms']:.4f}" if r["rms"] is not None and math.isfinite(r["rms"]) else "n/a"
         lines.append(f"  {r['a']}  ~  {r['b']}: rms {rms} over {r['n_shared_blocks']} blocks, {agree}")
+    if unshared.height:  # one line, not one per pair: with many units these are most pairs
+        units = sorted(set(unshared["a"].to_list()) | set(unshared["b"].to_list()))
+        lines.append(f"  {unshared.height} pair(s) share no block and are not compared (among "
+                     f"{', '.join(units[:8])}{', ...' if len(units) > 8 else ''}); "
+                     "use the same --blocks rules for all")
     return "\n".join(lines)

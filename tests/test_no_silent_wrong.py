@@ -105,7 +105,7 @@ def test_analysis_of_another_archive_sets_the_old_derived_tables_aside(tmp_path)
     assert (out / "experiments.parquet").is_file() and (out / "lmc_summary.parquet").is_file()
 
     result = run_cli("analyze", b, "-o", out, "-q")
-    assert "note: moved experiments.parquet, experiment_runs.parquet, lmc_summary.parquet" in result.output
+    assert "warning: moved experiments.parquet, experiment_runs.parquet, lmc_summary.parquet" in result.output
     assert not (out / "experiments.parquet").exists() and not (out / "lmc_summary.parquet").exists()
     aside = [p for p in out.iterdir() if p.name.startswith("stale-")]
     assert len(aside) == 1 and (aside[0] / "lmc_summary.parquet").is_file()

@@ -42,7 +42,7 @@ class _Page(html.parser.HTMLParser):
 def test_report_is_self_contained_with_every_figure_and_table(analysed):
     result = run_cli("report", analysed)
     page_path = analysed / "report.html"
-    assert result.output.strip() == f"written: {page_path}"
+    assert result.output.strip() == f"wrote {page_path}"
     page = page_path.read_text()
     parser = _Page()
     parser.feed(page)
@@ -71,7 +71,7 @@ def test_report_renders_in_headless_chromium(analysed, tmp_path):
 
 def test_plot_writes_png_and_svg_for_each_figure(analysed, tmp_path):
     result = run_cli("plot", analysed, "-o", tmp_path / "figs")
-    written = result.output.split()
+    written = [line.removeprefix("wrote ") for line in result.output.splitlines() if line.startswith("wrote ")]
     names = {p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in written}
     assert {"sigma-heatmap", "eigen-bert-tickets-mrpc", "survival-bert-tickets-mrpc"} <= names
     for name in names:

@@ -11,14 +11,28 @@ from flowscan.cli.landscape import lmc, sharpness
 from flowscan.cli.produce import produce
 from flowscan.cli.stats import aggregate, compare, fit, plot, report, table
 
+# what to tell a user who pressed Ctrl-C, for the commands that can pick up where they stopped
+RESUME_HINTS = {
+    "analyze": "run the same command again: rounds already read come from OUT/.cache",
+    "produce": "run the same command again: it resumes after each seed's last complete round",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class FlowscanGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            hint = RESUME_HINTS.get(ctx.invoked_subcommand or "")
+            click.echo("\ninterrupted" + (f"; {hint}" if hint else ""), err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=FlowscanGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flowscan")
 def main() -> None:
     """RG-flow analysis of iterative magnitude pruning (IMP) checkpoints."""
 
 
-main.add_command(analyze)
-main.add_command(inspect)
-for command in (formats, aggregate, fit, compare, table, plot, report, produce, lmc, sharpness):
+for command in (analyze, inspect, formats, aggregate, fit, compare, table, plot, report, produce, lmc, sharpness):
     main.add_command(command)

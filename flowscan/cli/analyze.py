@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from flowscan.cli.app import app_options
 from flowscan.cli.options import command_line, scan_options
 
 
@@ -22,9 +23,8 @@ from flowscan.cli.options import command_line, scan_options
 @click.option("--verify", is_flag=True,
               help="Check the CRC-32 of every torch zip and .npz member read, so a flipped byte fails its run "
                    "(about halves the warm throughput of torch zip archives).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache: bool, verify: bool,
-            quiet: bool) -> None:
+@app_options(json_output=True)
+def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache: bool, verify: bool, app) -> None:
     """Compute M, P, lambda and sigma per block for every IMP run below PATH."""
     from flowscan import pipeline, summary, tables
     from flowscan.errors import FlowscanError
@@ -34,27 +34,27 @@ def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache
     try:
         runs = pipeline.find_runs(path, options, exclude=out)
         n_rounds = sum(len(r.rounds) for r in runs if not r.error)
-        with click.progressbar(length=n_rounds, label="reading rounds", file=sys.stderr,
-                               hidden=quiet) as bar:
-            results = pipeline.analyze_runs(runs, options, progress=bar.update)
+        app.detail(f"{len(runs)} run(s), {n_rounds} round(s) below {path}")
+        with app.progress(n_rounds, "reading rounds") as step:
+            results = pipeline.analyze_runs(runs, options, progress=step)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     frames = tables.build_tables(results)
     identity = tables.analysis_identity(path, options.identity())
     aside, moved = tables.set_aside_stale(out, identity)
     if moved:
-        click.echo(f"note: moved {', '.join(moved)} of an earlier analysis of another archive or with other "
-                   f"options to {aside}/", err=True)
-    tables.write_tables(frames, out, tables.metadata(command_line(), str(options.blocks),
-                                                     analysis_id=identity["analysis_id"]))
+        app.warn(f"moved {', '.join(moved)} of an earlier analysis of another archive or with other "
+                 f"options to {aside}/")
+    written = tables.write_tables(frames, out, tables.metadata(command_line(), str(options.blocks),
+                                                               analysis_id=identity["analysis_id"]))
     tables.write_manifest(out, identity)
-    if not quiet:
-        click.echo(summary.analysis_summary(results))
-        click.echo(f"tables written to {out}/: {', '.join(f'{t}.parquet' for t in tables.TABLES)}")
+    app.result(summary.analysis_summary(results))
+    app.data(summary.analysis_data(results))
+    app.wrote(written)
     for res in results:
         for warning in res.warnings:
-            click.echo(f"warning: run {res.run.name}: {warning}", err=True)
+            app.warn(f"run {res.run.name}: {warning}")
         if not res.ok:
-            click.echo(f"error: run {res.run.name}: {res.error}", err=True)
+            app.error(f"run {res.run.name}: {res.error}")
     if any(not r.ok for r in results):
         sys.exit(1)

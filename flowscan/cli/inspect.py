@@ -7,13 +7,15 @@ from pathlib import Path
 
 import click
 
+from flowscan.cli.app import app_options
 from flowscan.cli.options import scan_options
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @scan_options
-def inspect(path: Path, scan: dict) -> None:
+@app_options(json_output=True)
+def inspect(path: Path, scan: dict, app) -> None:
     """List runs, formats, rounds, prunable tensors and their blocks."""
     from flowscan import pipeline, summary
     from flowscan.errors import FlowscanError
@@ -24,20 +26,23 @@ def inspect(path: Path, scan: dict) -> None:
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     items = [pipeline.inspect_run(run, options) for run in runs]
-    click.echo(summary.inspection_text(items))
+    app.result(summary.inspection_text(items))
+    app.data(summary.inspection_data(items))
     if any(item.error for item in items):
         sys.exit(1)
 
 
 @click.command()
-def formats() -> None:
+@app_options(json_output=True)
+def formats(app) -> None:
     """List checkpoint formats (readers) and block presets."""
     from flowscan.blocks import PRESETS
     from flowscan.readers import registry
 
-    click.echo("formats (auto-detected in this order; force one with --format):")
-    for reader in registry.all_readers():
-        click.echo(f"  {reader.name:<14} {reader.description}")
-    click.echo("block presets (--blocks NAME):")
-    for preset in PRESETS.values():
-        click.echo(f"  {preset.name:<22} {preset.description}")
+    lines = ["formats (auto-detected in this order; force one with --format):"]
+    lines += [f"  {reader.name:<14} {reader.description}" for reader in registry.all_readers()]
+    lines.append("block presets (--blocks NAME):")
+    lines += [f"  {preset.name:<22} {preset.description}" for preset in PRESETS.values()]
+    app.result("\n".join(lines))
+    app.data({"formats": {r.name: r.description for r in registry.all_readers()},
+              "presets": {p.name: p.description for p in PRESETS.values()}})

@@ -7,34 +7,42 @@ from pathlib import Path
 
 import click
 
+from flowscan.cli.app import app_options, device_option
 from flowscan.cli.options import command_line
-
 
 
 def model_options(command):
     @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-    @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
+    @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
+                  default=Path("flowscan-out"), show_default=True,
+                  help="Folder for the tables and figures (use analyze's, so that they join).")
     @click.option("--model", help="Model (flowscan name or package.module:function); default: from produce's manifest.")
     @click.option("--data", "data_spec", metavar="NAME[:ARG]", help="Dataset; default: from produce's manifest.")
-    @click.option("--device", default="cpu", show_default=True)
+    @device_option
     @click.option("--select", metavar="PREFIX", help="Only tensors under PREFIX, prefix removed.")
     @click.option("--strip-model-prefix", is_flag=True, help="Drop a leading 'model.' from tensor names.")
-    @click.option("--format", "format_", metavar="NAME", help="Force a reader.")
+    @click.option("--format", "format_", metavar="NAME", help="Force a reader instead of auto-detecting.")
     @functools.wraps(command)
     def wrapper(path, out, model, data_spec, device, select, strip_model_prefix, format_, **kwargs):
         from flowscan.landscape.analysis import Setup
+        from flowscan.produce.runner import resolve_device
         from flowscan.readers.base import NameOptions
 
-        setup = Setup(model, data_spec, device, NameOptions(strip_model_prefix, select), format_)
+        setup = Setup(model, data_spec, str(resolve_device(device)), NameOptions(strip_model_prefix, select),
+                      format_)
         return command(path, out, setup, **kwargs)
     return wrapper
 
 
-def _write(frames: dict, out: Path, source: Path) -> None:
+def _write(frames: dict, figures: dict, out: Path, source: Path, app) -> None:
+    """The tables (tagged with the archive they come from), then the figures; lists every file."""
     from flowscan import tables
+    from flowscan.plot import save
 
-    tables.write_tables(frames, out, tables.metadata(command_line(), "", source=str(Path(source).resolve())))
-    click.echo(f"written: {', '.join(str(out / f'{name}.parquet') for name in frames)}")
+    app.wrote(tables.write_tables(frames, out, tables.metadata(command_line(), "",
+                                                               source=str(Path(source).resolve()))))
+    for name, fig in figures.items():
+        app.wrote(save(fig, out / "figures" / name))
 
 
 @click.command()
@@ -44,21 +52,23 @@ def _write(frames: dict, out: Path, source: Path) -> None:
               help="Matching: test error within this of the dense network's.")
 @click.option("--bn-batches", type=click.IntRange(1), default=20, show_default=True,
               help="Training batches to re-estimate BatchNorm statistics at each alpha.")
-def lmc(path, out, setup, points, tolerance, bn_batches) -> None:
+@app_options()
+def lmc(path, out, setup, points, tolerance, bn_batches, app) -> None:
     """Error along the line between successive rounds, and its barrier -> lmc*.parquet."""
     from flowscan.errors import FlowscanError
     from flowscan.landscape.analysis import lmc_tables
-    from flowscan.plot import figures, save
+    from flowscan.plot import figures
 
     try:
-        curves, summary = lmc_tables(path, setup, points, tolerance, bn_batches, progress=click.echo)
+        curves, summary = lmc_tables(path, setup, points, tolerance, bn_batches, progress=app.note)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
-    _write({"lmc": curves, "lmc_summary": summary}, out, path)
+    plots = {}
     if summary.height:
-        save(figures.lmc_barriers(summary), out / "figures" / "lmc-barrier")
+        plots["lmc-barrier"] = figures.lmc_barriers(summary)
         for run in summary["run"].unique(maintain_order=True):
-            save(figures.lmc_curves(curves, run), out / "figures" / f"lmc-curves-{figures.slug(run)}")
+            plots[f"lmc-curves-{figures.slug(run)}"] = figures.lmc_curves(curves, run)
+    _write({"lmc": curves, "lmc_summary": summary}, plots, out, path, app)
 
 
 @click.command()
@@ -67,23 +77,33 @@ def lmc(path, out, setup, points, tolerance, bn_batches) -> None:
               help="Training examples the Hessian is taken over (fixed).")
 @click.option("--tol", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
               help="Relative change of the eigenvalue estimate that ends the power iteration.")
-@click.option("--max-iter", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--max-iter", type=click.IntRange(1), default=100, show_default=True,
+              help="Most power iterations per round.")
 @click.option("--probe", "probe", metavar="F1,F2,...",
-              help="Also prune each fraction from every round, retrain, and record which stay matching.")
+              help="Also prune each fraction from every round of every run, retrain, and record which stay "
+                   "matching (fraction_probe.parquet).")
 @click.option("--tolerance", type=click.FloatRange(0), default=0.01, show_default=True,
               help="With --probe: matching = test error within this of the dense network's.")
-def sharpness(path, out, setup, subset, tol, max_iter, probe, tolerance) -> None:
+@app_options()
+def sharpness(path, out, setup, subset, tol, max_iter, probe, tolerance, app) -> None:
     """Top Hessian eigenvalue of the training loss per round -> sharpness.parquet."""
     from flowscan.errors import FlowscanError
-    from flowscan.landscape.analysis import probe_fractions, sharpness_table
-    from flowscan.plot import figures, save
+    from flowscan.landscape.analysis import probe_fractions, probe_runs, sharpness_table
+    from flowscan.plot import figures
 
     try:
-        frames = {"sharpness": sharpness_table(path, setup, subset, tol, max_iter, progress=click.echo)}
-        if probe:
-            frames["fraction_probe"] = probe_fractions(path, [float(f) for f in probe.split(",")], tolerance,
-                                                       setup.device)
-    except (FlowscanError, ValueError) as exc:
+        fractions = [float(f) for f in probe.split(",")] if probe else []
+    except ValueError:
+        raise click.BadParameter(f"expected fractions like 0.2,0.4, got {probe!r}", param_hint="--probe") from None
+    if any(not 0 < f < 1 for f in fractions):
+        raise click.BadParameter("fractions must lie strictly between 0 and 1", param_hint="--probe")
+    try:
+        if fractions:
+            probe_runs(path, setup)   # every run can be probed: checked before the Hessian work
+        frames = {"sharpness": sharpness_table(path, setup, subset, tol, max_iter, progress=app.note)}
+        if fractions:
+            frames["fraction_probe"] = probe_fractions(path, fractions, tolerance, setup, progress=app.note)
+    except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
-    _write(frames, out, path)
-    save(figures.sharpness_plot(frames["sharpness"], frames.get("fraction_probe")), out / "figures" / "sharpness")
+    _write(frames, {"sharpness": figures.sharpness_plot(frames["sharpness"], frames.get("fraction_probe"))},
+           out, path, app)

@@ -8,15 +8,20 @@ from pathlib import Path
 
 import click
 
+from flowscan.cli.app import app_options, device_option
+
 
 @click.command()
 @click.option("--model", required=True, help="cifar-resnet14/20/32/44/56, resnet18, resnet50, lenet, mlp, bert-small.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the archive: one seed_N folder per seed (resumes what is there).")
 @click.option("--data", "data_spec", required=True, metavar="NAME[:ARG]",
               help="digits, mnist5k[:csv.gz], fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, "
                    "synthetic-images[:CxHxW[:N]], synthetic-tokens[:L[:N]].")
-@click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--rounds", type=click.IntRange(1), default=10, show_default=True,
+              help="IMP rounds, round 0 (dense) included.")
 @click.option("--prune-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True)
+              show_default=True, help="Fraction pruned per round (the first one, with --schedule adaptive).")
 @click.option("--schedule", type=click.Choice(["global", "original", "layerwise", "adaptive"]), default="global",
               show_default=True, help="global: of the remaining weights; original: of the original count "
                                       "(BERT tickets); layerwise: per tensor; adaptive: the fraction follows "
@@ -34,26 +39,30 @@ import click
 @click.option("--rewind", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Rewind point: 0 = initialization, < 1 = fraction of training, >= 1 = step count.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Number of seeds.")
-@click.option("--first-seed", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True)
-@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=5e-4, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--first-seed", type=click.IntRange(0), default=0, show_default=True,
+              help="Seed of the first run (then first+1, ...).")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+              help="Training epochs per round.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Training batch size.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
+              help="Peak learning rate (cosine decay).")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=5e-4, show_default=True, help="Weight decay.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="Optimizer.")
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Linear learning-rate warm-up, in epochs.")
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random crops and flips on the device (CIFAR).")
 @click.option("--exclude", metavar="REGEX", help="Leave matching tensors dense (e.g. '^(conv1|fc)\\.' as Chen et al.).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--parallel", type=click.IntRange(1), default=None,
               help="Seeds trained at once in separate processes (default: up to 4 on a GPU, 1 on a CPU).")
 @click.option("--compile/--no-compile", default=True, show_default=True, help="CUDA graphs on a GPU.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@app_options()
 def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, match_tolerance,
             barrier_tolerance, growth, max_fraction, rewind, seeds, first_seed, epochs, batch_size, lr, momentum,
-            weight_decay, optimizer, warmup_epochs, augment, exclude, device, parallel, compile, out, quiet) -> None:
+            weight_decay, optimizer, warmup_epochs, augment, exclude, device, parallel, compile, out, app) -> None:
     """Train, prune, rewind and repeat for every seed, writing each round as it completes."""
     from flowscan.errors import FlowscanError
     from flowscan.produce.imp import IMPConfig
@@ -72,7 +81,7 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
     def progress(label: str, first: int, total: int, per_epoch: int):
         epochs = -(-total // per_epoch)
         bar = stack.enter_context(click.progressbar(
-            length=total - first, label=label, file=sys.stderr, hidden=quiet,
+            length=total - first, label=label, file=sys.stderr, hidden=app.quiet or not sys.stderr.isatty(),
             item_show_func=lambda step: f"epoch {step // per_epoch + 1}/{epochs}" if step is not None else ""))
         position = [first]
 
@@ -83,7 +92,7 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
 
     def on_round(report):
         stack.close()  # finish the round's bar before its summary line
-        click.echo(round_line(report))
+        app.result(round_line(report))
 
     try:
         with stack:
@@ -91,4 +100,4 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
                 on_round, progress)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"done: {out} (analyse with: flowscan analyze {out} -o OUT)")
+    app.note(f"done: {out} (analyse with: flowscan analyze {out} -o OUT)")

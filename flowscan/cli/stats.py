@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from flowscan.cli.app import app_options
 from flowscan.cli.options import command_line
 
 OUT_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -33,7 +34,8 @@ def _fail(exc) -> click.ClickException:
 @click.command()
 @click.argument("out", type=OUT_DIR)
 @grouping_options
-def aggregate(out: Path, grouping) -> None:
+@app_options()
+def aggregate(out: Path, grouping, app) -> None:
     """Mean ± SEM across replicates per experiment -> experiments.parquet."""
     from flowscan import stats, summary, tables
     from flowscan.errors import FlowscanError
@@ -46,9 +48,9 @@ def aggregate(out: Path, grouping) -> None:
     experiments = stats.aggregate(t["eigen"], t["runs"], grouping)
     members = grouping.membership(t["runs"]["run"].to_list())
     meta = tables.metadata(command_line(), "", analysis_id=tables.current_id(out))
-    tables.write_tables({"experiments": experiments, "experiment_runs": members}, out, meta)
-    click.echo(summary.paper_table(sigma_table(experiments, "experiment"), sem=True))
-    click.echo(f"written: {out / 'experiments.parquet'}, {out / 'experiment_runs.parquet'}")
+    written = tables.write_tables({"experiments": experiments, "experiment_runs": members}, out, meta)
+    app.result(summary.paper_table(sigma_table(experiments, "experiment"), sem=True))
+    app.wrote(written)
 
 
 @click.command()
@@ -57,11 +59,13 @@ def aggregate(out: Path, grouping) -> None:
 @click.option("--metric-is-error", is_flag=True, help="The metric is already an error, not an accuracy.")
 @click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Fit points from a CSV with density,error[,run] instead of the tables.")
-@click.option("--bootstrap", type=click.IntRange(0), default=200, show_default=True, help="Bootstrap resamples.")
+@click.option("--bootstrap", type=click.IntRange(0), default=200, show_default=True,
+              help="Bootstrap resamples for gamma's interval (0: none).")
 @click.option("--np-tolerance", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
               help="eps_np may move this fraction away from the dense error.")
 @grouping_options
-def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, grouping) -> None:
+@app_options(json_output=True)
+def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, grouping, app) -> None:
     """Critical exponent gamma of error vs density (Redman et al. Eq. 15) -> scaling.parquet."""
     from flowscan import summary, tables
     from flowscan.errors import FlowscanError
@@ -76,21 +80,26 @@ def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, g
     except FlowscanError as exc:
         raise _fail(exc) from None
     scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap, np_tolerance=np_tolerance)
-    tables.write_tables({"scaling": scaling}, out, tables.metadata(command_line(), "", analysis_id=tables.current_id(out)))
-    click.echo(summary.scaling_text(scaling))
-    click.echo(f"written: {out / 'scaling.parquet'}")
+    written = tables.write_tables({"scaling": scaling}, out,
+                                  tables.metadata(command_line(), "", analysis_id=tables.current_id(out)))
+    app.result(summary.scaling_text(scaling))
+    app.data(scaling)
+    app.wrote(written)
 
 
 @click.command()
 @click.argument("outs", nargs=-1, required=True, type=OUT_DIR)
-@click.option("--level", type=click.Choice(["run", "experiment"]), default="run", show_default=True)
-@click.option("--quantity", type=click.Choice(["M", "P"]), default="M", show_default=True)
+@click.option("--level", type=click.Choice(["run", "experiment"]), default="run", show_default=True,
+              help="Compare runs, or experiments (replicates pooled).")
+@click.option("--quantity", type=click.Choice(["M", "P"]), default="M", show_default=True,
+              help="Sigma of the magnitude share M or of the parameter share P.")
 @click.option("--threshold", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
               help="Classes: clusters whose average RMS sigma distance is below this.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the table (default: FIRST_OUT/compare.parquet).")
 @grouping_options
-def compare(outs, level, quantity, threshold, output, grouping) -> None:
+@app_options(json_output=True)
+def compare(outs, level, quantity, threshold, output, grouping, app) -> None:
     """Distances between sigma vectors, relevance agreement and classes -> compare.parquet."""
     from flowscan import summary, tables
     from flowscan.errors import FlowscanError
@@ -103,18 +112,24 @@ def compare(outs, level, quantity, threshold, output, grouping) -> None:
         raise _fail(exc) from None
     pairs, classes = compare_units(sigmas, threshold)
     output = output or outs[0] / "compare.parquet"
-    tables.write_table(pairs, output, tables.metadata(command_line(), "", analysis_id=tables.current_id(outs[0])))
-    click.echo(summary.compare_text(pairs, classes))
-    click.echo(f"written: {output}")
+    written = tables.write_table(pairs, output,
+                                 tables.metadata(command_line(), "", analysis_id=tables.current_id(outs[0])))
+    app.result(summary.compare_text(pairs, classes))
+    app.data({"classes": classes, "pairs": pairs})
+    app.wrote([written])
 
 
 @click.command()
 @click.argument("out", type=OUT_DIR)
-@click.option("--style", type=click.Choice(["paper", "markdown"]), default="paper", show_default=True)
-@click.option("--level", type=click.Choice(["run", "experiment"]), default="run", show_default=True)
-@click.option("--quantity", type=click.Choice(["M", "P"]), default="M", show_default=True)
+@click.option("--style", type=click.Choice(["paper", "markdown"]), default="paper", show_default=True,
+              help="Plain columns as in the paper, or a Markdown table.")
+@click.option("--level", type=click.Choice(["run", "experiment"]), default="run", show_default=True,
+              help="One row per run, or per experiment (replicates pooled).")
+@click.option("--quantity", type=click.Choice(["M", "P"]), default="M", show_default=True,
+              help="Sigma of the magnitude share M or of the parameter share P.")
 @grouping_options
-def table(out, style, level, quantity, grouping) -> None:
+@app_options()
+def table(out, style, level, quantity, grouping, app) -> None:
     """Sigma per block, one row per run or experiment, in the layout of the paper's tables."""
     from flowscan import summary
     from flowscan.errors import FlowscanError
@@ -124,7 +139,7 @@ def table(out, style, level, quantity, grouping) -> None:
         sigmas = sigma_units([out], level, quantity, grouping)
     except FlowscanError as exc:
         raise _fail(exc) from None
-    click.echo(summary.paper_table(sigmas, style))
+    app.result(summary.paper_table(sigmas, style))
 
 
 @click.command()
@@ -132,11 +147,12 @@ def table(out, style, level, quantity, grouping) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the figures (default: OUT/figures).")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["png", "svg", "pdf"]),
-              default=("png", "svg"), show_default=True)
+              default=("png", "svg"), show_default=True, help="Image format, repeatable.")
 @click.option("--pair", "pairs", multiple=True, metavar="A,B",
               help="Block pair for the flow projection, repeatable (default: all pairs, up to 6).")
 @grouping_options
-def plot(out, output, formats, pairs, grouping) -> None:
+@app_options()
+def plot(out, output, formats, pairs, grouping, app) -> None:
     """The papers' figures as PNG and SVG files."""
     from flowscan.errors import FlowscanError
     from flowscan.plot import save
@@ -151,13 +167,14 @@ def plot(out, output, formats, pairs, grouping) -> None:
     if any(len(p) != 2 for p in chosen):
         raise click.BadParameter("expected two block labels separated by a comma", param_hint="--pair")
     for warning in a.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        app.warn(warning)
     output = output or out / "figures"
     figs = standard_figures(a.tables, a.experiments, a.points, a.scaling, pairs=chosen or None,
                             landscape=a.landscape)
     for name, (fig, _caption) in figs.items.items():
-        for path in save(fig, output / name, formats):
-            click.echo(str(path))
+        app.wrote(save(fig, output / name, formats))
+    for note in getattr(figs, "notes", ()):
+        app.note(note)
 
 
 @click.command()
@@ -167,7 +184,8 @@ def plot(out, output, formats, pairs, grouping) -> None:
 @click.option("--bootstrap", type=click.IntRange(0), default=100, show_default=True,
               help="Bootstrap resamples for gamma when scaling.parquet is absent.")
 @grouping_options
-def report(out, output, bootstrap, grouping) -> None:
+@app_options()
+def report(out, output, bootstrap, grouping, app) -> None:
     """One self-contained HTML page: figures, tables, command and versions."""
     from flowscan.errors import FlowscanError
     from flowscan.io.atomic import write_text
@@ -179,7 +197,7 @@ def report(out, output, bootstrap, grouping) -> None:
     except FlowscanError as exc:
         raise _fail(exc) from None
     for warning in a.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        app.warn(warning)
     output = output or out / "report.html"
     write_text(output, render(a, command_line()))
-    click.echo(f"written: {output}")
+    app.wrote([output])

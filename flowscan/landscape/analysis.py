@@ -27,7 +27,7 @@ SHARPNESS_SCHEMA = {"run": pl.String, "round": pl.Int64, "density": pl.Float64, 
 class Setup:
     model: str | None = None     # flowscan model name or package.module:function; default from the manifest
     data: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"          # a torch device name ("auto" is resolved by the command)
     names: NameOptions = NameOptions()
     format: str | None = None
 
@@ -105,13 +105,36 @@ def sharpness_table(path: Path, setup: Setup = Setup(), subset: int = 512, tol: 
     return pl.DataFrame(rows, schema=SHARPNESS_SCHEMA, orient="row")
 
 
-def probe_fractions(run_path: Path, fractions: Sequence[float], tolerance: float = 0.01,
-                    device: str = "cpu") -> pl.DataFrame:
-    """For each round of a `produce` run: the largest of `fractions` that, pruned from that round
-    and retrained from the rewind point, still gives a matching network (Paul et al.'s limit)."""
+PROBE_SCHEMA = {"run": pl.String, "round": pl.Int64, "fraction": pl.Float64, "error": pl.Float64,
+                "matching": pl.Boolean}
+
+
+def probe_runs(path: Path, setup: Setup = Setup()) -> list[Run]:
+    """The runs `probe_fractions` would retrain; each must be a `flowscan produce` run."""
+    from flowscan import layout
+
+    runs = runs_below(path, setup)
+    foreign = [r.name for r in runs if not (r.path / layout.RUN_MANIFEST).is_file()]
+    if foreign:
+        raise FlowscanError(f"--probe retrains rounds, which needs runs made by `flowscan produce`; "
+                            f"not such a run: {', '.join(foreign)}")
+    return runs
+
+
+def probe_fractions(path: Path, fractions: Sequence[float], tolerance: float = 0.01, setup: Setup = Setup(),
+                    progress: Callable[[str], None] | None = None) -> pl.DataFrame:
+    """For each round of every `produce` run below `path`, whether each of `fractions`, pruned
+    from that round and retrained from the rewind point, still gives a matching network (Paul et
+    al.'s limit). Runs are named as `analyze` names them, so the table joins the others."""
     from flowscan.produce.imp import probe_round
 
-    run = archive.find_run(run_path)
-    rows = probe_round(run, sorted(fractions), tolerance, torch.device(device))
-    return pl.DataFrame(rows, schema={"run": pl.String, "round": pl.Int64, "fraction": pl.Float64,
-                                      "error": pl.Float64, "matching": pl.Boolean}, orient="row")
+    rows = []
+    for run in probe_runs(path, setup):
+        found = probe_round(run, sorted(fractions), tolerance, torch.device(setup.device))
+        rows += found
+        if progress:
+            for index in sorted({r[1] for r in found}):
+                ok = [f for (_run, i, f, _e, matching) in found if i == index and matching]
+                progress(f"{run.name}: round {index}: largest matching fraction "
+                         f"{max(ok) if ok else 'none'} of {', '.join(map(str, sorted(fractions)))}")
+    return pl.DataFrame(rows, schema=PROBE_SCHEMA, orient="row")

@@ -17,7 +17,6 @@ import torch
 from flowscan import layout
 from flowscan.errors import FlowscanError
 from flowscan.readers.base import NameOptions, Run
-from flowscan.readers.discover import discover
 from flowscan.reduce import open_tensors
 
 
@@ -27,14 +26,6 @@ class RoundState:
     state: dict[str, torch.Tensor]     # the trained tensors of the round (masks not yet applied)
     masks: dict[str, torch.Tensor]     # bool, for the tensors that carry a stored mask
     metrics: dict[str, float]
-
-
-def find_run(path: Path, format: str | None = None) -> Run:
-    runs = [r for r in discover(Path(path), format) if not r.error]
-    if len(runs) != 1:
-        found = ", ".join(r.name for r in runs) or "none"
-        raise FlowscanError(f"{path}: expected one IMP run, found {len(runs)} ({found}); point at one run folder")
-    return runs[0]
 
 
 def produce_args(run: Run) -> dict | None:

@@ -227,7 +227,8 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
         layout.write_round(run, n, weights, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()},
                            {"density": density, "metrics": metrics, "prune_fraction_next": fraction,
                             "wall_seconds": time.perf_counter() - began})
-        report = RoundReport(seed, n, density, metrics)
+        shown = {**metrics, "prune_fraction_next": fraction} if cfg.schedule == "adaptive" else metrics
+        report = RoundReport(seed, n, density, shown)
         reports.append(report)
         if on_round:
             on_round(report)

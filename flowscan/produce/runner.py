@@ -24,9 +24,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def round_line(r: RoundReport) -> str:
+    """One line per round; with the adaptive schedule, its decision too."""
     m = r.metrics
-    return (f"seed {r.seed} round {r.round:>2}: density {r.density:.4f}  test acc {m['test_accuracy']:.4f}  "
-            f"loss {m['test_loss']:.4f}  {m['train_steps']} steps  {m['train_seconds']:.1f} s")
+    line = (f"seed {r.seed} round {r.round:>2}: density {r.density:.4f}  test acc {m['test_accuracy']:.4f}  "
+            f"loss {m['test_loss']:.4f}  {int(m['train_steps'])} steps  {m['train_seconds']:.1f} s")
+    if "attempts" in m:  # adaptive: which fraction was kept, after how many tries, and why
+        tries = int(m["attempts"])
+        line += (f"\n    adaptive: pruned {m['pruned_fraction']:.3f} after {tries} attempt(s)"
+                 f"{f' ({tries - 1} discarded as not matching)' if tries > 1 else ''}; barrier "
+                 f"{m['lmc_barrier']:+.4f}; {'matching' if m['matching'] else 'not matching at the smallest fraction'}"
+                 + (f"; next fraction {m['prune_fraction_next']:.3f}" if "prune_fraction_next" in m else ""))
+    return line
 
 
 def _one_seed(cfg: IMPConfig, seed: int, out: Path, device: str, compile: bool) -> list[RoundReport]:
@@ -43,9 +51,11 @@ def check_model_and_data(cfg: IMPConfig, data) -> None:
     from flowscan.produce import models
 
     try:
-        model, _spec = models.build(cfg.model, data.input_shape, data.n_classes)
+        model, spec = models.build(cfg.model, data.input_shape, data.n_classes)
     except ValueError as exc:
         raise FlowscanError(f"--model: {exc}") from None
+    if spec.kind != data.kind:
+        raise FlowscanError(f"model {cfg.model} takes {spec.kind} but dataset {data.name} has {data.kind}")
     model.eval()
     try:
         with torch.no_grad():

@@ -1,0 +1,111 @@
+"""What every command shares: how it talks to the user (`App`) and the options for that.
+
+Results go to stdout (text, or JSON with `--json`); notes, warnings, progress and the list of
+files written go to stderr, so `flowscan CMD --json > out.json` stays machine-readable. `-q`
+silences notes and progress, `-v` adds detail. On a terminal progress is a bar; elsewhere (CI
+logs, pipes) it is a few whole log lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+
+
+class App:
+    def __init__(self, quiet: bool = False, verbose: bool = False, as_json: bool = False):
+        self.quiet, self.verbose, self.as_json = quiet, verbose and not quiet, as_json
+
+    def result(self, text: str) -> None:
+        """The command's answer (skipped with --json, which prints `data` instead)."""
+        if not self.as_json:
+            click.echo(text)
+
+    def data(self, obj: Any) -> None:
+        if self.as_json:
+            click.echo(json.dumps(_plain(obj), indent=2, allow_nan=False))
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(f"flowscan: {text}", err=True)
+
+    def detail(self, text: str) -> None:
+        if self.verbose:
+            click.echo(f"flowscan: {text}", err=True)
+
+    def warn(self, text: str) -> None:
+        click.echo(f"warning: {text}", err=True)
+
+    def error(self, text: str) -> None:
+        click.echo(f"error: {text}", err=True)
+
+    def wrote(self, paths: Iterable[Path | str]) -> None:
+        """Every file a command wrote, one per line (also with -q: they are its output)."""
+        for path in paths:
+            click.echo(f"wrote {path}", err=True)
+
+    @contextlib.contextmanager
+    def progress(self, length: int, label: str):
+        """A callback taking a step count: a bar on a terminal, log lines at each tenth elsewhere."""
+        if self.quiet or length <= 0:
+            yield lambda n=1: None
+            return
+        if sys.stderr.isatty():
+            with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+                yield bar.update
+            return
+        done, marks = [0], {max(1, math.ceil(length * k / 10)) for k in range(1, 11)}
+
+        def update(n: int = 1) -> None:
+            for _ in range(n):
+                done[0] += 1
+                if done[0] in marks:
+                    click.echo(f"flowscan: {label}: {done[0]}/{length}", err=True)
+        yield update
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe: NaN and infinities become null, paths strings, frames lists of rows."""
+    if hasattr(obj, "to_dicts"):
+        obj = obj.to_dicts()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _plain(obj.item())
+    return obj
+
+
+def app_options(json_output: bool = False):
+    """-q/--quiet and -v/--verbose (and --json where asked) on a command, handed over as `app`."""
+    def decorate(command):
+        @click.option("-q", "--quiet", is_flag=True, help="Print only results and errors: no notes, no progress.")
+        @click.option("-v", "--verbose", is_flag=True, help="Print more detail about what is done.")
+        @functools.wraps(command)
+        def wrapper(*args, quiet, verbose, **kwargs):
+            as_json = kwargs.pop("as_json", False)
+            return command(*args, app=App(quiet or as_json, verbose, as_json), **kwargs)
+        if json_output:
+            wrapper = click.option("--json", "as_json", is_flag=True,
+                                   help="Print the result as JSON on stdout (notes stay on stderr).")(wrapper)
+        return wrapper
+    return decorate
+
+
+DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N."
+
+
+def device_option(command):
+    return click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)(command)
