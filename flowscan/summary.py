@@ -130,10 +130,11 @@ def sigma_grid(sigmas, sem: bool = False) -> tuple[list[str], list[list[str]]]:
     return [f"σ({b})" for b in blocks], [[u] + [fmt(u, b) for b in blocks] for u in units]
 
 
-def paper_table(sigmas, style: str = "paper", sem: bool = False) -> str:
-    """Rows: units; columns: sigma per block (model order), as in Redman et al.'s Tables 2-6."""
+def paper_table(sigmas, style: str = "paper", sem: bool = False, unit: str = "run") -> str:
+    """Rows: units (runs or experiments); columns: sigma per block (model order), as in Redman
+    et al.'s Tables 2-6."""
     columns, rows = sigma_grid(sigmas, sem)
-    header = ["RUN" if style == "paper" else "run"] + columns
+    header = [unit.upper() if style == "paper" else unit] + columns
     if style == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])

@@ -130,3 +130,19 @@ def test_readers_of_derived_tables_ignore_a_stale_one_and_say_so(tmp_path):
     assert "warning:" in result.output and "lmc_summary.parquet: from another analysis" in result.output
     from flowscan.stats.loading import load_analysis
     assert "lmc_summary" not in load_analysis(out).landscape
+
+
+def test_experiments_are_named_after_the_archive_not_dot(tmp_path):
+    seeds = tmp_path / "mnist-lenet"
+    for seed in ("seed_0", "seed_1"):
+        shutil.copytree(FIXTURES / "closed-form" / "safetensors", seeds / seed)
+    out = tmp_path / "out"
+    analyze(seeds, out)
+    result = run_cli("aggregate", out)
+    experiments = pl.read_parquet(out / "experiments.parquet")
+    assert experiments["experiment"].unique().to_list() == ["mnist-lenet"]
+    assert result.output.splitlines()[0].split()[0] == "EXPERIMENT"
+    single = tmp_path / "single"
+    analyze(FIXTURES / "closed-form" / "safetensors", single)
+    run_cli("aggregate", single)
+    assert pl.read_parquet(single / "experiments.parquet")["experiment"].unique().to_list() == ["safetensors"]

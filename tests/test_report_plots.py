@@ -101,7 +101,7 @@ def test_table_paper_style_and_markdown(analysed):
     row = next(line for line in out if line.startswith("closed-form/flowscan"))
     assert row.split()[1:] == ["—", "—", "—", "0.500", "-1.000", "-1.000", "0.302"] + ["—"] * 7
     md = run_cli("table", analysed, "--style", "markdown", "--level", "experiment").output.splitlines()
-    assert md[0].startswith("| run | σ(") and md[1].startswith("|---|")
+    assert md[0].startswith("| experiment | σ(") and md[1].startswith("|---|")
 
 
 def test_compare_across_two_analysis_folders(analysed, tmp_path):

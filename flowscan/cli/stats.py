@@ -45,11 +45,12 @@ def aggregate(out: Path, grouping, app) -> None:
         t = tables.read_tables(out, ("runs", "eigen"))
     except FlowscanError as exc:
         raise _fail(exc) from None
+    grouping = grouping.for_folder(out)
     experiments = stats.aggregate(t["eigen"], t["runs"], grouping)
     members = grouping.membership(t["runs"]["run"].to_list())
     meta = tables.metadata(command_line(), "", analysis_id=tables.current_id(out))
     written = tables.write_tables({"experiments": experiments, "experiment_runs": members}, out, meta)
-    app.result(summary.paper_table(sigma_table(experiments, "experiment"), sem=True))
+    app.result(summary.paper_table(sigma_table(experiments, "experiment"), sem=True, unit="experiment"))
     app.wrote(written)
 
 
@@ -79,7 +80,7 @@ def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, g
             points = error_points(t["metrics"], t["rounds"], metric, metric_is_error)
     except FlowscanError as exc:
         raise _fail(exc) from None
-    scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap, np_tolerance=np_tolerance)
+    scaling = fit_scaling(points, grouping.for_folder(out), n_bootstrap=bootstrap, np_tolerance=np_tolerance)
     written = tables.write_tables({"scaling": scaling}, out,
                                   tables.metadata(command_line(), "", analysis_id=tables.current_id(out)))
     app.result(summary.scaling_text(scaling))
@@ -139,7 +140,7 @@ def table(out, style, level, quantity, grouping, app) -> None:
         sigmas = sigma_units([out], level, quantity, grouping)
     except FlowscanError as exc:
         raise _fail(exc) from None
-    app.result(summary.paper_table(sigmas, style))
+    app.result(summary.paper_table(sigmas, style, unit=level))
 
 
 @click.command()

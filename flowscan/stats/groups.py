@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +24,16 @@ class Grouping:
 
     regex: str | None = None
     mapping: dict[str, dict[str, str]] | None = None   # run -> {experiment, task, architecture}
+    root: str | None = None     # name of the analysed archive folder, for runs directly in it
+
+    def for_folder(self, out: Path) -> "Grouping":
+        """This grouping, naming experiments of runs at the top of the archive after its folder."""
+        from flowscan.tables import read_manifest
+
+        manifest = read_manifest(out)
+        if self.root is not None or manifest is None:
+            return self
+        return replace(self, root=Path(manifest["source"]).name)
 
     @classmethod
     def from_file(cls, path: Path, regex: str | None = None) -> "Grouping":
@@ -40,8 +50,8 @@ class Grouping:
         parts = run.split("/")
         if len(parts) > 1 and REPLICATE.match(parts[-1]):
             return "/".join(parts[:-1])
-        if len(parts) == 1 and REPLICATE.match(parts[0]):
-            return "."
+        if (len(parts) == 1 and REPLICATE.match(parts[0])) or run == ".":
+            return self.root or "."   # seeds directly in the archive: the archive is the experiment
         return run
 
     def membership(self, runs: Sequence[str]) -> pl.DataFrame:

@@ -23,7 +23,7 @@ def sigma_units(outs: Sequence[Path], level: str = "run", quantity: str = "M",
     for out, label in zip(outs, labels):
         t = read_tables(out, ("runs", "eigen"))
         if level == "experiment":
-            frame = sigma_table(aggregate(t["eigen"], t["runs"], grouping), "experiment", quantity)
+            frame = sigma_table(aggregate(t["eigen"], t["runs"], grouping.for_folder(out)), "experiment", quantity)
         else:
             ok = t["runs"].filter(pl.col("status") == "ok")["run"]
             frame = sigma_table(t["eigen"].filter(pl.col("run").is_in(ok.to_list())), "run", quantity)
@@ -66,6 +66,7 @@ def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 1
     from flowscan.tables import read_derived, read_metadata, read_tables
 
     out = Path(out)
+    grouping = grouping.for_folder(out)
     warnings: list[str] = []
     tables = read_tables(out, optional=("survival",))
     experiments = read_derived(out, "experiments", warnings)
