@@ -29,7 +29,7 @@ h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bott
 table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1.5em;display:block;overflow-x:auto}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;white-space:nowrap}
 th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:1em 0 2em}figure svg{max-width:100%;height:auto}figcaption{font-size:.9em;color:#555}
+caption{text-align:left;font-weight:600;padding:.3em 0;white-space:nowrap}figure{margin:1em 0 2em}figure svg{max-width:100%;height:auto}figcaption{font-size:.9em;color:#555}
 code{background:#f4f4f4;padding:.1em .3em}.error{color:#b00}nav a{margin-right:1em}
 """
 PACKAGES = ("numpy", "scipy", "polars", "pyarrow", "matplotlib", "safetensors", "click")
@@ -45,15 +45,22 @@ def _cell(value) -> str:
     return html.escape(str(value))
 
 
+# every table gets a visible heading of its own
+CAPTIONS = {'provenance': 'Where these results come from', 'versions': 'Software versions', 'runs': 'Runs analysed', 'failed': 'Runs that could not be read', 'sigma': 'σ per block and run', 'eigen': 'Per-block summary: λ, σ, σ_fit and the eigenfunction test', 'experiments': 'σ per block and experiment', 'scaling': 'Fits of Eq. 15 (γ is a measurement only where status is ok)', 'classes': 'Universality classes', 'compare': 'Pairs of units: σ distances and relevance agreement', 'lmc_summary': 'Linear mode connectivity between successive rounds', 'sharpness': 'Top Hessian eigenvalue per round', 'fraction_probe': 'Largest fraction that stays matching'}
+
+
 def html_table(frame: pl.DataFrame, table_id: str, columns: Sequence[str] | None = None,
                max_rows: int = 500) -> str:
+    """A table with a caption (its heading), scrolling sideways when wide, at most `max_rows` rows."""
     frame = frame.select(columns) if columns else frame
+    caption = f"<caption>{html.escape(CAPTIONS.get(table_id, table_id))}</caption>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
     body = "".join("<tr>" + "".join(
         f'<td class="n">{_cell(v)}</td>' if isinstance(v, (int, float)) and not isinstance(v, bool)
         else f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in frame.head(max_rows).iter_rows())
     more = f"<p>{frame.height - max_rows} more rows in the parquet file.</p>" if frame.height > max_rows else ""
-    return f'<table id="table-{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}'
+    return (f'<table id="table-{table_id}">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f'</table>{more}')
 
 
 def svg_of(fig) -> str:
@@ -137,10 +144,12 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
     if "lmc_summary" in analysis.landscape:
         parts.append('<h2 id="landscape">Error landscape (Paul et al.)</h2>')
         parts.append(html_table(analysis.landscape["lmc_summary"], "lmc_summary"))
-    if "sharpness" in analysis.landscape:
-        parts.append(html_table(analysis.landscape["sharpness"], "sharpness"))
+    for name in ("sharpness", "fraction_probe"):
+        if name in analysis.landscape:
+            parts.append(html_table(analysis.landscape[name], name))
 
     parts.append('<h2 id="figures">Figures</h2>')
+    parts += [f"<p>{html.escape(note)}</p>" for note in figures.notes]
     for name, (fig, caption) in figures.items.items():
         parts.append(f'<figure id="fig-{name}">{svg_of(fig)}<figcaption>{html.escape(caption)}</figcaption></figure>')
     body = "\n".join(parts)

@@ -174,7 +174,7 @@ def plot(out, output, formats, pairs, grouping, app) -> None:
                             landscape=a.landscape)
     for name, (fig, _caption) in figs.items.items():
         app.wrote(save(fig, output / name, formats))
-    for note in getattr(figs, "notes", ()):
+    for note in figs.notes:
         app.note(note)
 
 

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import matplotlib
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 import polars as pl
 from matplotlib.collections import LineCollection
 from matplotlib.colors import CenteredNorm, Normalize
@@ -80,7 +81,9 @@ def flow_projection(rounds: pl.DataFrame, pairs: Sequence[tuple[str, str]] | Non
                    for k, run in enumerate(runs)]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(runs)), frameon=False)
     if mappable is not None:
-        fig.colorbar(mappable, ax=axes[: len(pairs)].tolist(), label="round")
+        bar = fig.colorbar(mappable, ax=axes[: len(pairs)].tolist(), label="round")
+        bar.locator = MaxNLocator(integer=True)   # rounds are whole numbers
+        bar.update_ticks()
     fig.suptitle("IMP flow projected on block shares")
     return fig
 
@@ -96,10 +99,21 @@ def _sigma_matrix(sigmas: pl.DataFrame):
     return units, blocks, value, error
 
 
+MAX_BARS = 48   # beyond this many bars, σ is shown as a heatmap instead
+
+
+def sigma_overview(sigmas: pl.DataFrame, title: str = "σ per block (mean ± SEM)"):
+    """Bars while they stay readable, else a heatmap: a layout for any number of blocks and units."""
+    units, blocks, _value, _error = _sigma_matrix(sigmas)
+    if len(units) * len(blocks) <= MAX_BARS:
+        return sigma_bars(sigmas, title)
+    return sigma_heatmap(sigmas, title)
+
+
 def sigma_bars(sigmas: pl.DataFrame, title: str = "σ per block (mean ± SEM)"):
     """The form of Redman et al.'s Tables 2-6: sigma per block, units side by side, SEM bars."""
     units, blocks, value, error = _sigma_matrix(sigmas)
-    fig = new_figure(max(5.0, 0.6 * len(blocks) * max(1, len(units)) ** 0.5 + 2), 4.0)
+    fig = new_figure(min(12.0, max(5.0, 0.35 * len(blocks) * len(units) + 2)), 4.0)
     ax = fig.subplots()
     width = 0.8 / len(units)
     x = np.arange(len(blocks))
@@ -118,7 +132,7 @@ def sigma_bars(sigmas: pl.DataFrame, title: str = "σ per block (mean ± SEM)"):
 def sigma_heatmap(sigmas: pl.DataFrame, title: str = "σ per block"):
     """Units x blocks, diverging around 0 (relevant red, irrelevant blue)."""
     units, blocks, value, _ = _sigma_matrix(sigmas)
-    fig = new_figure(max(4.0, 0.55 * len(blocks) + 2.5), max(2.5, 0.35 * len(units) + 1.5))
+    fig = new_figure(min(14.0, max(4.0, 0.55 * len(blocks) + 2.5)), min(14.0, max(2.5, 0.35 * len(units) + 1.5)))
     ax = fig.subplots()
     finite = value[np.isfinite(value)]
     image = ax.imshow(np.ma.masked_invalid(value), cmap=DIVERGING, aspect="auto",
@@ -200,6 +214,7 @@ def survival_curves(survival: pl.DataFrame, run: str):
         rows = part.filter(pl.col("block") == block).sort("round")
         ax.plot(rows["round"], rows["survival"], marker=marker(k), color=color(k), label=block)
     ax.set_xlabel("round n")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("survival n → n+1")
     ax.set_title(f"{run}: mask survival")
     ax.set_ylim(top=1.02)

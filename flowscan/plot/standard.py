@@ -17,6 +17,7 @@ class Figures:
     """Figures by name, with a caption each, in reading order."""
 
     items: dict[str, tuple[Figure, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # what was left out, and why
 
     def add(self, name: str, fig: Figure, caption: str) -> None:
         self.items[name] = (fig, caption)
@@ -49,19 +50,19 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
                 f"IMP flow{label}: M_i(n) against M_j(n) for pairs of blocks, one marker per run, "
                 "coloured by round (Redman et al. Fig. 2).")
         sig = sigma_table(eigen.filter(pl.col("run").is_in(members)), "run", quantity)
-        out.add(f"sigma-runs{tag}", figures.sigma_bars(sig),
+        out.add(f"sigma-runs{tag}", figures.sigma_overview(sig),
                 f"σ per block and run{label}, mean ± SEM over the IMP steps (cf. Tables 2-6).")
     if runs:
         out.add("sigma-heatmap", figures.sigma_heatmap(sigma_table(eigen, "run", quantity)),
                 "σ of every run and block; red: relevant (σ > 0), blue: irrelevant (σ < 0).")
     if experiments is not None and experiments.height and experiments["n_runs"].max() > 1:
         sig = sigma_table(experiments, "experiment", quantity)
-        out.add("sigma-experiments", figures.sigma_bars(sig, "σ per block (mean ± SEM across replicates)"),
+        out.add("sigma-experiments", figures.sigma_overview(sig, "σ per block (mean ± SEM across replicates)"),
                 "σ per block and experiment, mean ± SEM across replicates.")
     if points is not None and points.height:
         out.add("error-density", figures.error_density(points, scaling),
-                "Error against density with the fitted scaling function (Eq. 15; dashed: a parameter "
-                "ended on its bound).")
+                "Error against density with the fitted scaling function (Eq. 15); only fits whose "
+                "status is ok are drawn.")
     landscape = landscape or {}
     if "lmc_summary" in landscape and landscape["lmc_summary"].height:
         out.add("lmc-barrier", figures.lmc_barriers(landscape["lmc_summary"]),
@@ -70,6 +71,10 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
     if "sharpness" in landscape and landscape["sharpness"].height:
         out.add("sharpness", figures.sharpness_plot(landscape["sharpness"], landscape.get("fraction_probe")),
                 "Top Hessian eigenvalue of the training loss at the end of each round.")
+    if len(runs) > max_detail_runs:
+        left = runs[max_detail_runs:]
+        out.notes.append(f"per-run figures (eigen, survival) for the first {max_detail_runs} of {len(runs)} runs; "
+                         f"left out: {', '.join(left[:10])}{', ...' if len(left) > 10 else ''}")
     for run in runs[:max_detail_runs]:
         out.add(f"eigen-{slug(run)}", figures.log_share_fit(tables["rounds"], tables["eigen"], run, quantity),
                 f"{run}: ln {quantity}_i(n) against Σ ln c; straight lines mean {quantity}_i is an eigenfunction.")

@@ -1,0 +1,56 @@
+"""Figures stay readable for any number of blocks and runs, and never draw a failed fit."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from flowscan.plot import figures
+
+
+def _sigmas(n_units: int, n_blocks: int) -> pl.DataFrame:
+    rows = [(f"task{u}", f"block{b}", 0.1 * (b - u), 0.01) for u in range(n_units) for b in range(n_blocks)]
+    return pl.DataFrame(rows, schema=["unit", "block", "sigma", "sigma_sem"], orient="row")
+
+
+def test_many_blocks_become_a_heatmap_of_bounded_size():
+    fig = figures.sigma_overview(_sigmas(10, 14))
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width <= 14 * fig.dpi and height <= 14 * fig.dpi
+    assert fig.axes[0].images, "expected a heatmap"
+    few = figures.sigma_overview(_sigmas(2, 5))
+    assert not few.axes[0].images and few.axes[0].patches   # bars while they are readable
+
+
+def test_error_density_draws_only_fits_that_are_measurements():
+    points = pl.DataFrame({"run": ["a"] * 4 + ["b"] * 4, "density": [1.0, 0.5, 0.2, 0.1] * 2,
+                           "error": [0.1, 0.11, 0.15, 0.3] * 2})
+    scaling = pl.DataFrame({"level": ["run", "run"], "name": ["a", "b"], "status": ["ok", "at_bound"],
+                            "epsilon_np": [0.1, 0.1], "epsilon_dagger": [0.9, 0.9], "gamma": [-1.0, -20.0],
+                            "p": [0.05, 0.05]})
+    fig = figures.error_density(points, scaling)
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "fit, γ = -1.00" in labels
+    assert not any("-20" in label for label in labels)
+    assert "no fit drawn (at_bound)" in labels
+
+
+def test_detail_figures_say_which_runs_they_leave_out(tmp_path):
+    from conftest import FIXTURES, analyze
+    from flowscan.plot.standard import standard_figures
+
+    tables = analyze(FIXTURES / "closed-form", tmp_path / "out")
+    figs = standard_figures(tables, max_detail_runs=2)
+    assert figs.notes and "first 2 of 4 runs" in figs.notes[0] and "left out:" in figs.notes[0]
+
+
+def test_every_report_table_has_a_heading(tmp_path):
+    import re
+
+    from conftest import FIXTURES, analyze, run_cli
+
+    out = tmp_path / "out"
+    analyze(FIXTURES / "closed-form", out)
+    run_cli("report", out)
+    page = (out / "report.html").read_text()
+    tables = re.findall(r'<table id="table-[^"]+">(.{0,200})', page)
+    assert tables and all(t.startswith("<caption>") for t in tables)
