@@ -93,12 +93,25 @@ def test_lmc_with_a_user_model_constructor(produced, tmp_path, monkeypatch):
 
 
 def test_sharpness_per_round_and_fraction_probe(produced, tmp_path):
-    run_cli("sharpness", produced / "seed_0", "-o", tmp_path, "--subset", "256", "--probe", "0.2,0.9")
+    result = run_cli("sharpness", produced, "-o", tmp_path, "--subset", "256", "--probe", "0.2,0.9")
+    assert "seed_0: round 0: largest matching fraction" in result.output
     sharp = pl.read_parquet(tmp_path / "sharpness.parquet")
     assert sharp["round"].to_list() == [0, 1, 2, 3]
     assert (sharp["lambda_max"] > 0).all() and sharp["converged"].all()
     probe = pl.read_parquet(tmp_path / "fraction_probe.parquet")
     assert probe.height == 4 * 2 and set(probe["fraction"]) == {0.2, 0.9}
+    assert set(probe["run"]) == set(sharp["run"]) == {"seed_0"}   # named as analyze names them
+
+
+def test_probe_refuses_runs_not_made_by_produce_before_any_work(produced, tmp_path):
+    archive = tmp_path / "mixed"
+    shutil.copytree(produced / "seed_0", archive / "seed_0")
+    shutil.copytree(produced / "seed_0", archive / "seed_1")
+    (archive / "seed_1" / "flowscan-run.json").unlink()
+    result = run_cli("sharpness", archive, "-o", tmp_path / "o", "--probe", "0.2", "--model", "mlp",
+                     "--data", "digits", expect=1)
+    assert "not such a run: seed_1" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_adaptive_fraction_rule():

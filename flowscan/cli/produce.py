@@ -96,8 +96,12 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
 
     try:
         with stack:
-            run(cfg, list(range(first_seed, first_seed + seeds)), out, device, parallel, compile,
-                on_round, progress)
+            reports = run(cfg, list(range(first_seed, first_seed + seeds)), out, device, parallel, compile,
+                          on_round, progress)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
+    from flowscan.produce.runner import stop_reason
+
+    for line in stop_reason(cfg, reports):
+        app.note(line)
     app.note(f"done: {out} (analyse with: flowscan analyze {out} -o OUT)")

@@ -37,6 +37,21 @@ def round_line(r: RoundReport) -> str:
     return line
 
 
+def stop_reason(cfg: IMPConfig, reports: Sequence[RoundReport]) -> list[str]:
+    """Why each seed that trained rounds in this call stopped where it did."""
+    last: dict[int, RoundReport] = {}
+    for r in reports:
+        last[r.seed] = r
+    lines = []
+    for seed, r in sorted(last.items()):
+        if cfg.target_density is not None and r.density <= cfg.target_density:
+            why = f"density {r.density:.4f} reached --target-density {cfg.target_density}"
+        else:
+            why = f"all {cfg.rounds} rounds done"
+        lines.append(f"seed {seed}: stopped after round {r.round}: {why}")
+    return lines
+
+
 def _one_seed(cfg: IMPConfig, seed: int, out: Path, device: str, compile: bool) -> list[RoundReport]:
     # a worker process: its own data copy on its own stream of the GPU
     data = load(cfg.data).to(resolve_device(device))
