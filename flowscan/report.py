@@ -122,8 +122,9 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
 
     parts.append('<h2 id="experiments">Experiments (replicates pooled)</h2>')
     parts.append(html_table(analysis.experiments.filter(pl.col("quantity") == "M"), "experiments",
-                            ["experiment", "block", "n_runs", "sigma_mean", "sigma_sem", "lambda_mean",
-                             "lambda_sem", "sigma_fit_mean", "sigma_fit_sem", "relevance"]))
+                            ["experiment", "block", "n_runs", "n_steps", "sigma_mean", "sigma_sem",
+                             "sigma_between_sem", "lambda_mean", "lambda_sem", "sigma_fit_mean", "sigma_fit_sem",
+                             "relevance"]))
 
     parts.append('<h2 id="scaling">Critical exponent γ (error against density, Eq. 15)</h2>')
     if analysis.scaling is not None and analysis.scaling.height:

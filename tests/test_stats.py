@@ -101,17 +101,30 @@ def test_grouping_of_replicates():
     assert mapping.membership(["a"]).row(0) == ("a", "E", "cifar10", None)
 
 
-def test_aggregate_mean_and_sem_across_replicates():
+def _steps(rows):
+    return pl.DataFrame(rows, schema={"run": pl.String, "block": pl.String, "quantity": pl.String,
+                                      "round": pl.Int64, "lambda": pl.Float64, "sigma": pl.Float64,
+                                      "valid": pl.Boolean}, orient="row")
+
+
+def test_aggregate_pools_the_steps_of_all_replicates():
     eigen = _eigen([("e/seed0", "l1", "M", 0.2, 0.01, 1.05, 0.21), ("e/seed1", "l1", "M", 0.4, 0.01, 1.09, 0.39),
                     ("e/seed0", "l2", "M", -0.3, 0.01, 0.9, -0.3), ("e/seed1", "l2", "M", -0.1, 0.01, 0.97, -0.1),
                     ("f", "l1", "M", 0.5, 0.02, 1.1, 0.5)])
     runs = pl.DataFrame({"run": ["e/seed0", "e/seed1", "f"], "status": ["ok"] * 3})
-    ex = aggregate(eigen, runs)
+    l1 = {"e/seed0": [0.1, 0.3, 0.2], "e/seed1": [0.5, 0.3]}
+    steps = _steps([(run, "l1", "M", k, 1.0 + s, s, True) for run, values in l1.items() for k, s in enumerate(values)]
+                   + [("e/seed0", "l1", "M", 9, float("nan"), float("nan"), False),   # invalid: left out
+                      ("e/seed0", "l2", "M", 0, 0.9, -0.3, True), ("e/seed1", "l2", "M", 0, 0.97, -0.1, True),
+                      ("f", "l1", "M", 0, 1.1, 0.5, True)])
+    ex = aggregate(eigen, runs, steps)
     row = ex.filter(experiment="e", block="l1").row(0, named=True)
-    assert row["n_runs"] == 2
-    assert row["sigma_mean"] == pytest.approx(0.3)
-    assert row["sigma_sem"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / math.sqrt(2))
-    assert row["lambda_mean"] == pytest.approx(1.07) and row["sigma_fit_mean"] == pytest.approx(0.3)
+    pooled = [0.1, 0.3, 0.2, 0.5, 0.3]
+    assert row["n_runs"] == 2 and row["n_steps"] == 5
+    assert row["sigma_mean"] == pytest.approx(np.mean(pooled))
+    assert row["sigma_sem"] == pytest.approx(np.std(pooled, ddof=1) / math.sqrt(5))
+    assert row["sigma_between_sem"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / math.sqrt(2))
+    assert row["lambda_mean"] == pytest.approx(1 + np.mean(pooled)) and row["sigma_fit_mean"] == pytest.approx(0.3)
     assert ex.filter(experiment="e")["block"].to_list() == ["l1", "l2"]  # model order kept
     single = ex.filter(experiment="f").row(0, named=True)
     assert single["n_runs"] == 1 and math.isnan(single["sigma_sem"])
@@ -159,3 +172,24 @@ def test_run_mapping_files(tmp_path, suffix):
     bad.write_text("name,experiment\na,b\n")
     with pytest.raises(Exception, match="'run' column"):
         read_mapping(bad)
+
+
+def test_pooled_sem_matches_a_recomputation_from_steps_parquet(tmp_path):
+    import shutil
+
+    from conftest import FIXTURES, analyze, run_cli
+
+    root = tmp_path / "task"
+    for seed in ("seed0", "seed1"):
+        shutil.copytree(FIXTURES / "torch-prune" / "seed0", root / seed)
+    out = tmp_path / "out"
+    tables = analyze(root, out)
+    run_cli("aggregate", out)
+    ex = pl.read_parquet(out / "experiments.parquet").filter(quantity="M")
+    steps = tables["steps"].filter(pl.col("valid") & (pl.col("quantity") == "M"))
+    for row in ex.iter_rows(named=True):
+        sigma = steps.filter(block=row["block"])["sigma"].to_numpy()
+        assert row["n_steps"] == sigma.size
+        assert row["sigma_mean"] == pytest.approx(sigma.mean())
+        assert row["sigma_sem"] == pytest.approx(sigma.std(ddof=1) / math.sqrt(sigma.size))
+        assert row["sigma_between_sem"] == pytest.approx(0.0, abs=1e-12)   # identical seeds

@@ -42,11 +42,11 @@ def aggregate(out: Path, grouping, app) -> None:
     from flowscan.stats.compare import sigma_table
 
     try:
-        t = tables.read_tables(out, ("runs", "eigen"))
+        t = tables.read_tables(out, ("runs", "eigen", "steps"))
     except FlowscanError as exc:
         raise _fail(exc) from None
     grouping = grouping.for_folder(out)
-    experiments = stats.aggregate(t["eigen"], t["runs"], grouping)
+    experiments = stats.aggregate(t["eigen"], t["runs"], t["steps"], grouping)
     members = grouping.membership(t["runs"]["run"].to_list())
     meta = tables.metadata(command_line(), "", analysis_id=tables.current_id(out))
     written = tables.write_tables({"experiments": experiments, "experiment_runs": members}, out, meta)

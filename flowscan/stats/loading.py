@@ -21,9 +21,10 @@ def sigma_units(outs: Sequence[Path], level: str = "run", quantity: str = "M",
     frames = []
     labels = _labels(outs)
     for out, label in zip(outs, labels):
-        t = read_tables(out, ("runs", "eigen"))
+        t = read_tables(out, ("runs", "eigen", "steps"))
         if level == "experiment":
-            frame = sigma_table(aggregate(t["eigen"], t["runs"], grouping.for_folder(out)), "experiment", quantity)
+            frame = sigma_table(aggregate(t["eigen"], t["runs"], t["steps"], grouping.for_folder(out)),
+                                "experiment", quantity)
         else:
             ok = t["runs"].filter(pl.col("status") == "ok")["run"]
             frame = sigma_table(t["eigen"].filter(pl.col("run").is_in(ok.to_list())), "run", quantity)
@@ -71,7 +72,7 @@ def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 1
     tables = read_tables(out, optional=("survival",))
     experiments = read_derived(out, "experiments", warnings)
     if experiments is None:
-        experiments = aggregate(tables["eigen"], tables["runs"], grouping)
+        experiments = aggregate(tables["eigen"], tables["runs"], tables["steps"], grouping)
     try:
         points = error_points(tables["metrics"], tables["rounds"])
     except FlowscanError:
