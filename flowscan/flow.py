@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 EIGEN_SEM_RATIO = 0.05  # the paper's test: SEM of lambda < 5 % of its mean
+EXPONENTIAL_R2 = 0.9    # exponential_ok: ln share is a straight line in the scale ...
+TREND_ALPHA = 0.05      # ... and sigma shows no significant drift over rounds (p-value) ...
+DRIFT_FRACTION = 0.25   # ... that changes it across the run by more than this share of |sigma|
 
 
 def shares(values: np.ndarray) -> np.ndarray:
@@ -89,6 +92,17 @@ def fit_line(x: np.ndarray, y: np.ndarray) -> LineFit:
     return LineFit(slope, se, r2, n)
 
 
+def slope_p_value(fit: LineFit) -> float:
+    """Two-sided p-value of the hypothesis 'slope = 0' (t distribution, n - 2 degrees of freedom)."""
+    from scipy.stats import t as student_t
+
+    if fit.n < 3 or not np.isfinite(fit.slope):
+        return float("nan")
+    if fit.slope_se == 0:
+        return 1.0 if fit.slope == 0 else 0.0
+    return float(2 * student_t.sf(abs(fit.slope / fit.slope_se), fit.n - 2))
+
+
 def cumulative_log_c(density: np.ndarray) -> np.ndarray:
     """sum_{k<n} ln c(k) = ln(D(first)/D(n)): the coarse-graining scale; telescopes over gaps."""
     d = np.asarray(density, dtype=np.float64)
@@ -162,7 +176,29 @@ class Eigen:
     lambda_sem: np.ndarray
     sigma_mean: np.ndarray
     sigma_sem: np.ndarray
-    fits: list[LineFit]
+    fits: list[LineFit]          # ln share against the cumulative ln c: slope sigma_fit
+    trends: list[LineFit]        # sigma(n) against the round n: drift of the exponent
+
+    @property
+    def trend_p(self) -> np.ndarray:
+        return np.array([slope_p_value(t) for t in self.trends])
+
+    @property
+    def drift(self) -> np.ndarray:
+        """Change of sigma across the run's steps, from the trend line."""
+        return np.array([t.slope * (t.n - 1) if t.n > 1 else np.nan for t in self.trends])
+
+    @property
+    def exponential_ok(self) -> np.ndarray:
+        """A diagnostic that can fail, unlike `eigen_ok` at c near 1: at least 3 valid steps, the
+        share is one exponential in the coarse-graining scale (R² of the sigma_fit line >= 0.9),
+        and sigma does not drift over the rounds: no trend that is both significant (p < 0.05)
+        and material (a change across the run above 25 % of |sigma|, or 0.05 near sigma = 0)."""
+        r2 = np.array([f.r2 for f in self.fits])
+        with np.errstate(invalid="ignore"):
+            material = np.abs(self.drift) > DRIFT_FRACTION * np.maximum(np.abs(self.sigma_mean), 0.2)
+            drifting = (self.trend_p < TREND_ALPHA) & material
+            return (self.n_pairs >= 3) & (r2 >= EXPONENTIAL_R2) & ~drifting
 
     @property
     def eigen_ok(self) -> np.ndarray:
@@ -175,4 +211,5 @@ def eigen_summary(flow: Flow, quantity: str) -> Eigen:
     lam_mean, lam_sem, count = mean_sem(lam, valid)
     sig_mean, sig_sem, _ = mean_sem(sigma, valid)
     share = flow.M if quantity == "M" else flow.P
-    return Eigen(count, lam_mean, lam_sem, sig_mean, sig_sem, fit_exponents(share, flow.density))
+    trends = [fit_line(np.where(valid[:, i], flow.step_rounds, np.nan), sigma[:, i]) for i in range(sigma.shape[1])]
+    return Eigen(count, lam_mean, lam_sem, sig_mean, sig_sem, fit_exponents(share, flow.density), trends)

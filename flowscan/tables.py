@@ -39,7 +39,8 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "eigen": {"run": pl.String, "block": pl.String, "quantity": pl.String, "n_pairs": pl.Int64,
               "lambda_mean": pl.Float64, "lambda_sem": pl.Float64, "sigma_mean": pl.Float64,
               "sigma_sem": pl.Float64, "sigma_fit": pl.Float64, "sigma_fit_se": pl.Float64,
-              "r2": pl.Float64, "eigen_ok": pl.Boolean, "relevance": pl.String},
+              "r2": pl.Float64, "eigen_ok": pl.Boolean, "sigma_trend": pl.Float64, "sigma_trend_p": pl.Float64,
+              "exponential_ok": pl.Boolean, "relevance": pl.String},
     "metrics": {"run": pl.String, "round": pl.Int64, "name": pl.String, "value": pl.Float64},
     # of the weights kept in round n, the share still kept in round n+1 (and those revived there)
     "survival": {"run": pl.String, "block": pl.String, "round": pl.Int64, "n_survivors": pl.Int64,
@@ -79,14 +80,15 @@ def build_tables(results: Sequence[RunResult]) -> dict[str, pl.DataFrame]:
                         **{"lambda": float(lam[s, b])}, c=float(f.c[s]), x=float(f.x[s]),
                         sigma=float(sigma[s, b]), valid=bool(valid[s, b]))
             e = res.eigen[quantity]
-            ok = e.eigen_ok
+            ok, trend_p, exponential = e.eigen_ok, e.trend_p, e.exponential_ok
             for b, block in enumerate(res.blocks):
                 fit = e.fits[b]
                 add("eigen", run=run.name, block=block, quantity=quantity, n_pairs=int(e.n_pairs[b]),
                     lambda_mean=float(e.lambda_mean[b]), lambda_sem=float(e.lambda_sem[b]),
                     sigma_mean=float(e.sigma_mean[b]), sigma_sem=float(e.sigma_sem[b]),
                     sigma_fit=float(fit.slope), sigma_fit_se=float(fit.slope_se), r2=float(fit.r2),
-                    eigen_ok=bool(ok[b]), relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]))
+                    eigen_ok=bool(ok[b]), sigma_trend=float(e.trends[b].slope), sigma_trend_p=float(trend_p[b]),
+                    exponential_ok=bool(exponential[b]), relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]))
         for index, name, value in res.metrics:
             add("metrics", run=run.name, round=index, name=name, value=value)
         for s, index in enumerate(f.step_rounds):

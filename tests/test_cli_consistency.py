@@ -95,8 +95,13 @@ def test_verbose_adds_detail_and_quiet_removes_notes(tmp_path):
 
 
 def test_the_scanner_needs_neither_torch_nor_scikit_learn(tmp_path):
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['sklearn'] = None\n"
-            "from flowscan.cli import main\n"
-            f"main(['analyze', {str(FIXTURES / 'closed-form')!r}, '-o', {str(tmp_path / 'out')!r}, '-q'])")
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    # stand-in packages that fail to import shadow the installed ones
+    for name in ("torch", "sklearn"):
+        (tmp_path / "fake" / name).mkdir(parents=True)
+        (tmp_path / "fake" / name / "__init__.py").write_text("raise ImportError('not installed')\n")
+    code = f"from flowscan.cli import main; main(['analyze', {str(FIXTURES / 'closed-form')!r}, '-o', " \
+           f"{str(tmp_path / 'out')!r}, '-q'])"
+    import os
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(tmp_path / "fake")})
     assert (tmp_path / "out" / "eigen.parquet").is_file()

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import polars as pl
 import pytest
 from scipy import stats
 
@@ -88,3 +89,23 @@ def test_compute_flow_hand_example_with_a_missing_round():
     (0.1, float("nan"), "relevant"), (float("nan"), 0.1, "undetermined")])
 def test_relevance_accounts_for_the_sem(mean, sem, expected):
     assert flow.relevance(mean, sem) == expected
+
+
+def test_exponential_ok_fails_when_sigma_drifts_and_holds_for_a_true_exponential(tmp_path):
+    from conftest import FIXTURES, analyze
+    from flowscan import flow as fl
+
+    eigen = analyze(FIXTURES / "closed-form" / "safetensors", tmp_path / "out")["eigen"].filter(quantity="M")
+    exact = eigen.filter(pl.col("block") != "rest")        # sigma = 0.5 and -1 by construction
+    assert exact["exponential_ok"].all() and (exact["sigma_trend_p"] >= 0.05).all()
+    rest = eigen.filter(block="rest").row(0, named=True)   # the remainder's share is no exponential:
+    assert not rest["exponential_ok"] and rest["sigma_trend_p"] < 0.05   # caught, where eigen_ok passes
+    assert rest["eigen_ok"]
+
+    rounds = np.arange(8)
+    n_params = np.array([1000, 1000])
+    n_unpruned = np.stack([np.round(1000 * 0.8 ** rounds)] * 2, axis=1).astype(np.int64)
+    drifting = np.stack([np.exp(0.3 * rounds.astype(float) ** 2), np.ones(8)], axis=1)
+    bad = fl.eigen_summary(fl.compute_flow(rounds, n_params, n_unpruned, drifting), "M")
+    assert not bad.exponential_ok[0] and bad.trend_p[0] < 0.05 and abs(bad.drift[0]) > 0.25 * abs(bad.sigma_mean[0])
+    assert bad.eigen_ok[0] == (bad.lambda_sem[0] / bad.lambda_mean[0] < 0.05)   # the paper's test, unchanged
