@@ -193,3 +193,26 @@ def test_pooled_sem_matches_a_recomputation_from_steps_parquet(tmp_path):
         assert row["sigma_mean"] == pytest.approx(sigma.mean())
         assert row["sigma_sem"] == pytest.approx(sigma.std(ddof=1) / math.sqrt(sigma.size))
         assert row["sigma_between_sem"] == pytest.approx(0.0, abs=1e-12)   # identical seeds
+
+
+def test_a_fit_where_gamma_is_not_identified_is_not_ok():
+    # only the flat, high-density part of the curve, with noise: the power law is never reached
+    rng = np.random.default_rng(4)
+    density = np.tile(0.8 ** np.arange(6), 3)
+    error = scaling_function(density, **TRUE) + rng.normal(0, 0.004, density.size)
+    fit = CriticalFit(n_bootstrap=0).fit(density, error)
+    assert fit.status_ in ("unidentified", "at_bound"), (fit.status_, fit.gamma_, fit.gamma_stderr_)
+    assert fit.reason_
+    table = fit_scaling(pl.DataFrame({"run": ["r"] * density.size, "round": range(density.size),
+                                      "density": density, "error": error, "metric": "m"}), n_bootstrap=0)
+    from flowscan.summary import scaling_text
+    line = scaling_text(table).splitlines()[1]
+    assert fit.status_ in line   # gamma is never printed without its status
+
+
+def test_epsilon_np_at_its_bound_is_flagged():
+    density = 0.8 ** np.arange(12)
+    error = scaling_function(density, **TRUE)
+    error[0] = 0.02          # a dense error far below what the curve needs
+    fit = CriticalFit(n_bootstrap=0).fit(density, error)
+    assert "epsilon_np" in fit.at_bound_ and fit.status_ == "at_bound"

@@ -20,8 +20,21 @@ from flowscan.errors import FlowscanError
 from flowscan.stats.groups import Grouping
 
 PARAMS = ("epsilon_np", "epsilon_dagger", "gamma", "p")
+BOUND_TOLERANCE = 0.01   # within 1 % of a parameter's range from a bound: the bound decided it
+FLAT_SSE = 0.01          # optima within 1 % of the best SSE are equally good ...
+FLAT_SPREAD = 0.25       # ... and must agree on gamma and epsilon_dagger to 25 %
 # metric names treated as accuracies, in order of preference, when none is named
 ACCURACY_NAMES = ("test_accuracy", "best_sa", "best_acc1", "eval_acc", "accuracy", "acc", "top1")
+
+
+def _near_bound(name: str, value: float, low: float, high: float) -> bool:
+    """Within BOUND_TOLERANCE of the parameter's range from a bound: linearly for the errors
+    (fractions in [0, 1]), in decades for gamma and p, whose ranges span orders of magnitude."""
+    if name in ("gamma", "p"):
+        value, low, high = (np.log10(abs(x)) for x in (value, low, high))
+        low, high = min(low, high), max(low, high)
+    width = high - low
+    return value - low < BOUND_TOLERANCE * width or high - value < BOUND_TOLERANCE * width
 
 
 def scaling_function(d, epsilon_np, epsilon_dagger, gamma, p):
@@ -35,8 +48,9 @@ class CriticalFit:
 
     fit(density, error, groups=None) sets `gamma_`, `epsilon_np_`, `epsilon_dagger_`, `p_`, their
     `*_stderr_` (from the covariance), `gamma_ci_` (bootstrap percentile interval over groups,
-    e.g. replicates, and the points within them), `rmse_`, `n_points_`, and `at_bound_` (the
-    parameters that ended on a bound: such a fit is not a measurement).
+    e.g. replicates, and the points within them), `rmse_`, `n_points_`, `at_bound_` (the
+    parameters that ended on a bound), and `status_`/`reason_`: only a fit whose status is "ok"
+    is a measurement (see `_verdict`).
     """
 
     def __init__(self, np_tolerance: float = 0.1, gamma_bounds: tuple[float, float] = (-20.0, -1e-3),
@@ -55,9 +69,10 @@ class CriticalFit:
         high[0] = max(high[0], low[0] * 1.000001)
         return dense, (low, high)
 
-    def _fit_once(self, d, e, starts):
-        dense, bounds = self._bounds(d, e)
-        best = None
+    def _fits(self, d, e, starts) -> list[tuple]:
+        """(popt, pcov, sse) of every start that converged, best first."""
+        _dense, bounds = self._bounds(d, e)
+        found = []
         for p0 in starts:
             p0 = np.clip(p0, np.array(bounds[0]) + 1e-12, np.array(bounds[1]) - 1e-12)
             try:
@@ -65,15 +80,44 @@ class CriticalFit:
             except (RuntimeError, ValueError):
                 continue
             sse = float(((scaling_function(d, *popt) - e) ** 2).sum())
-            if np.isfinite(sse) and (best is None or sse < best[2]):
-                best = (popt, pcov, sse)
-        return best
+            if np.isfinite(sse):
+                found.append((popt, pcov, sse))
+        return sorted(found, key=lambda f: f[2])
+
+    def _fit_once(self, d, e, starts):
+        found = self._fits(d, e, starts)
+        return found[0] if found else None
 
     def _starts(self, d, e):
+        """Many starts: the least-squares surface of Eq. 15 has flat valleys and several optima."""
         dense = e[d >= d.max() - 1e-12].mean()
         worst = max(e.max(), dense * 1.01)
-        return [np.array([dense, worst * f, g, p]) for f in (1.0, 1.5) for g in (-0.2, -1.0, -3.0)
-                for p in (np.quantile(d, 0.25), d.min())]
+        return [np.array([dense, worst * f, g, p]) for f in (1.0, 1.5, 3.0) for g in (-0.1, -0.5, -1.0, -3.0, -10.0)
+                for p in (np.quantile(d, 0.5), np.quantile(d, 0.25), d.min())]
+
+    def _verdict(self, found, d, e) -> tuple[str, str | None]:
+        """ok, at_bound (a parameter within 1 % of its range from a bound: not a measurement) or
+        unidentified (a parameter's SE exceeds its value, or equally good optima disagree)."""
+        popt, pcov, sse = found[0]
+        low, high = self._bounds(d, e)[1]
+        at_bound = [name for name, v, lo, hi in zip(PARAMS, popt, low, high) if _near_bound(name, v, lo, hi)]
+        self.at_bound_ = at_bound
+        if at_bound:
+            return "at_bound", f"ended on a bound: {', '.join(at_bound)}"
+        with np.errstate(invalid="ignore"):
+            stderr = np.sqrt(np.diag(pcov))
+        loose = [name for name, v, se in zip(PARAMS, popt, stderr)
+                 if name != "epsilon_np" and not (np.isfinite(se) and se < abs(v))]
+        if loose:
+            return "unidentified", f"standard error exceeds the value: {', '.join(loose)}"
+        tie = sse * (1 + FLAT_SSE) + 1e-15
+        rivals = np.array([f[0] for f in found if f[2] <= tie])
+        flat = [name for k, name in enumerate(PARAMS) if name in ("gamma", "epsilon_dagger")
+                and np.ptp(rivals[:, k]) > FLAT_SPREAD * abs(popt[k]) + 1e-9]
+        if flat:
+            return "unidentified", (f"equally good optima (SSE within {FLAT_SSE:.0%}) disagree on "
+                                    f"{', '.join(flat)}: the fit does not pin them down")
+        return "ok", None
 
     def fit(self, density: Sequence[float], error: Sequence[float], groups: Sequence | None = None) -> "CriticalFit":
         d = np.asarray(density, dtype=np.float64)
@@ -85,14 +129,11 @@ class CriticalFit:
             raise ValueError(f"need at least {len(PARAMS) + 1} (density, error) points, got {d.size}")
         if np.any(e <= 0):
             raise ValueError("errors must be positive (error = 1 - accuracy)")
-        best = self._fit_once(d, e, self._starts(d, e))
-        if best is None:
+        found = self._fits(d, e, self._starts(d, e))
+        if not found:
             raise ValueError("the scaling function could not be fitted to these points")
-        popt, pcov, sse = best
-        low, high = self._bounds(d, e)[1]
-        span = np.array(high) - np.array(low)
-        self.at_bound_ = [name for name, v, lo, hi, w in zip(PARAMS, popt, low, high, span)
-                          if name != "epsilon_np" and (v - lo < 1e-6 * w or hi - v < 1e-6 * w)]
+        popt, pcov, sse = found[0]
+        self.status_, self.reason_ = self._verdict(found, d, e)
         with np.errstate(invalid="ignore"):
             stderr = np.sqrt(np.diag(pcov))
         for name, value, se in zip(PARAMS, popt, stderr):
@@ -199,6 +240,6 @@ def _fit_row(level: str, name: str, metric: str, part: pl.DataFrame, options) ->
         nan = [math.nan] * (2 * len(PARAMS) + 2)
         return (level, name, metric, n_runs, part.height, *nan, 0, math.nan, "error", str(exc))
     values = [v for p in PARAMS for v in (getattr(fit, f"{p}_"), getattr(fit, f"{p}_stderr_"))]
-    status, note = ("ok", None) if not fit.at_bound_ else ("at_bound", f"ended on a bound: {', '.join(fit.at_bound_)}")
+    status, note = fit.status_, fit.reason_
     return (level, name, metric, n_runs, fit.n_points_, *values, *fit.gamma_ci_, fit.n_bootstrap_ok_,
             fit.rmse_, status, note)
