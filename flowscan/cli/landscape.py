@@ -52,15 +52,19 @@ def _write(frames: dict, figures: dict, out: Path, source: Path, app) -> None:
               help="Matching: test error within this of the dense network's.")
 @click.option("--bn-batches", type=click.IntRange(1), default=20, show_default=True,
               help="Training batches to re-estimate BatchNorm statistics at each alpha.")
+@click.option("--path", "path_kind", type=click.Choice(["linear", "projected"]), default="linear",
+              show_default=True, help="linear: Paul et al.'s path, each end with its own mask; projected: the "
+                                      "interior masked with round n+1's mask (measures pruning damage).")
 @app_options()
-def lmc(path, out, setup, points, tolerance, bn_batches, app) -> None:
+def lmc(path, out, setup, points, tolerance, bn_batches, path_kind, app) -> None:
     """Error along the line between successive rounds, and its barrier -> lmc*.parquet."""
     from flowscan.errors import FlowscanError
     from flowscan.landscape.analysis import lmc_tables
     from flowscan.plot import figures
 
     try:
-        curves, summary = lmc_tables(path, setup, points, tolerance, bn_batches, progress=app.note)
+        curves, summary = lmc_tables(path, setup, points, tolerance, bn_batches, progress=app.note,
+                                     path_kind=path_kind)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     plots = {}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -17,8 +18,10 @@ from flowscan.readers.discover import discover
 
 LMC_SCHEMA = {"run": pl.String, "round": pl.Int64, "alpha": pl.Float64, "error": pl.Float64, "loss": pl.Float64}
 SUMMARY_SCHEMA = {"run": pl.String, "round": pl.Int64, "next_round": pl.Int64, "density": pl.Float64,
-                  "barrier": pl.Float64, "loss_barrier": pl.Float64, "error_start": pl.Float64,
-                  "error_end": pl.Float64, "dense_error": pl.Float64, "matching": pl.Boolean}
+                  "path": pl.String, "barrier": pl.Float64, "instability": pl.Float64,
+                  "loss_barrier": pl.Float64, "loss_instability": pl.Float64, "error_start": pl.Float64,
+                  "error_end": pl.Float64, "dense_error": pl.Float64, "tolerance": pl.Float64,
+                  "matching": pl.Boolean}
 SHARPNESS_SCHEMA = {"run": pl.String, "round": pl.Int64, "density": pl.Float64, "lambda_max": pl.Float64,
                     "iterations": pl.Int64, "converged": pl.Boolean, "error": pl.Float64}
 
@@ -68,29 +71,40 @@ def _loaded_rounds(path: Path, setup: Setup) -> Iterator[tuple[Run, torch.nn.Mod
             yield run, model, data, rs.index, archive.load_into(model, rs, setup.device)
 
 
+PATHS = ("linear", "projected")
+
+
 def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: float = 0.01,
-               bn_batches: int = 20, progress: Callable[[str], None] | None = None):
-    """(lmc, lmc_summary) frames: error along each n -> n+1 segment, and its barrier."""
-    curves, summary = [], []
+               bn_batches: int = 20, progress: Callable[[str], None] | None = None, path_kind: str = "linear"):
+    """(lmc, lmc_summary) frames: error along each n -> n+1 segment, its barrier and instability.
+
+    Round n+1 is matching when its test error is within `tolerance` of the dense error, the mean
+    of round 0's test error over every run below `path` (the experiment's seeds)."""
+    if path_kind not in PATHS:
+        raise FlowscanError(f"unknown path {path_kind!r}; known: {', '.join(PATHS)}")
+    curves, summary, dense = [], [], []
     alphas = lmc.alpha_grid(points)
-    previous, dense_error = None, None   # (run, round index, state) of the round before
+    previous = None   # (run, round index, state) of the round before
     for run, model, data, index, masks in _loaded_rounds(path, setup):
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if previous is None or previous[0] is not run:
-            dense_error = None
-        elif index == previous[1] + 1:
-            curve = lmc.interpolate(model, previous[2], state, masks, data, alphas, bn_batches)
-            dense_error = dense_error if dense_error is not None else curve.errors[0]
+        if previous is not None and previous[0] is run and index == previous[1] + 1:
+            curve = lmc.interpolate(model, previous[2], state, masks, data, alphas, bn_batches,
+                                    projected=path_kind == "projected")
+            if previous[1] == 0:
+                dense.append(float(curve.errors[0]))
             curves += [(run.name, previous[1], float(a), float(e), float(lo))
                        for a, e, lo in zip(curve.alphas, curve.errors, curve.losses)]
-            summary.append((run.name, previous[1], index, _density(masks), curve.barrier, curve.loss_barrier,
-                            float(curve.errors[0]), float(curve.errors[-1]), float(dense_error),
-                            bool(curve.errors[-1] <= dense_error + tolerance)))
+            summary.append((run.name, previous[1], index, _density(masks), path_kind, curve.barrier,
+                            curve.instability, curve.loss_barrier, curve.loss_instability,
+                            float(curve.errors[0]), float(curve.errors[-1])))
             if progress:
-                progress(f"{run.name}: rounds {previous[1]}->{index}: barrier {curve.barrier:+.4f}")
+                progress(f"{run.name}: rounds {previous[1]}->{index}: barrier {curve.barrier:+.4f}, "
+                         f"instability {curve.instability:+.4f}")
         previous = (run, index, state)
+    dense_error = float(np.mean(dense)) if dense else float("nan")   # NaN: no round 0 in the archive
+    rows = [(*row, dense_error, tolerance, bool(row[-1] <= dense_error + tolerance)) for row in summary]
     return (pl.DataFrame(curves, schema=LMC_SCHEMA, orient="row"),
-            pl.DataFrame(summary, schema=SUMMARY_SCHEMA, orient="row"))
+            pl.DataFrame(rows, schema=SUMMARY_SCHEMA, orient="row"))
 
 
 def sharpness_table(path: Path, setup: Setup = Setup(), subset: int = 512, tol: float = 1e-3,

@@ -1,8 +1,14 @@
 """Linear mode connectivity between successive IMP rounds (Paul et al.).
 
-theta(alpha) = (1 - alpha) theta_n + alpha theta_{n+1}, each end with its own mask, the
-interpolated network masked with mask n+1; BatchNorm statistics are re-estimated on training
-data at every alpha. Error barrier = max_alpha err(alpha) - ((1 - alpha) err(0) + alpha err(1)).
+The linear path (the paper's, the default): theta(alpha) = (1 - alpha) theta_n + alpha theta_{n+1},
+each end carrying its own mask (pruned entries are zeros) and nothing re-masked in the interior,
+so the entries pruned between n and n+1 shrink linearly to zero. The projected path
+(`projected=True`) masks the interior with mask n+1: at alpha = 0+ it is theta_n pruned in one
+shot, so its barrier measures pruning damage, not the landscape. BatchNorm statistics are
+re-estimated on training data at every alpha.
+
+barrier = max_alpha err(alpha) - ((1 - alpha) err(0) + alpha err(1))   (above the chord)
+instability = max_alpha err(alpha) - (err(0) + err(1)) / 2             (Frankle et al.)
 """
 
 from __future__ import annotations
@@ -32,6 +38,14 @@ class Curve:
     def loss_barrier(self) -> float:
         line = (1 - self.alphas) * self.losses[0] + self.alphas * self.losses[-1]
         return float(np.max(self.losses - line))
+
+    @property
+    def instability(self) -> float:
+        return float(np.max(self.errors) - (self.errors[0] + self.errors[-1]) / 2)
+
+    @property
+    def loss_instability(self) -> float:
+        return float(np.max(self.losses) - (self.losses[0] + self.losses[-1]) / 2)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -75,15 +89,17 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[f
 
 @torch.no_grad()
 def interpolate(model: nn.Module, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor],
-                end_masks: dict[str, torch.Tensor], data: Dataset, alphas, bn_batches: int = 20) -> Curve:
-    """Errors along the segment between two state dicts (masks already applied at both ends)."""
+                end_masks: dict[str, torch.Tensor], data: Dataset, alphas, bn_batches: int = 20,
+                projected: bool = False) -> Curve:
+    """Errors along the segment between two state dicts (masks already applied at both ends);
+    `projected` masks the interior with `end_masks` (see the module docstring)."""
     errors, losses = [], []
     for alpha in alphas:
         state = {}
         for k, a in start.items():
             b = end[k]
             state[k] = (1 - alpha) * a + alpha * b if a.is_floating_point() else b
-            if k in end_masks and 0 < alpha < 1:  # the ends keep their own masks
+            if projected and k in end_masks and 0 < alpha < 1:
                 state[k] = state[k] * end_masks[k]
         model.load_state_dict(state)
         if has_batchnorm(model):

@@ -106,6 +106,9 @@ class Session:
     """One seed's model, prunable set, schedule and trainer."""
 
     def __init__(self, cfg: IMPConfig, seed: int, data: Dataset, device: torch.device, compile: bool = True):
+        # the adaptive schedule decides on a validation split carved from the training data, so
+        # that the test error it reports never steered it
+        data, self.validation = validation_split(data) if cfg.schedule == "adaptive" else (data, None)
         self.cfg, self.seed, self.data, self.device = cfg, seed, data, device
         torch.manual_seed(seed)
         model, spec = models.build(cfg.model, data.input_shape, data.n_classes)
@@ -151,7 +154,12 @@ class Session:
             self.load(rewind)
             self.trainer.set_masks({k: v.to(self.device) for k, v in masks.items()})
             cost = self.trainer.train(self.start, self.total, round_seed + 1, bar)
-        return {**self.trainer.evaluate(), **cost}, made
+        metrics = {**self.trainer.evaluate(), **cost}
+        if self.validation is not None:
+            from flowscan.landscape.lmc import evaluate
+
+            metrics["validation_error"], metrics["validation_loss"] = evaluate(self.model, self.validation)
+        return metrics, made
 
     def prune(self, weights: dict[str, np.ndarray], masks: dict[str, torch.Tensor],
               fraction: float) -> dict[str, torch.Tensor]:
@@ -161,6 +169,24 @@ class Session:
 
     def density(self, masks) -> float:
         return sum(int(m.sum()) for m in masks.values()) / self.original
+
+
+VALIDATION_FRACTION = 0.1
+
+
+def validation_split(data: Dataset) -> tuple[Dataset, Dataset]:
+    """(training data less a validation split, the split as a dataset whose "test" part it is).
+    The split is the same for every seed (a fixed permutation), so the seeds' dense validation
+    errors are comparable."""
+    n = len(data.y_train)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(12345)).to(data.x_train.device)
+    k = max(1, int(round(VALIDATION_FRACTION * n)))
+    val, train = order[:k], order[k:]
+    kept = Dataset(data.name, data.x_train[train], data.y_train[train], data.x_test, data.y_test,
+                   data.n_classes, data.kind)
+    held = Dataset(f"{data.name}:validation", data.x_train[train], data.y_train[train], data.x_train[val],
+                   data.y_train[val], data.n_classes, data.kind)
+    return kept, held
 
 
 def adapt_fraction(cfg: IMPConfig, fraction: float, matching: bool, barrier: float) -> float:
@@ -177,8 +203,14 @@ def _barrier(session: Session, before: dict[str, np.ndarray], after: dict[str, n
 
     to_t = lambda s: {k: torch.from_numpy(np.array(v)).to(session.device) for k, v in s.items()}  # noqa: E731
     masks = {k: v.to(session.device) for k, v in after_masks.items()}
-    curve = lmc.interpolate(session.model, to_t(before), to_t(after), masks, session.data, lmc.alpha_grid(5))
+    curve = lmc.interpolate(session.model, to_t(before), to_t(after), masks, session.validation or session.data,
+                            lmc.alpha_grid(5))
     return curve.barrier
+
+
+def _decision_error(metrics: dict) -> float:
+    """The error the adaptive schedule decides on: validation, never test (older runs: test)."""
+    return metrics["validation_error"] if "validation_error" in metrics else 1 - metrics["test_accuracy"]
 
 
 def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.device, compile: bool = True,
@@ -204,7 +236,7 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
         previous = load_file(str(last / layout.WEIGHTS))
         previous_masks = {k: torch.from_numpy(v).bool() for k, v in load_file(str(last / layout.MASKS)).items()}
         fraction = info.get("prune_fraction_next", cfg.prune_fraction)
-        dense_error = 1 - layout.read_json(done[0][1] / layout.ROUND_MANIFEST)["metrics"]["test_accuracy"]
+        dense_error = _decision_error(layout.read_json(done[0][1] / layout.ROUND_MANIFEST)["metrics"])
         masks = session.prune(previous, previous_masks, fraction)
 
     reports = []
@@ -222,7 +254,7 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
             masks, metrics, fraction = _adaptive_round(session, n, previous, previous_masks, masks, metrics,
                                                       fraction, dense_error, rewind, bar)
         weights = numpy_state(session.model)
-        dense_error = 1 - metrics["test_accuracy"] if dense_error is None else dense_error
+        dense_error = _decision_error(metrics) if dense_error is None else dense_error
         density = session.density(masks)
         layout.write_round(run, n, weights, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()},
                            {"density": density, "metrics": metrics, "prune_fraction_next": fraction,
@@ -255,7 +287,7 @@ def _adaptive_round(session: Session, n: int, previous, previous_masks, masks, m
         barrier = _barrier(session, previous, trained, masks)
         cost["lmc_seconds"] += time.perf_counter() - lmc_began
         session.load(trained)  # the LMC evaluation moved the model
-        matching = 1 - metrics["test_accuracy"] <= dense_error + cfg.match_tolerance
+        matching = _decision_error(metrics) <= dense_error + cfg.match_tolerance
         if matching or fraction <= cfg.min_fraction:
             metrics = {**metrics, **cost, "lmc_barrier": barrier, "matching": float(matching),
                        "attempts": float(attempts), "pruned_fraction": fraction}
