@@ -88,7 +88,8 @@ def _sigma_wide(sigmas: pl.DataFrame) -> pl.DataFrame:
 def render(analysis: Analysis, command: str, figures: Figures | None = None) -> str:
     t = analysis.tables
     figures = figures or standard_figures(t, analysis.experiments, analysis.points, analysis.scaling,
-                                          landscape=analysis.landscape)
+                                          landscape=analysis.landscape,
+                                          comparison=(analysis.compare, analysis.classes))
     runs = t["runs"]
     failed = runs.filter(pl.col("status") != "ok")
     ok_runs = runs.filter(pl.col("status") == "ok")["run"].to_list()

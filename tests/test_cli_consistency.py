@@ -62,7 +62,7 @@ def test_fit_and_compare_json(tmp_path):
     compare = subprocess.run([sys.executable, "-m", "flowscan", "compare", str(out), "--json"],
                              capture_output=True, text=True, check=True)
     data = json.loads(compare.stdout)
-    assert set(data) == {"classes", "pairs"} and data["pairs"]
+    assert set(data) == {"classes", "pairs", "tree"} and data["pairs"]
     fit = subprocess.run([sys.executable, "-m", "flowscan", "fit", str(FIXTURES / "open_lth"), "--json"],
                          capture_output=True, text=True)
     assert fit.returncode != 0 and "Traceback" not in fit.stderr   # not an analysis folder: a clear error

@@ -47,7 +47,8 @@ def test_report_is_self_contained_with_every_figure_and_table(analysed):
     parser = _Page()
     parser.feed(page)
     a = load_analysis(analysed)
-    expected = standard_figures(a.tables, a.experiments, a.points, a.scaling).items
+    expected = standard_figures(a.tables, a.experiments, a.points, a.scaling, comparison=(a.compare, a.classes)).items
+    assert "compare-dendrogram" in expected
     assert figure_ids(page) == list(expected)
     assert parser.svgs >= len(expected)  # every figure is an inline SVG
     for table in ("provenance", "versions", "runs", "sigma", "eigen", "experiments", "scaling",

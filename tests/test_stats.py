@@ -216,3 +216,36 @@ def test_epsilon_np_at_its_bound_is_flagged():
     error[0] = 0.02          # a dense error far below what the curve needs
     fit = CriticalFit(n_bootstrap=0).fit(density, error)
     assert "epsilon_np" in fit.at_bound_ and fit.status_ == "at_bound"
+
+
+def test_a_relevance_conflict_splits_a_class_even_below_the_threshold():
+    # A and B are close in RMS but block l3 is relevant in A and irrelevant in B (tiny SEMs)
+    sig = pl.DataFrame({"unit": ["A"] * 3 + ["B"] * 3 + ["C"] * 3, "block": ["l1", "l2", "l3"] * 3,
+                        "sigma": [0.50, -0.40, 0.03, 0.50, -0.40, -0.03, 0.49, -0.41, 0.02],
+                        "sigma_sem": [0.001] * 9})
+    pairs, classes = compare(sig, threshold=1.0)   # a cut that would put everything together
+    ab = pairs.filter(a="A", b="B").row(0, named=True)
+    assert ab["n_conflicts"] == 1 and ab["rms"] < 1.0
+    assert classes["A"] != classes["B"] and classes["A"] == classes["C"]
+
+
+def test_default_threshold_comes_from_the_sems():
+    sig = pl.DataFrame({"unit": ["A"] * 2 + ["B"] * 2 + ["C"] * 2, "block": ["l1", "l2"] * 3,
+                        "sigma": [0.30, -0.30, 0.32, -0.29, 0.90, 0.10], "sigma_sem": [0.03] * 6})
+    pairs, classes = compare(sig)
+    noise = math.sqrt(0.03 ** 2 + 0.03 ** 2)
+    assert pairs["noise_rms"].to_list() == pytest.approx([noise] * 3)
+    assert pairs["threshold"][0] == pytest.approx(2 * noise)
+    assert classes["A"] == classes["B"] != classes["C"]   # A~B within their error bars, C far
+
+
+def test_dendrogram_table_lists_every_merge():
+    from flowscan.stats.compare import tree
+
+    sig = pl.DataFrame({"unit": ["A"] * 2 + ["B"] * 2 + ["C"] * 2, "block": ["l1", "l2"] * 3,
+                        "sigma": [0.30, -0.30, 0.32, -0.29, 0.90, 0.10], "sigma_sem": [0.03] * 6})
+    pairs, classes = compare(sig)
+    t = tree(pairs, list(classes))
+    assert t.height == 2 and t["size"].to_list() == [2, 3]
+    assert {t["left"][0], t["right"][0]} == {"A", "B"} and "#1" in (t["left"][1], t["right"][1])
+    assert t["distance"][0] == pytest.approx(pairs.filter(a="A", b="B")["rms"][0])

@@ -94,8 +94,9 @@ def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, g
               help="Compare runs, or experiments (replicates pooled).")
 @click.option("--quantity", type=click.Choice(["M", "P"]), default="M", show_default=True,
               help="Sigma of the magnitude share M or of the parameter share P.")
-@click.option("--threshold", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
-              help="Classes: clusters whose average RMS sigma distance is below this.")
+@click.option("--threshold", type=click.FloatRange(0, min_open=True), default=None,
+              help="Classes: clusters whose average RMS sigma distance is below this (default: twice the "
+                   "median distance the SEMs alone would give).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the table (default: FIRST_OUT/compare.parquet).")
 @grouping_options
@@ -111,13 +112,21 @@ def compare(outs, level, quantity, threshold, output, grouping, app) -> None:
         sigmas = sigma_units(list(outs), level, quantity, grouping)
     except FlowscanError as exc:
         raise _fail(exc) from None
+    from flowscan.plot import figures, save
+    from flowscan.stats.compare import tree
+
     pairs, classes = compare_units(sigmas, threshold)
+    dendrogram = tree(pairs, list(classes))
     output = output or outs[0] / "compare.parquet"
-    written = tables.write_table(pairs, output,
-                                 tables.metadata(command_line(), "", analysis_id=tables.current_id(outs[0])))
+    meta = tables.metadata(command_line(), "", analysis_id=tables.current_id(outs[0]))
+    written = tables.write_tables({output.stem: pairs, f"{output.stem}_tree": dendrogram}, output.parent, meta)
     app.result(summary.compare_text(pairs, classes))
-    app.data({"classes": classes, "pairs": pairs})
-    app.wrote([written])
+    app.data({"classes": classes, "pairs": pairs, "tree": dendrogram})
+    app.wrote(written)
+    if dendrogram.height:
+        threshold_used = float(pairs["threshold"][0])
+        app.wrote(save(figures.dendrogram(dendrogram, list(classes), threshold_used),
+                       output.parent / "figures" / f"{output.stem}-dendrogram"))
 
 
 @click.command()
@@ -171,7 +180,7 @@ def plot(out, output, formats, pairs, grouping, app) -> None:
         app.warn(warning)
     output = output or out / "figures"
     figs = standard_figures(a.tables, a.experiments, a.points, a.scaling, pairs=chosen or None,
-                            landscape=a.landscape)
+                            landscape=a.landscape, comparison=(a.compare, a.classes))
     for name, (fig, _caption) in figs.items.items():
         app.wrote(save(fig, output / name, formats))
     for note in figs.notes:

@@ -287,3 +287,24 @@ def sharpness_plot(sharpness: pl.DataFrame, probe: pl.DataFrame | None = None):
         axes[1].set_ylabel("largest fraction still matching")
         axes[1].set_title("flatness limits the pruning step")
     return fig
+
+
+def dendrogram(tree: pl.DataFrame, units: Sequence[str], threshold: float):
+    """The universality classes' dendrogram (average linkage on RMS sigma distance), with the cut."""
+    from scipy.cluster.hierarchy import dendrogram as draw
+
+    index = {u: i for i, u in enumerate(units)}
+    for step in tree["step"].to_list():
+        index[f"#{step}"] = len(units) + step - 1
+    z = np.array([[index[r["left"]], index[r["right"]], r["distance"], r["size"]] for r in tree.iter_rows(named=True)],
+                 dtype=np.float64)
+    fig = new_figure(min(14.0, max(5.0, 0.4 * len(units) + 2)), 4.0)
+    ax = fig.subplots()
+    labels = short_labels(list(units))
+    draw(z, labels=[labels[u] for u in units], ax=ax, color_threshold=threshold, above_threshold_color="#999999",
+         leaf_rotation=45 if len(units) > 6 else 0)
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"cut at {threshold:.3g}")
+    ax.set_ylabel("RMS σ distance (average linkage)")
+    ax.set_title("universality classes")
+    ax.legend(frameon=False)
+    return fig

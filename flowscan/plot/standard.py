@@ -27,7 +27,8 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
                      points: pl.DataFrame | None = None, scaling: pl.DataFrame | None = None,
                      quantity: str = "M", max_detail_runs: int = 6,
                      pairs: Sequence[tuple[str, str]] | None = None,
-                     landscape: Mapping[str, pl.DataFrame] | None = None) -> Figures:
+                     landscape: Mapping[str, pl.DataFrame] | None = None,
+                     comparison: tuple[pl.DataFrame, dict[str, int]] | None = None) -> Figures:
     """Figures for an analysis; `pairs` picks the block pairs of the flow projection (default: all)."""
     from flowscan.stats.compare import sigma_table
 
@@ -55,6 +56,15 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
     if runs:
         out.add("sigma-heatmap", figures.sigma_heatmap(sigma_table(eigen, "run", quantity)),
                 "σ of every run and block; red: relevant (σ > 0), blue: irrelevant (σ < 0).")
+    if comparison is not None and len(comparison[1]) >= 3:
+        from flowscan.stats.compare import tree
+
+        pairs, classes = comparison
+        out.add("compare-dendrogram", figures.dendrogram(tree(pairs, list(classes)), list(classes),
+                                                         float(pairs["threshold"][0])),
+                "Universality classes: average-linkage dendrogram of the RMS σ distances between runs; "
+                "the dashed line is the cut (twice the distance the SEMs alone would give, unless set); "
+                "runs whose relevance conflicts are split even below it.")
     if experiments is not None and experiments.height and experiments["n_runs"].max() > 1:
         sig = sigma_table(experiments, "experiment", quantity)
         out.add("sigma-experiments", figures.sigma_overview(sig, "σ per block (mean ± SEM across replicates)"),
