@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from flowscan.io.atomic import current_umask, write_text
+from flowscan.readers.numbering import unique_rounds
 
 LAYOUT = "flowscan-imp"
 VERSION = 1
@@ -51,9 +52,7 @@ def complete_rounds(run: Path) -> list[tuple[int, Path]]:
         index = round_index(child)
         if index is not None and (child / ROUND_MANIFEST).is_file():
             found.append((index, child))
-    from flowscan.readers.numbering import unique_rounds  # a round folder per number, or an error
-
-    return unique_rounds(found)
+    return unique_rounds(found)   # a round folder per number, or an error naming both
 
 
 def read_json(path: Path) -> dict:

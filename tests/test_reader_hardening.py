@@ -102,7 +102,7 @@ def test_npz_damage_is_named(tmp_path):
     with zipfile.ZipFile(tmp_path / "lies.npz", "w") as zf:  # header claims more than the member holds
         zf.writestr("w.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (100000,), }"
                     .ljust(128 + 10, b" ")[:127] + b"\n" + b"\x00" * 16)
-    with pytest.raises(ScanError, match="truncated or corrupt|bad|header"):
+    with pytest.raises(ScanError, match=r"shape \(100000,\) needs 800000 bytes but its member holds 16"):
         npz_file.load(tmp_path / "lies.npz")
 
 

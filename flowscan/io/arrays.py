@@ -10,6 +10,7 @@ keeps resident memory near one tensor whatever the archive size.
 
 from __future__ import annotations
 
+import math
 import mmap
 import zlib
 from pathlib import Path
@@ -55,7 +56,7 @@ def map_file(path: Path) -> mmap.mmap:
 class StorageFile(Frozen):
     """The storages of one file: where each one's bytes are, and their checksums.
 
-    Storages are registered by the reader as it finds them (`add`); a tensor view is accepted
+    Storages are registered by the reader as it finds them (`set_region`); a tensor view is accepted
     only over a storage of this very object, so nothing a pickle builds can stand in for one.
     CRC-32s (zip members) are checked once per storage, on its first full read.
     """
@@ -76,9 +77,6 @@ class StorageFile(Frozen):
         self._regions[key] = (offset, nbytes)
         if crc is not None:
             self._crc[key] = (crc, crc_prefix)
-
-    def has_region(self, key: str) -> bool:
-        return key in self._regions
 
     def raw(self, key: str, dtype: np.dtype, count: int) -> np.ndarray:
         offset, nbytes = self._region(key)
@@ -103,6 +101,9 @@ class StorageFile(Frozen):
                 self._mm.madvise(mmap.MADV_DONTNEED, start, length)
             except (OSError, ValueError):  # advice only; harmless if refused
                 pass
+
+    def region_size(self, key: str) -> int:
+        return self._region(key)[1]
 
     # -- integrity ---------------------------------------------------------------------------
     def region_bytes(self, key: str) -> np.ndarray:
@@ -196,7 +197,7 @@ class StoredArray(Frozen):
             raise ScanError(owner.path, f"a tensor is built over {_describe(storage)}, not over a "
                                         "storage of this file (refused)", tensor=tensor)
         shape = _int_tuple(shape, owner.path, "shape", tensor)
-        stride = _contiguous(shape) if stride is None else _int_tuple(stride, owner.path, "stride", tensor)
+        stride = contiguous_strides(shape) if stride is None else _int_tuple(stride, owner.path, "stride", tensor)
         if not isinstance(offset, int) or isinstance(offset, bool):
             raise ScanError(owner.path, f"storage offset {offset!r} is not an integer", tensor=tensor)
         dtype = storage.dtype if dtype is None else dtype
@@ -205,14 +206,14 @@ class StoredArray(Frozen):
 
     @property
     def size(self) -> int:
-        return _product(self.shape)
+        return math.prod(self.shape)
 
     @property
     def covers_storage(self) -> bool:
         """True when the view is its whole storage in order (its bytes are the storage's bytes)."""
         st = self.storage
-        return (self.offset == 0 and self.stride == _contiguous(self.shape)
-                and self.size * itemsize(self.dtype) == st.file.region_bytes(st.key).size)
+        return (self.offset == 0 and self.stride == contiguous_strides(self.shape)
+                and self.size * itemsize(self.dtype) == st.file.region_size(st.key))
 
     def __array__(self, dtype=None, copy=None):
         item = np.dtype(np.uint16 if self.dtype == BFLOAT16 else self.dtype)
@@ -258,20 +259,13 @@ def _int_tuple(values, path, what: str, tensor) -> tuple[int, ...]:
     return tuple(int(v) for v in items)
 
 
-def _product(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
 def _check_view(storage: Storage, offset: int, shape, stride, dtype, path, tensor) -> None:
     """Every addressable element of the view must lie in the storage (Python ints: no overflow)."""
     if len(stride) != len(shape):
         raise ScanError(path, f"tensor has {len(shape)} sizes but {len(stride)} strides", tensor=tensor)
     if offset < 0:
         raise ScanError(path, f"negative storage offset {offset}", tensor=tensor)
-    size = _product(shape)
+    size = math.prod(shape)
     if size == 0:
         return
     if itemsize(dtype) != itemsize(storage.dtype) and storage.dtype != np.uint8:
@@ -287,7 +281,10 @@ def _check_view(storage: Storage, offset: int, shape, stride, dtype, path, tenso
                               f"elements beyond the limit of {MAX_REPEATED_ELEMENTS}", tensor=tensor)
 
 
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+def contiguous_strides(shape: tuple[int, ...], fortran: bool = False) -> tuple[int, ...]:
+    """Element strides of a C-ordered (or, with `fortran`, Fortran-ordered) array of `shape`."""
+    if fortran:
+        return tuple(reversed(contiguous_strides(tuple(reversed(shape)))))
     stride, acc = [], 1
     for n in reversed(shape):
         stride.append(acc)
@@ -305,7 +302,7 @@ class LoadedArray(Frozen):
 
     @property
     def size(self) -> int:
-        return _product(self.shape)
+        return math.prod(self.shape)
 
     def __array__(self, dtype=None, copy=None):
         return _as_requested(self._load(), dtype, copy)

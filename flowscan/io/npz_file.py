@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import LoadedArray, Storage, StorageFile, StoredArray, map_file
+from flowscan.io.arrays import LoadedArray, Storage, StorageFile, StoredArray, contiguous_strides, map_file
 from flowscan.io.zip_members import data_offset, unique_members
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -78,12 +78,7 @@ def _member(path, zf, raw, info, storages: StorageFile, name: str):
     if header_len + nbytes != info.file_size:
         raise ScanError(path, f"array of shape {shape} needs {nbytes} bytes but its member holds "
                               f"{info.file_size - header_len} (truncated or corrupt?)", tensor=name)
-    stride = None
-    if fortran and len(shape) > 1:
-        stride, acc = [], 1
-        for n in shape:
-            stride.append(acc)
-            acc *= max(n, 1)
+    stride = contiguous_strides(shape, fortran=bool(fortran))
     if info.compress_type == zipfile.ZIP_STORED:
         start = data_offset(raw.fileno(), info)
         storages.set_region(name, start + header_len, nbytes, info.CRC, crc_prefix=header_len)

@@ -22,7 +22,7 @@ import numpy as np
 
 from flowscan.errors import ScanError
 from flowscan.io.zip_members import data_offset, unique_members
-from flowscan.io.arrays import BFLOAT16, Storage, StorageFile, StoredArray, itemsize, map_file
+from flowscan.io.arrays import BFLOAT16, Frozen, Storage, StorageFile, StoredArray, map_file
 from flowscan.io.safe_pickle import (MAX_PICKLE_BYTES, Allowed, Stub, Token, _Rejected, safe_load,
                                      stub_state)
 
@@ -167,7 +167,7 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)
 
 
-def _rebuild_from_type(func, type, args, dict):
+def _rebuild_from_type(func, new_type, args, state):
     return func(*args)
 
 
@@ -326,7 +326,7 @@ def _load_legacy(path: Path):
     return loaded
 
 
-class _LegacyView:
+class _LegacyView(Frozen):
     """A legacy storage view: (root storage, element offset, element count)."""
 
     __slots__ = ("root", "offset", "size")
@@ -334,12 +334,7 @@ class _LegacyView:
     def __init__(self, root: Storage, offset, size, path):
         if not all(isinstance(v, int) and v >= 0 for v in (offset, size)) or offset + size > root.numel:
             raise ScanError(path, f"storage view {offset}+{size} lies outside storage {root.key}")
-        self.root, self.offset, self.size = root, offset, size
-
-    def __setattr__(self, name, value):
-        if hasattr(self, "size"):
-            raise _Rejected("a pickle tried to change a storage view")
-        object.__setattr__(self, name, value)
+        self._init(root=root, offset=offset, size=size)
 
 
 def _resolve_view(storage, storage_offset):
