@@ -10,11 +10,13 @@ from flowscan.cli.inspect import formats, inspect
 from flowscan.cli.landscape import lmc, sharpness
 from flowscan.cli.produce import produce
 from flowscan.cli.stats import aggregate, compare, fit, plot, report, table
+from flowscan.cli.transfer import transfer
 
 # what to tell a user who pressed Ctrl-C, for the commands that can pick up where they stopped
 RESUME_HINTS = {
     "analyze": "run the same command again: rounds already read come from OUT/.cache",
     "produce": "run the same command again: it resumes after each seed's last complete round",
+    "transfer": "run the same command again: it trains only what is not in OUT/transfer-runs yet",
 }
 
 
@@ -34,5 +36,5 @@ def main() -> None:
     """RG-flow analysis of iterative magnitude pruning (IMP) checkpoints."""
 
 
-for command in (analyze, inspect, formats, aggregate, fit, compare, table, plot, report, produce, lmc, sharpness):
+for command in (analyze, inspect, formats, aggregate, fit, compare, table, plot, report, produce, transfer, lmc, sharpness):
     main.add_command(command)

@@ -71,6 +71,34 @@ class App:
         yield update
 
 
+class TrainingBars:
+    """A progress bar per round of training (produce, transfer): `bars(label, first_step,
+    total_steps, steps_per_epoch)` opens one and returns its per-step callback; `close()` ends
+    the open bar before a line is printed. Hidden with -q and off a terminal."""
+
+    def __init__(self, app: App):
+        self.app, self.stack = app, contextlib.ExitStack()
+
+    def __call__(self, label: str, first: int, total: int, per_epoch: int):
+        epochs = -(-total // per_epoch)
+        bar = self.stack.enter_context(click.progressbar(
+            length=total - first, label=label, file=sys.stderr, hidden=self.app.quiet or not sys.stderr.isatty(),
+            item_show_func=lambda step: f"epoch {step // per_epoch + 1}/{epochs}" if step is not None else ""))
+        position = [first]
+
+        def update(n: int) -> None:
+            position[0] += n
+            bar.update(n, position[0] - 1)
+        return update
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def note(self, text: str) -> None:
+        self.close()
+        self.app.note(text)
+
+
 def _plain(obj: Any) -> Any:
     """JSON-safe: NaN and infinities become null, paths strings, frames lists of rows."""
     if hasattr(obj, "to_dicts"):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
 
 import click
 
-from flowscan.cli.app import app_options, device_option
+from flowscan.cli.app import TrainingBars, app_options, device_option
 
 
 @click.command()
@@ -55,6 +53,15 @@ from flowscan.cli.app import app_options, device_option
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random crops and flips on the device (CIFAR).")
 @click.option("--exclude", metavar="REGEX", help="Leave matching tensors dense (e.g. '^(conv1|fc)\\.' as Chen et al.).")
+@click.option("--mask-from", metavar="ARCHIVE[:ROUND]",
+              help="Round 0 trains under this mask (any archive flowscan reads; default round: the last) "
+                   "instead of the dense one; with --rounds 1 only that round, else IMP goes on from it.")
+@click.option("--init-from", metavar="ARCHIVE[:ROUND]",
+              help="Train from these weights at the rewind step instead of this run's own rewind point "
+                   "(ARCHIVE alone: its rewind point, which `produce` archives keep).")
+@click.option("--fill-unmatched", is_flag=True,
+              help="With --mask-from/--init-from: tensors of another shape get a random mask at the source "
+                   "tensor's density and keep their own weights, instead of an error.")
 @device_option
 @click.option("--parallel", type=click.IntRange(1), default=None,
               help="Seeds trained at once in separate processes (default: up to 4 on a GPU, 1 on a CPU).")
@@ -62,7 +69,8 @@ from flowscan.cli.app import app_options, device_option
 @app_options()
 def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, match_tolerance,
             barrier_tolerance, growth, max_fraction, rewind, seeds, first_seed, epochs, batch_size, lr, momentum,
-            weight_decay, optimizer, warmup_epochs, augment, exclude, device, parallel, compile, out, app) -> None:
+            weight_decay, optimizer, warmup_epochs, augment, exclude, mask_from, init_from, fill_unmatched, device,
+            parallel, compile, out, app) -> None:
     """Train, prune, rewind and repeat for every seed, writing each round as it completes."""
     from flowscan.errors import FlowscanError
     from flowscan.produce.imp import IMPConfig
@@ -73,31 +81,22 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
                     weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs,
                     augment=augment, exclude=exclude, target_density=target_density,
                     match_tolerance=match_tolerance, barrier_tolerance=barrier_tolerance, growth=growth,
-                    max_fraction=max_fraction)
+                    max_fraction=max_fraction, mask_from=mask_from, init_from=init_from,
+                    fill_unmatched=fill_unmatched)
     on_gpu = resolve_device(device).type == "cuda"
     parallel = parallel or (min(seeds, 4) if on_gpu else 1)
-    stack = contextlib.ExitStack()
-
-    def progress(label: str, first: int, total: int, per_epoch: int):
-        epochs = -(-total // per_epoch)
-        bar = stack.enter_context(click.progressbar(
-            length=total - first, label=label, file=sys.stderr, hidden=app.quiet or not sys.stderr.isatty(),
-            item_show_func=lambda step: f"epoch {step // per_epoch + 1}/{epochs}" if step is not None else ""))
-        position = [first]
-
-        def update(n: int) -> None:
-            position[0] += n
-            bar.update(n, position[0] - 1)
-        return update
+    bars = TrainingBars(app)
 
     def on_round(report):
-        stack.close()  # finish the round's bar before its summary line
+        bars.close()  # finish the round's bar before its summary line
+        for line in report.notes:
+            app.note(f"seed {report.seed}: {line}")
         app.result(round_line(report))
 
     try:
-        with stack:
+        with bars.stack:
             reports = run(cfg, list(range(first_seed, first_seed + seeds)), out, device, parallel, compile,
-                          on_round, progress)
+                          on_round, bars)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     from flowscan.produce.runner import stop_reason

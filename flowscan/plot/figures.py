@@ -308,3 +308,49 @@ def dendrogram(tree: pl.DataFrame, units: Sequence[str], threshold: float):
     ax.set_title("universality classes")
     ax.legend(frameon=False)
     return fig
+
+
+TRANSFER_ARMS = ("own", "transferred", "transferred_source_init", "shuffled", "random_layer", "random_global")
+
+
+def transfer_accuracy(summary: pl.DataFrame, source: str, target: str):
+    """Test accuracy on the target against the ticket's density, one line per arm (mean ± SEM
+    over seeds): the transferred ticket between the target's own and the random masks."""
+    part = summary.filter((pl.col("source") == source) & (pl.col("target") == target))
+    arms = [a for a in TRANSFER_ARMS if a in set(part["arm"].to_list())]
+    fig = new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    for k, arm in enumerate(arms):
+        rows = part.filter(pl.col("arm") == arm).sort("density", descending=True)
+        ax.errorbar(rows["density"], rows["accuracy_mean"], yerr=rows["accuracy_sem"].fill_nan(0),
+                    marker=marker(k), color=color(k), linewidth=1, capsize=2, label=arm.replace("_", " "))
+    _density_axis(ax, "density of the source ticket")
+    ax.set_ylabel(f"test accuracy on {target}")
+    ax.set_title(f"ticket transfer {source} → {target} (mean ± SEM over seeds)")
+    ax.legend(frameon=False, fontsize=7)
+    return fig
+
+
+def transfer_sigma_gap(pairs: pl.DataFrame, correlation: str | None = None):
+    """Universality tested: each pair's transfer gap (transferred − per-layer random, ± SEM)
+    against its sigma distance; the prediction is a falling trend."""
+    fig = new_figure(5.6, 4.2)
+    ax = fig.subplots()
+    usable = pairs.filter(pl.col("sigma_rms").is_finite() & pl.col("gap_mean").is_finite())
+    conflict = usable["n_conflicts"].fill_null(0) > 0
+    for k, (flag, face) in enumerate(((False, color(0)), (True, "white"))):
+        sel = usable.filter(conflict == flag)
+        if sel.height:
+            ax.errorbar(sel["sigma_rms"], sel["gap_mean"], yerr=sel["gap_sem"].fill_nan(0), fmt="o",
+                        color=color(0), markerfacecolor=face, capsize=2,
+                        label="relevance conflict" if flag else "relevance agrees")
+    for row in usable.iter_rows(named=True):
+        ax.annotate(f"{row['source']}→{row['target']}", (row["sigma_rms"], row["gap_mean"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("σ distance (RMS over shared blocks)")
+    ax.set_ylabel("transfer gap: transferred − per-layer random")
+    ax.set_title(correlation or "σ distance against transfer gap", fontsize=9)
+    if usable.height:
+        ax.legend(frameon=False, fontsize=7)
+    return fig

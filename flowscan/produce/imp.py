@@ -30,11 +30,11 @@ from safetensors.numpy import load_file, save_file
 from flowscan import layout
 from flowscan.errors import FlowscanError
 from flowscan.io.atomic import atomic_path
-from flowscan.produce import models, pruning
+from flowscan.produce import models, pruning, sources
+from flowscan.produce.sources import REWIND_FILE
 from flowscan.produce.data import Dataset
 from flowscan.produce.train import TrainConfig, Trainer
 
-REWIND_FILE = "rewind.safetensors"
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ class IMPConfig:
     augment: bool = False
     exclude: str | None = None   # regex of otherwise prunable tensors to leave dense
     target_density: float | None = None   # stop after the first round at or below it
+    # start from another archive (ARCHIVE[:ROUND], see produce/sources.py): round 0 trains under
+    # that mask instead of the dense one, and/or from those weights instead of the own rewind point
+    mask_from: str | None = None
+    init_from: str | None = None
+    fill_unmatched: bool = False          # tensors that do not fit: random mask / own weights
     # adaptive schedule
     match_tolerance: float = 0.01
     barrier_tolerance: float = 0.01
@@ -72,6 +77,7 @@ class RoundReport:
     round: int
     density: float
     metrics: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # how the run started (--mask-from/--init-from)
 
 
 def rewind_step(cfg: IMPConfig, total: int) -> int:
@@ -93,9 +99,10 @@ def check_or_write_manifest(run: Path, args: dict) -> None:
     # a folder where no round completed holds nothing to protect: new arguments replace the old
     if path.is_file() and layout.complete_rounds(run):
         old = layout.read_json(path).get("args", {})
-        if old != args:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in sorted(set(old) | set(args))
-                             if old.get(k) != args.get(k))
+        # an argument added to flowscan after the run was made reads as its default (None/False)
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in sorted(set(old) | set(args))
+                         if old.get(k) != args.get(k) and not (old.get(k) in (None, False) and k not in old))
+        if diff:
             raise FlowscanError(f"{run} holds a run made with other arguments ({diff}); "
                                 "use another output folder or the same arguments to resume")
         return
@@ -128,6 +135,10 @@ class Session:
                            warmup=int(cfg.warmup_epochs * per_epoch), augment=cfg.augment, compile=compile)
         self.trainer = Trainer(self.model, self.dense_masks(), data, tcfg, device)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        params = dict(self.model.named_parameters())
+        return {n: tuple(params[n].shape) for n in self.names}
+
     def dense_masks(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
         return {n: torch.ones_like(params[n], dtype=torch.bool) for n in self.names}
@@ -135,25 +146,25 @@ class Session:
     def load(self, state: dict[str, np.ndarray]) -> None:
         self.model.load_state_dict({k: torch.from_numpy(np.array(v)).to(self.device) for k, v in state.items()})
 
-    def train_round(self, n: int, masks: dict[str, torch.Tensor], rewind: dict[str, np.ndarray] | None,
+    def train_round(self, masks: dict[str, torch.Tensor], rewind: dict[str, np.ndarray] | None,
                     bar=None) -> tuple[dict, dict[str, np.ndarray] | None]:
-        """Train round n under `masks` from the rewind point (round 0: from init, making the
-        rewind point on the way). Returns the round's metrics and, for round 0, the rewind state."""
+        """Train under `masks` from the rewind point to the end of training. Without a `rewind`
+        state (a run's first round), the rewind point is made first: the dense network is trained
+        from initialization to the rewind step. Returns the metrics and the rewind state made."""
         # one data order per seed for every round, as open_lth does per replicate: rounds then
         # differ by their masks only, not by SGD noise
         round_seed = self.seed * 100_003
-        made = None
-        if n == 0:
-            self.trainer.set_masks(masks)
+        made, cost0 = None, None
+        if rewind is None:
+            self.trainer.set_masks(self.dense_masks())
             cost0 = self.trainer.train(0, self.start, round_seed, bar) if self.start > 0 else None
             made = numpy_state(self.model)
-            cost = self.trainer.train(self.start, self.total, round_seed + 1, bar)
-            if cost0:
-                cost = {k: cost[k] + cost0[k] if k != "train_loss" else cost[k] for k in cost}
         else:
             self.load(rewind)
-            self.trainer.set_masks({k: v.to(self.device) for k, v in masks.items()})
-            cost = self.trainer.train(self.start, self.total, round_seed + 1, bar)
+        self.trainer.set_masks({k: v.to(self.device) for k, v in masks.items()})
+        cost = self.trainer.train(self.start, self.total, round_seed + 1, bar)
+        if cost0:
+            cost = {k: cost[k] + cost0[k] if k != "train_loss" else cost[k] for k in cost}
         metrics = {**self.trainer.evaluate(), **cost}
         if self.validation is not None:
             from flowscan.landscape.lmc import evaluate
@@ -187,6 +198,44 @@ def validation_split(data: Dataset) -> tuple[Dataset, Dataset]:
     held = Dataset(f"{data.name}:validation", data.x_train[train], data.y_train[train], data.x_train[val],
                    data.y_train[val], data.n_classes, data.kind)
     return kept, held
+
+
+@dataclass
+class Start:
+    """Where a run's round 0 starts: its mask (None: dense) and the weights at the rewind step
+    (None: the run's own, made by training from its initialization)."""
+
+    masks: dict[str, torch.Tensor] | None = None
+    rewind: dict[str, np.ndarray] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def starting_point(cfg: IMPConfig, session: Session) -> Start:
+    """The Start that --mask-from / --init-from name, fitted to this session's model."""
+    start = Start()
+    if cfg.mask_from:
+        ref = sources.ArchiveRef.parse(cfg.mask_from)
+        picked = sources.pick_run(sources.runs_of(ref.path), session.seed, "--mask-from")
+        rnd = sources.find_round(picked.run, ref.round)
+        fitted = sources.fit_masks(sources.read_round(picked.run, rnd), session.shapes(),
+                                   f"--mask-from {picked.run.path} round {rnd.index}", cfg.fill_unmatched,
+                                   np.random.default_rng(session.seed))
+        start.masks = {k: torch.from_numpy(v) for k, v in fitted.masks.items()}
+        start.notes += picked.notes + fitted.notes + [
+            f"round 0 trains under the mask of {picked.run.path} round {rnd.index} "
+            f"(density {session.density(start.masks):.4f})"]
+    if cfg.init_from:
+        ref = sources.ArchiveRef.parse(cfg.init_from)
+        picked = sources.pick_run(sources.runs_of(ref.path), session.seed, "--init-from")
+        if ref.round is None:
+            other, what = sources.rewind_state(picked.run), f"{picked.run.path} rewind point"
+        else:
+            rnd = sources.find_round(picked.run, ref.round)
+            other, what = sources.read_round(picked.run, rnd).weights, f"{picked.run.path} round {rnd.index}"
+        start.rewind, notes = sources.fit_state(numpy_state(session.model), other, f"--init-from {what}",
+                                                cfg.fill_unmatched)
+        start.notes += picked.notes + notes + [f"training starts at step {session.start} from the weights of {what}"]
+    return start
 
 
 def adapt_fraction(cfg: IMPConfig, fraction: float, matching: bool, barrier: float) -> float:
@@ -225,8 +274,12 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
     done = layout.complete_rounds(run)
     if [i for i, _ in done] != list(range(len(done))):
         raise FlowscanError(f"{run}: complete rounds are not 0..n-1 ({[i for i, _ in done]}); cannot resume")
-    masks, rewind, previous, previous_masks = session.dense_masks(), None, None, None
+    start = starting_point(cfg, session) if (cfg.mask_from or cfg.init_from) and not done else Start()
+    masks, rewind = (start.masks or session.dense_masks()), start.rewind
+    previous, previous_masks = None, None
     fraction, dense_error = cfg.prune_fraction, None
+    if rewind is not None:
+        _save_rewind(run, rewind, session.start)
     if done:  # resume: rewind weights, and the mask that follows the last complete round
         rewind = load_file(str(run / REWIND_FILE))
         last = done[-1][1]
@@ -244,7 +297,7 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
         began = time.perf_counter()
         first = 0 if n == 0 else session.start
         bar = progress(f"seed {seed} round {n}", first, session.total, session.per_epoch) if progress else None
-        metrics, made = session.train_round(n, masks, rewind, bar)
+        metrics, made = session.train_round(masks, rewind, bar)
         if made is not None:
             rewind = made
             _save_rewind(run, rewind, session.start)
@@ -256,11 +309,13 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
         weights = numpy_state(session.model)
         dense_error = _decision_error(metrics) if dense_error is None else dense_error
         density = session.density(masks)
-        layout.write_round(run, n, weights, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()},
-                           {"density": density, "metrics": metrics, "prune_fraction_next": fraction,
-                            "wall_seconds": time.perf_counter() - began})
+        info = {"density": density, "metrics": metrics, "prune_fraction_next": fraction,
+                "wall_seconds": time.perf_counter() - began}
+        if n == 0 and start.notes:
+            info["start"] = start.notes
+        layout.write_round(run, n, weights, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()}, info)
         shown = {**metrics, "prune_fraction_next": fraction} if cfg.schedule == "adaptive" else metrics
-        report = RoundReport(seed, n, density, shown)
+        report = RoundReport(seed, n, density, shown, start.notes if n == 0 else [])
         reports.append(report)
         if on_round:
             on_round(report)
@@ -294,7 +349,7 @@ def _adaptive_round(session: Session, n: int, previous, previous_masks, masks, m
             return masks, metrics, adapt_fraction(cfg, fraction, matching, barrier)
         fraction = adapt_fraction(cfg, fraction, False, barrier)
         masks = session.prune(previous, previous_masks, fraction)
-        metrics, _ = session.train_round(n, masks, rewind, bar)
+        metrics, _ = session.train_round(masks, rewind, bar)
 
 
 def _save_rewind(run: Path, state: dict[str, np.ndarray], step: int) -> None:
@@ -320,7 +375,7 @@ def probe_round(run, fractions, tolerance: float, device: torch.device) -> list[
         weights = load_file(str(folder / layout.WEIGHTS))
         masks = {k: torch.from_numpy(v).bool() for k, v in load_file(str(folder / layout.MASKS)).items()}
         for f in fractions:
-            metrics, _ = session.train_round(index + 1, session.prune(weights, masks, f), rewind)
+            metrics, _ = session.train_round(session.prune(weights, masks, f), rewind)
             error = 1 - metrics["test_accuracy"]
             rows.append((run.name, index, f, error, error <= dense_error + tolerance))
     return rows

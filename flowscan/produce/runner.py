@@ -56,7 +56,8 @@ def _one_seed(cfg: IMPConfig, seed: int, out: Path, device: str, compile: bool) 
     # a worker process: its own data copy on its own stream of the GPU
     data = load(cfg.data).to(resolve_device(device))
     return run_seed(cfg, seed, seed_folder(out, seed), data, resolve_device(device), compile,
-                    on_round=lambda r: print(round_line(r), flush=True))
+                    on_round=lambda r: print("\n".join([round_line(r), *(f"seed {r.seed}: {n}" for n in r.notes)]),
+                                             flush=True))
 
 
 def check_model_and_data(cfg: IMPConfig, data) -> None:
