@@ -89,14 +89,17 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
     t = analysis.tables
     figures = figures or standard_figures(t, analysis.experiments, analysis.points, analysis.scaling,
                                           landscape=analysis.landscape,
-                                          comparison=(analysis.compare, analysis.classes))
+                                          comparison=(analysis.compare, analysis.classes),
+                                          transfer=analysis.transfer)
     runs = t["runs"]
     failed = runs.filter(pl.col("status") != "ok")
     ok_runs = runs.filter(pl.col("status") == "ok")["run"].to_list()
     parts = [f"<h1>flowscan report: {html.escape(str(analysis.out))}</h1>",
              '<nav><a href="#provenance">provenance</a><a href="#runs">runs</a><a href="#sigma">σ</a>'
              '<a href="#experiments">experiments</a><a href="#scaling">scaling</a>'
-             '<a href="#compare">universality</a><a href="#figures">figures</a></nav>']
+             '<a href="#compare">universality</a>'
+             + ('<a href="#transfer">transfer</a>' if analysis.transfer else '')
+             + '<a href="#figures">figures</a></nav>']
 
     parts.append('<h2 id="provenance">Provenance</h2>')
     prov = pl.DataFrame({"item": ["report command", "analysis command", "block rules", "written"],
@@ -149,6 +152,22 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
     for name in ("sharpness", "fraction_probe"):
         if name in analysis.landscape:
             parts.append(html_table(analysis.landscape[name], name))
+
+    if analysis.transfer:
+        transfer = analysis.transfer
+        parts.append('<h2 id="transfer">Ticket transfer</h2>')
+        parts.append(f"<p>{html.escape(transfer['transfer_correlation']['statement'][0])}.</p>")
+        parts.append(html_table(transfer["transfer_pairs"], "transfer_pairs",
+                                ["source", "target", "n_rounds", "n_seeds", "gap_mean", "gap_sem", "own_gap_mean",
+                                 "sigma_rms", "n_conflicts", "overlap_mean", "chance_mean", "same_archive"]))
+        parts.append("<p>Per arm (mean ± SEM over seeds; gap: the arm minus the per-layer random mask, "
+                     "paired by seed):</p>")
+        parts.append(html_table(transfer["transfer_summary"], "transfer_summary",
+                                ["source", "target", "source_round", "arm", "n_seeds", "density", "accuracy_mean",
+                                 "accuracy_sem", "gap_mean", "gap_sem"]))
+        parts.append(html_table(transfer["transfer_overlap"], "transfer_overlap",
+                                ["source", "target", "seed", "source_round", "own_round", "overlap", "chance",
+                                 "overlap_ratio", "jaccard"]))
 
     parts.append('<h2 id="figures">Figures</h2>')
     parts += [f"<p>{html.escape(note)}</p>" for note in figures.notes]

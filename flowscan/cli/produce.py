@@ -14,8 +14,8 @@ from flowscan.cli.app import TrainingBars, app_options, device_option
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the archive: one seed_N folder per seed (resumes what is there).")
 @click.option("--data", "data_spec", required=True, metavar="NAME[:ARG]",
-              help="digits, mnist5k[:csv.gz], fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, "
-                   "synthetic-images[:CxHxW[:N]], synthetic-tokens[:L[:N]].")
+              help="digits, mnist5k[:csv.gz], fashion-mnist:DIR[:N], cifar10:DIR, cifar100:DIR, "
+                   "synthetic-images[:CxHxW[:N[:K]]], synthetic-tokens[:L[:N]].")
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True,
               help="IMP rounds, round 0 (dense) included.")
 @click.option("--prune-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,

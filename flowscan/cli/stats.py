@@ -180,7 +180,8 @@ def plot(out, output, formats, pairs, grouping, app) -> None:
         app.warn(warning)
     output = output or out / "figures"
     figs = standard_figures(a.tables, a.experiments, a.points, a.scaling, pairs=chosen or None,
-                            landscape=a.landscape, comparison=(a.compare, a.classes))
+                            landscape=a.landscape, comparison=(a.compare, a.classes),
+                            transfer=a.transfer)
     for name, (fig, _caption) in figs.items.items():
         app.wrote(save(fig, output / name, formats))
     for note in figs.notes:

@@ -53,7 +53,8 @@ def transfer(source, target, out, rounds_text, seeds, arms, model, epochs, lr, b
     the target's own tickets and random masks of the same densities -> transfer*.parquet."""
     from flowscan import tables
     from flowscan.errors import FlowscanError
-    from flowscan.plot import figures, save
+    from flowscan.plot import save
+    from flowscan.plot.standard import transfer_figures
     from flowscan.produce.runner import resolve_device
     from flowscan.produce.transfer import CELLS, Plan, Recipe, pair_label, run_transfer
     from flowscan.stats.transfer import transfer_tables
@@ -69,13 +70,10 @@ def transfer(source, target, out, rounds_text, seeds, arms, model, epochs, lr, b
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     pair = pair_label(plan)
-    plots = {f"transfer-{figures.slug(s)}-to-{figures.slug(t)}": figures.transfer_accuracy(frames["transfer_summary"], s, t)
-             for s, t in frames["transfer_pairs"].select("source", "target").iter_rows()}
-    statement = frames["transfer_correlation"]["statement"][0]
-    plots["transfer-sigma-gap"] = figures.transfer_sigma_gap(frames["transfer_pairs"], statement)
     app.wrote(tables.write_tables(frames, out, tables.metadata(command_line(), " ".join(blocks))))
-    for name, fig in plots.items():
+    for name, (fig, _) in transfer_figures(frames).items.items():
         app.wrote(save(fig, out / "figures" / name))
+    statement = frames["transfer_correlation"]["statement"][0]
     mine = frames["transfer_summary"].filter((frames["transfer_summary"]["source"] == pair[0])
                                              & (frames["transfer_summary"]["target"] == pair[1]))
     for row in mine.iter_rows(named=True):

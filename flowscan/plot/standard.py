@@ -28,7 +28,8 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
                      quantity: str = "M", max_detail_runs: int = 6,
                      pairs: Sequence[tuple[str, str]] | None = None,
                      landscape: Mapping[str, pl.DataFrame] | None = None,
-                     comparison: tuple[pl.DataFrame, dict[str, int]] | None = None) -> Figures:
+                     comparison: tuple[pl.DataFrame, dict[str, int]] | None = None,
+                     transfer: Mapping[str, pl.DataFrame] | None = None) -> Figures:
     """Figures for an analysis; `pairs` picks the block pairs of the flow projection (default: all)."""
     from flowscan.stats.compare import sigma_table
 
@@ -81,6 +82,8 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
     if "sharpness" in landscape and landscape["sharpness"].height:
         out.add("sharpness", figures.sharpness_plot(landscape["sharpness"], landscape.get("fraction_probe")),
                 "Top Hessian eigenvalue of the training loss at the end of each round.")
+    if transfer:
+        transfer_figures(transfer, out)
     if len(runs) > max_detail_runs:
         left = runs[max_detail_runs:]
         out.notes.append(f"per-run figures (eigen, survival) for the first {max_detail_runs} of {len(runs)} runs; "
@@ -91,4 +94,22 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
         if "survival" in tables and tables["survival"].filter(pl.col("run") == run).height:
             out.add(f"survival-{slug(run)}", figures.survival_curves(tables["survival"], run),
                     f"{run}: fraction of round n's kept weights still kept in round n+1.")
+    return out
+
+
+def transfer_figures(frames: Mapping[str, pl.DataFrame], out: Figures | None = None) -> Figures:
+    """Ticket transfer: accuracy against density per arm for every pair, and sigma distance
+    against transfer gap over the pairs (the universality test)."""
+    out = out or Figures()
+    summary, pair_frame = frames["transfer_summary"], frames["transfer_pairs"]
+    for source, target in pair_frame.select("source", "target").iter_rows():
+        out.add(f"transfer-{slug(source)}-to-{slug(target)}", figures.transfer_accuracy(summary, source, target),
+                f"{source}'s tickets trained on {target}: test accuracy against the ticket's density per arm, "
+                "mean ± SEM over seeds (own: the target's ticket at the nearest density; random layer: the "
+                "ticket's per-tensor densities at random positions).")
+    if pair_frame.height:
+        statement = frames["transfer_correlation"]["statement"][0]
+        out.add("transfer-sigma-gap", figures.transfer_sigma_gap(pair_frame, statement),
+                "Universality tested: each pair's transfer gap (transferred − per-layer random, mean over the "
+                f"densities ± SEM) against the σ distance of the two archives. {statement}.")
     return out

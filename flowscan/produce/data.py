@@ -106,10 +106,13 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def fashion_mnist(path: str | None = None) -> Dataset:
-    """A folder of idx files, e.g. Debian's dataset-fashion-mnist (/usr/share/...)."""
+    """A folder of idx files, e.g. Debian's dataset-fashion-mnist (/usr/share/...); `DIR:N` keeps
+    a fixed random N of the 60,000 training images (the test set stays whole)."""
     if path is None:
-        raise FlowscanError("fashion-mnist needs a folder: --data fashion-mnist:/path/to/idx/files")
-    folder = Path(path)
+        raise FlowscanError("fashion-mnist needs a folder: --data fashion-mnist:/path/to/idx/files[:N]")
+    head, sep, tail = path.rpartition(":")
+    limit = int(tail) if sep and tail.isdigit() and head else None
+    folder = Path(head if limit is not None else path)
     if not folder.is_dir():
         raise FlowscanError(f"{folder}: not a folder")
     x_train = _read_idx(_find(folder, "train-images-idx3-ubyte"))
@@ -118,6 +121,11 @@ def fashion_mnist(path: str | None = None) -> Dataset:
     y_test = _read_idx(_find(folder, "t10k-labels-idx1-ubyte"))
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise FlowscanError(f"{folder}: image and label counts differ")
+    if limit is not None:
+        if not 0 < limit <= len(x_train):
+            raise FlowscanError(f"fashion-mnist: N must lie in 1..{len(x_train)}, got {limit}")
+        keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(x_train))[:limit])
+        x_train, y_train = x_train[keep], y_train[keep]
     return _images("fashion-mnist", x_train[:, None] / 255.0, y_train, x_test[:, None] / 255.0, y_test, 10)
 
 
@@ -159,15 +167,19 @@ def cifar100(path: str | None = None) -> Dataset:
 
 
 def synthetic_images(path: str | None = None) -> Dataset:
-    """Learnable class-conditional images; `synthetic-images:CxHxW[:N]` (default 3x32x32, 10k)."""
+    """Learnable class-conditional images; `synthetic-images:CxHxW[:N[:K]]` (default 3x32x32,
+    10k images, 10 classes; 3x32x32:60000:100 has CIFAR-100's shape)."""
     fields = (path or "3x32x32").split(":")
     shape = tuple(int(v) for v in fields[0].split("x"))
     n = int(fields[1]) if len(fields) > 1 else 10_000
+    classes = int(fields[2]) if len(fields) > 2 else 10
+    if classes < 2:
+        raise FlowscanError(f"synthetic-images: need at least 2 classes, got {classes}")
     rng = np.random.default_rng(SPLIT_SEED)
-    prototypes = rng.normal(size=(10, *shape)).astype(np.float32)
-    y = rng.integers(0, 10, n)
+    prototypes = rng.normal(size=(classes, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, n)
     x = prototypes[y] * 0.5 + rng.normal(size=(n, *shape)).astype(np.float32)
-    return _images("synthetic-images", *_split(x, y), 10)
+    return _images("synthetic-images", *_split(x, y), classes)
 
 
 def synthetic_tokens(path: str | None = None) -> Dataset:

@@ -53,9 +53,12 @@ class Analysis:
     metadata: dict[str, str]
     landscape: dict[str, pl.DataFrame] = field(default_factory=dict)  # lmc*, sharpness, if computed
     warnings: list[str] = field(default_factory=list)                 # derived tables left out
+    transfer: dict[str, pl.DataFrame] = field(default_factory=dict)   # transfer*, if `transfer` ran here
 
 
 LANDSCAPE_TABLES = ("lmc", "lmc_summary", "sharpness", "fraction_probe")
+# from `flowscan transfer`: they join pairs of archives, so they belong to no one analysis
+TRANSFER_TABLES = ("transfer", "transfer_summary", "transfer_overlap", "transfer_pairs", "transfer_correlation")
 
 
 def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 100,
@@ -82,5 +85,7 @@ def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 1
         scaling = fit_scaling(points, grouping, n_bootstrap=bootstrap) if points is not None else None
     pairs, classes = compare(sigma_units([out], "run", quantity, grouping))
     landscape = {n: frame for n in LANDSCAPE_TABLES if (frame := read_derived(out, n, warnings)) is not None}
+    transfer = {n: pl.read_parquet(out / f"{n}.parquet") for n in TRANSFER_TABLES}  \
+        if all((out / f"{n}.parquet").is_file() for n in TRANSFER_TABLES) else {}
     return Analysis(out, tables, experiments, points, scaling, pairs, classes,
-                    read_metadata(out / "runs.parquet"), landscape, warnings)
+                    read_metadata(out / "runs.parquet"), landscape, warnings, transfer)

@@ -40,6 +40,7 @@ PAIRS_SCHEMA = {
     "source": pl.String, "target": pl.String, "n_rounds": pl.Int64, "n_seeds": pl.Int64, "gap_mean": pl.Float64,
     "gap_sem": pl.Float64, "own_gap_mean": pl.Float64, "sigma_rms": pl.Float64, "n_shared_blocks": pl.Int64,
     "n_conflicts": pl.Int64, "conflict_blocks": pl.String, "overlap_mean": pl.Float64, "chance_mean": pl.Float64,
+    "same_archive": pl.Boolean,
 }
 CORRELATION_SCHEMA = {"n_pairs": pl.Int64, "spearman_rho": pl.Float64, "p_value": pl.Float64,
                       "statement": pl.String}
@@ -108,9 +109,11 @@ def summary(cells: pl.DataFrame) -> pl.DataFrame:
         .sort(*keys, "arm"))
 
 
-def pairs(summary_frame: pl.DataFrame, overlap: pl.DataFrame, sigma: dict[tuple[str, str], dict]) -> pl.DataFrame:
+def pairs(summary_frame: pl.DataFrame, overlap: pl.DataFrame, sigma: dict[tuple[str, str], dict],
+          cells: pl.DataFrame) -> pl.DataFrame:
     """Per pair: the transferred arm's gap averaged over its densities (SEM: the per-density SEMs
-    combined as independent), the own ticket's gap, the sigma distance, the mask overlap."""
+    combined as independent), the own ticket's gap, the sigma distance, the mask overlap, and
+    whether source and target are one archive (its tickets transferred to itself)."""
     rows = []
     for (source, target), part in summary_frame.group_by("source", "target", maintain_order=True):
         moved = part.filter(pl.col("arm") == "transferred")
@@ -119,7 +122,9 @@ def pairs(summary_frame: pl.DataFrame, overlap: pl.DataFrame, sigma: dict[tuple[
         gap_sem = float(np.sqrt(np.sum(sems ** 2)) / len(sems)) if len(sems) and np.isfinite(sems).all() else math.nan
         o = overlap.filter((pl.col("source") == source) & (pl.col("target") == target))
         s = sigma.get((source, target), {})
-        rows.append({"source": source, "target": target, "n_rounds": moved.height,
+        runs = cells.filter((pl.col("source") == source) & (pl.col("target") == target))
+        same = bool(runs.height) and bool((runs["source_run"] == runs["target_run"]).all())
+        rows.append({"source": source, "target": target, "n_rounds": moved.height, "same_archive": same,
                      "n_seeds": int(part["n_seeds"].max()) if part.height else 0,
                      "gap_mean": _mean(moved["gap_mean"]), "gap_sem": gap_sem, "own_gap_mean": _mean(own["gap_mean"]),
                      "sigma_rms": s.get("rms", math.nan), "n_shared_blocks": s.get("n_shared_blocks"),
@@ -135,14 +140,17 @@ def _mean(series: pl.Series) -> float:
 
 
 def correlation(pairs_frame: pl.DataFrame) -> pl.DataFrame:
-    """Spearman's rho between sigma distance and transfer gap over the pairs that have both."""
+    """Spearman's rho between sigma distance and transfer gap over the pairs that have both.
+    An archive transferred to itself is left out: its ticket is the target's own and its distance
+    0 by construction, so it would only pull rho towards the prediction."""
     from scipy.stats import spearmanr
 
-    usable = pairs_frame.filter(pl.col("sigma_rms").is_finite() & pl.col("gap_mean").is_finite())
+    usable = pairs_frame.filter(pl.col("sigma_rms").is_finite() & pl.col("gap_mean").is_finite()
+                                & ~pl.col("same_archive").fill_null(False))
     n = usable.height
     if n < MIN_PAIRS:
-        statement = (f"{n} pair(s) with both a sigma distance and a transfer gap; the correlation needs at "
-                     f"least {MIN_PAIRS}")
+        statement = (f"{n} pair(s) of two archives with both a sigma distance and a transfer gap; the "
+                     f"correlation needs at least {MIN_PAIRS}")
         return pl.DataFrame([[n, math.nan, math.nan, statement]], schema=CORRELATION_SCHEMA, orient="row")
     distance, gap = usable["sigma_rms"].to_numpy(), usable["gap_mean"].to_numpy()
     if np.ptp(distance) == 0 or np.ptp(gap) == 0:
@@ -161,6 +169,6 @@ def transfer_tables(cells_folder: Path) -> dict[str, pl.DataFrame]:
     table = cell_table(cells)
     overlap = overlap_table(cells)
     summ = summary(table)
-    pair_frame = pairs(summ, overlap, sigma)
+    pair_frame = pairs(summ, overlap, sigma, table)
     return {"transfer": table, "transfer_summary": summ, "transfer_overlap": overlap,
             "transfer_pairs": pair_frame, "transfer_correlation": correlation(pair_frame)}
