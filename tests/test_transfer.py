@@ -365,3 +365,40 @@ def test_report_has_a_transfer_section(archive, tmp_path):
     from flowscan.report import figure_ids
 
     assert {"transfer-digits-imp-to-digits-imp", "transfer-sigma-gap"} <= set(figure_ids(page))
+
+
+def test_runs_made_before_the_new_arguments_still_resume(tmp_path):
+    """A run whose manifest predates --mask-from/--init-from/--fill-unmatched resumes."""
+    out = tmp_path / "old"
+    run_cli("produce", *FAST, "--rounds", "2", "-o", out)
+    manifest = out / "seed_0" / "flowscan-run.json"
+    data = json.loads(manifest.read_text())
+    for key in ("mask_from", "init_from", "fill_unmatched"):
+        del data["args"][key]
+    manifest.write_text(json.dumps(data))
+    import shutil
+
+    shutil.rmtree(out / "seed_0" / "round_0001")   # as if killed during round 1
+    run_cli("produce", *FAST, "--rounds", "2", "-o", out)
+    assert (out / "seed_0" / "round_0001" / "round.json").is_file()
+
+
+def test_nearest_round_prefers_the_denser_on_a_tie():
+    from flowscan.produce.transfer import _nearest
+
+    assert _nearest({0: 1.0, 1: 0.8, 2: 0.64}, 0.7) == 2
+    assert _nearest({0: 1.0, 1: 0.75, 2: 0.25}, 0.5) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transfer_on_cuda_matches_the_recorded_tickets(tmp_path):
+    """On a GPU (bf16, CUDA graphs): a transfer of a produce archive to itself trains every arm,
+    and the transferred ticket lands within bf16 noise of the target's own."""
+    archive = tmp_path / "a"
+    run_cli("produce", *FAST, "--device", "cuda", "--rounds", "3", "-o", archive)
+    out = tmp_path / "out"
+    run_cli("transfer", str(archive), str(archive), "--device", "cuda", "--rounds", "2", "-o", out)
+    frame = pl.read_parquet(out / "transfer.parquet")
+    assert set(frame["arm"]) == {"transferred", "transferred_source_init", "own", "random_global", "random_layer"}
+    acc = dict(zip(frame["arm"], frame["accuracy"]))
+    assert abs(acc["transferred"] - acc["own"]) < 0.03

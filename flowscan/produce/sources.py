@@ -108,12 +108,14 @@ class RoundTensors:
     masks: dict[str, np.ndarray]
 
 
-def read_round(run: Run, rnd: Round, names: NameOptions = NameOptions()) -> RoundTensors:
+def read_round(run: Run, rnd: Round, names: NameOptions = NameOptions(), weights: bool = True) -> RoundTensors:
+    """A round's tensors (copies, off the memory maps); `weights=False` reads only the masks and
+    leaves each weight as its lazy view (for shapes)."""
     try:
         refs, _, _ = open_tensors(rnd, names)
-        weights, masks = {}, {}
+        found, masks = {}, {}
         for ref in refs:
-            weights[ref.name] = np.array(ref.weight)
+            found[ref.name] = np.array(ref.weight) if weights else ref.weight
             if ref.mask is not None:
                 mask = np.asarray(ref.mask)
                 if not np.isin(mask, (0, 1)).all():
@@ -122,7 +124,7 @@ def read_round(run: Run, rnd: Round, names: NameOptions = NameOptions()) -> Roun
                 masks[ref.name] = mask != 0
     except ScanError as exc:
         raise FlowscanError(str(exc)) from None
-    return RoundTensors(rnd.index, rnd.files[0] if rnd.files else run.path, weights, masks)
+    return RoundTensors(rnd.index, rnd.files[0] if rnd.files else run.path, found, masks)
 
 
 def rewind_state(run: Run) -> dict[str, np.ndarray]:

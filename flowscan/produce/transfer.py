@@ -166,7 +166,7 @@ def prepare(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], 
 
 def _source_density(run, index: int) -> float:
     rnd = sources.find_round(run, index)
-    masks = sources.read_round(run, rnd).masks
+    masks = sources.read_round(run, rnd, weights=False).masks
     return tickets.density(masks) if masks else 1.0
 
 
@@ -194,17 +194,18 @@ def _rng(seed: int, rnd: int, arm: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def _nearest_round(run, density: float) -> tuple[int, dict[str, np.ndarray], float, dict]:
-    """The target round whose ticket density is closest to `density` (the denser on a tie)."""
-    best = None
+def _densities(run) -> dict[int, float]:
+    """Ticket density of every round of a run (masks only)."""
+    out = {}
     for rnd in run.rounds:
-        tensors = sources.read_round(run, rnd)
-        d = tickets.density(tensors.masks) if tensors.masks else 1.0
-        key = (abs(d - density), -d)
-        if best is None or key < best[0]:
-            best = (key, rnd, tensors, d)
-    _, rnd, tensors, d = best
-    return rnd.index, tensors, d, dict(rnd.metrics)
+        masks = sources.read_round(run, rnd, weights=False).masks
+        out[rnd.index] = tickets.density(masks) if masks else 1.0
+    return out
+
+
+def _nearest(densities: dict[int, float], density: float) -> int:
+    """The round whose ticket density is closest to `density` (the denser on a tie)."""
+    return min(densities, key=lambda i: (abs(densities[i] - density), -densities[i]))
 
 
 def run_transfer(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], None] = lambda s: None,
@@ -240,6 +241,7 @@ def run_transfer(plan: Plan, out: Path, device: torch.device, notes: Callable[[s
         if source_note:
             notes(source_note)
         shapes = session.shapes()
+        target_densities = _densities(target_run.run)
         for rnd in rounds:
             arms = [a for r, a in todo if r == rnd]
             if not arms:
@@ -251,8 +253,11 @@ def run_transfer(plan: Plan, out: Path, device: torch.device, notes: Callable[[s
                 notes(line)
             ticket = fitted.masks
             density = tickets.density(ticket)
-            own_index, own_tensors, own_density, own_metrics = _nearest_round(target_run.run, density)
-            own = sources.fit_masks(own_tensors, shapes, f"target {target_run.run.path} round {own_index}").masks
+            own_index = _nearest(target_densities, density)
+            own_round = sources.find_round(target_run.run, own_index)
+            own = sources.fit_masks(sources.read_round(target_run.run, own_round, weights=False), shapes,
+                                    f"target {target_run.run.path} round {own_index}").masks
+            own_density, own_metrics = target_densities[own_index], dict(own_round.metrics)
             common = {"source": source_label, "target": target_label, "seed": seed, "source_round": rnd,
                       "source_run": str(source_run.run.path), "target_run": str(target_run.run.path),
                       "ticket_density": density, "overlap": tickets.overlap(ticket, own),
