@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from flowscan import __version__, flow
+from flowscan import __version__, engines, flow
 from flowscan.blocks import OTHER, BlockRules
 from flowscan.errors import FlowscanError, ScanError, printable
 from flowscan.io.atomic import atomic_path, write_text
@@ -36,6 +33,8 @@ class Options:
     format: str | None = None
     infer_masks: bool = False     # infer masks from zeros even where other tensors carry masks
     jobs: int = 1
+    engine: str = "threads"       # how rounds are reduced in parallel: threads, processes, dask
+    scheduler: str | None = None  # a dask scheduler's address (engine dask)
     strict: bool = False
     cache_dir: Path | None = None  # per-round sums, so an interrupted analysis resumes
     # CRC-32 of zip members, checked as they are reduced: off by default, as it halves the warm
@@ -141,57 +140,8 @@ def _finish(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], error:
 
 
 def _reduce_all(tasks, options: Options, progress, reduce_task=None):
-    """(run number, RoundSums or error message) per task, as they complete.
-
-    With processes, a worker that dies (a crash, the kernel's out-of-memory killer) breaks the
-    pool for every round in it; those rounds are retried, the ones the dead worker could have
-    held one at a time, so the death is pinned on its own round and costs only that run."""
-    reduce_task = reduce_task or _reduce_task
-    work = list(tasks)
-    if options.jobs <= 1 or len(work) <= 1:
-        for i, rnd in work:
-            yield i, reduce_task(rnd, options.names, options.cache_dir, options.verify)
-            if progress:
-                progress(1)
-        return
-    # spawn, not fork: polars/pyarrow threads make fork unsafe.
-    ctx = multiprocessing.get_context("spawn")
-    while work:
-        unfinished = yield from _pool_pass(work, options, options.jobs, ctx, progress, reduce_task)
-        # the pool hands work out in order: a dead worker held one of the first jobs + 1
-        suspects, work = unfinished[:options.jobs + 1], unfinished[options.jobs + 1:]
-        for i, rnd in suspects:
-            if (yield from _pool_pass([(i, rnd)], options, 1, ctx, progress, reduce_task)):
-                where = rnd.files[0] if rnd.files else "?"
-                yield i, (f"{printable(str(where))}: the process reading this round died (a crash or "
-                          "out of memory); the file is probably hostile or corrupt")
-                if progress:
-                    progress(1)
-
-
-def _pool_pass(work, options: Options, jobs: int, ctx, progress, reduce_task):
-    """Reduce `work` in a process pool, yielding outcomes; returns the tasks a broken pool lost."""
-    lost = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        # workers get only what they need: block rules hold unpicklable preset functions
-        futures = {pool.submit(reduce_task, rnd, options.names, options.cache_dir, options.verify): k
-                   for k, (_i, rnd) in enumerate(work)}
-        try:
-            for future in as_completed(futures):
-                k = futures[future]
-                try:
-                    outcome = future.result()
-                except BrokenProcessPool:
-                    lost.append(k)
-                    continue
-                yield work[k][0], outcome
-                if progress:
-                    progress(1)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    return [work[k] for k in sorted(lost)]
+    """(run number, RoundSums or error message) per task, as they complete (see engines.py)."""
+    return engines.map_rounds(tasks, options, progress, reduce_task or _reduce_task)
 
 
 def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = False) -> RoundSums | str:

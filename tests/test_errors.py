@@ -206,7 +206,7 @@ def test_a_dying_worker_costs_only_its_round(tmp_path):
     from flowscan.readers.base import Round
 
     tasks = [(i % 2, Round(i, "prune-style", (tmp_path / f"{i}.pt",))) for i in range(6)]
-    options = pipeline.Options(jobs=2)
+    options = pipeline.Options(jobs=2, engine="processes")
     outcomes = list(pipeline._reduce_all(tasks, options, None, crashing_reducer.reduce_or_die))
     assert len(outcomes) == 6
     reduced = sorted(o for _run, o in outcomes if o.startswith("reduced"))

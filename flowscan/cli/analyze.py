@@ -16,21 +16,29 @@ from flowscan.cli.options import command_line, scan_options
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("flowscan-out"), show_default=True, help="Folder for the parquet tables.")
 @scan_options
-@click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
-              help="Reduce rounds in this many processes.")
+@click.option("-j", "--jobs", type=click.IntRange(1), default=None,
+              help="Rounds reduced at once (default: the cores this process may use).")
+@click.option("--engine", type=click.Choice(["threads", "processes", "dask"]), default="threads", show_default=True,
+              help="threads: in this process (fastest); processes: a crash costs only its round; dask: "
+                   "a dask.distributed cluster (--scheduler, else a local one; pip install 'flowscan[dask]').")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="A dask scheduler, e.g. tcp://10.0.0.5:8786 (implies --engine dask; the workers must see "
+                   "PATH and OUT at the same absolute paths).")
 @click.option("--strict", is_flag=True, help="Stop at the first run that fails.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse per-round sums from an earlier, interrupted run.")
 @click.option("--verify", is_flag=True,
               help="Check the CRC-32 of every torch zip and .npz member read, so a flipped byte fails its run "
                    "(about halves the warm throughput of torch zip archives).")
 @app_options(json_output=True)
-def analyze(path: Path, out: Path, scan: dict, jobs: int, strict: bool, no_cache: bool, verify: bool, app) -> None:
+def analyze(path: Path, out: Path, scan: dict, jobs: int | None, engine: str, scheduler: str | None, strict: bool,
+            no_cache: bool, verify: bool, app) -> None:
     """Compute M, P, lambda and sigma per block for every IMP run below PATH."""
-    from flowscan import pipeline, summary, tables
+    from flowscan import engines, pipeline, summary, tables
     from flowscan.errors import FlowscanError
 
-    options = pipeline.Options(**scan, jobs=jobs, strict=strict, verify=verify,
-                               cache_dir=None if no_cache else out / ".cache")
+    options = pipeline.Options(**scan, jobs=jobs or engines.default_jobs(),
+                               engine="dask" if scheduler else engine, scheduler=scheduler, strict=strict,
+                               verify=verify, cache_dir=None if no_cache else out / ".cache")
     try:
         runs = pipeline.find_runs(path, options, exclude=out)
         n_rounds = sum(len(r.rounds) for r in runs if not r.error)

@@ -39,8 +39,10 @@ def _near_bound(name: str, value: float, low: float, high: float) -> bool:
 
 def scaling_function(d, epsilon_np, epsilon_dagger, gamma, p):
     d = np.asarray(d, dtype=np.float64)
-    ratio = (epsilon_dagger / epsilon_np) ** (2.0 / gamma)
-    return epsilon_np * ((d ** 2 + p ** 2 * ratio) / (d ** 2 + p ** 2)) ** (gamma / 2.0)
+    # the optimizer's trial points can overflow to inf: a residual it rejects, not an error to print
+    with np.errstate(over="ignore", invalid="ignore"):
+        ratio = (epsilon_dagger / epsilon_np) ** (2.0 / gamma)
+        return epsilon_np * ((d ** 2 + p ** 2 * ratio) / (d ** 2 + p ** 2)) ** (gamma / 2.0)
 
 
 class CriticalFit:

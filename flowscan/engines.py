@@ -1,0 +1,164 @@
+"""How the map step runs: every round is an independent task, reduced to RoundSums (or an error
+message) by `reduce_task(round, names, cache_dir, verify)`; an engine runs the tasks and yields
+(run number, outcome) as they complete.
+
+- `threads` (the default): a thread pool in this process. The chunk reductions are numpy
+  calls on 1 MiB buffers, which release the GIL, so threads scale with the cores without
+  spawning or pickling anything; memory stays one chunk buffer per thread.
+- `processes`: a process pool, for isolation: a worker that dies (a crash, the out-of-memory
+  killer) costs only its own round.
+- `dask`: a dask.distributed cluster (`scheduler` = its address, or a local cluster of `jobs`
+  worker processes). Workers read the files themselves, so the paths must mean the same on
+  them (a shared file system); per-round caching works as locally when the cache folder is
+  shared too. Optional: `pip install 'flowscan[dask]'`.
+
+With one job (or one task) every engine reduces in the calling thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from flowscan.errors import FlowscanError, printable
+
+ENGINES = ("threads", "processes", "dask")
+CONNECT_TIMEOUT = "30s"   # to reach a dask scheduler
+
+
+def default_jobs() -> int:
+    """The cores this process may run on."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def map_rounds(tasks, options, progress: Callable[[int], None] | None, reduce_task) -> Iterator[tuple[int, object]]:
+    """(run number, RoundSums or error message) per (run number, Round) task, as they complete."""
+    work = list(tasks)
+    if options.engine not in ENGINES:
+        raise FlowscanError(f"unknown engine {options.engine!r}; known: {', '.join(ENGINES)}")
+    if options.engine == "dask":
+        yield from _dask(work, options, progress, reduce_task)
+        return
+    if options.jobs <= 1 or len(work) <= 1:
+        for i, rnd in work:
+            yield i, reduce_task(rnd, options.names, options.cache_dir, options.verify)
+            _step(progress)
+        return
+    if options.engine == "threads":
+        yield from _threads(work, options, progress, reduce_task)
+    else:
+        yield from _processes(work, options, progress, reduce_task)
+
+
+def _step(progress) -> None:
+    if progress:
+        progress(1)
+
+
+def _threads(work, options, progress, reduce_task):
+    with ThreadPoolExecutor(max_workers=min(options.jobs, len(work)), thread_name_prefix="flowscan") as pool:
+        futures = {pool.submit(reduce_task, rnd, options.names, options.cache_dir, options.verify): i
+                   for i, rnd in work}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()   # reduce_task turns errors into messages
+                _step(progress)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _processes(work, options, progress, reduce_task):
+    """A dead worker breaks the pool for every round in it; those rounds are retried, the ones
+    the dead worker could have held one at a time, so the death is pinned on its own round."""
+    # spawn, not fork: polars/pyarrow threads make fork unsafe.
+    ctx = multiprocessing.get_context("spawn")
+    while work:
+        unfinished = yield from _pool_pass(work, options, options.jobs, ctx, progress, reduce_task)
+        # the pool hands work out in order: a dead worker held one of the first jobs + 1
+        suspects, work = unfinished[:options.jobs + 1], unfinished[options.jobs + 1:]
+        for i, rnd in suspects:
+            if (yield from _pool_pass([(i, rnd)], options, 1, ctx, progress, reduce_task)):
+                yield i, (f"{_where(rnd)}: the process reading this round died (a crash or out of memory); "
+                          "the file is probably hostile or corrupt")
+                _step(progress)
+
+
+def _where(rnd) -> str:
+    return printable(str(rnd.files[0] if rnd.files else "?"))
+
+
+def _pool_pass(work, options, jobs: int, ctx, progress, reduce_task):
+    """Reduce `work` in a process pool, yielding outcomes; returns the tasks a broken pool lost."""
+    lost = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        # workers get only what they need: block rules hold unpicklable preset functions
+        futures = {pool.submit(reduce_task, rnd, options.names, options.cache_dir, options.verify): k
+                   for k, (_i, rnd) in enumerate(work)}
+        try:
+            for future in as_completed(futures):
+                k = futures[future]
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool:
+                    lost.append(k)
+                    continue
+                yield work[k][0], outcome
+                _step(progress)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return [work[k] for k in sorted(lost)]
+
+
+def _dask(work, options, progress, reduce_task):
+    try:
+        from distributed import Client, LocalCluster
+        from distributed import as_completed as dask_completed
+    except ImportError:
+        raise FlowscanError("--engine dask needs dask.distributed: pip install 'flowscan[dask]'") from None
+    if not work:
+        return
+    remote = options.scheduler is not None
+    # a remote worker has another working folder: it gets absolute paths (messages keep the user's)
+    cache_dir = Path(options.cache_dir).resolve() if options.cache_dir is not None else None
+    with contextlib.ExitStack() as stack:
+        if remote:
+            try:
+                client = stack.enter_context(Client(options.scheduler, timeout=CONNECT_TIMEOUT))
+            except (OSError, TimeoutError) as exc:
+                raise FlowscanError(f"--scheduler {options.scheduler}: cannot connect ({exc})") from None
+        else:
+            cluster = stack.enter_context(LocalCluster(n_workers=max(1, options.jobs), threads_per_worker=1,
+                                                       processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        rounds = [replace(rnd, files=tuple(Path(f).resolve() for f in rnd.files)) if remote else rnd
+                  for _i, rnd in work]
+        futures = client.map(reduce_task, rounds, names=options.names, cache_dir=cache_dir,
+                             verify=options.verify, pure=False)
+        index = {f.key: k for k, f in enumerate(futures)}
+        try:
+            for future in dask_completed(futures):
+                k = index[future.key]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker lost (KilledWorker, ...) costs its round
+                    outcome = f"{_where(work[k][1])}: the dask worker reading this round failed: " \
+                              f"{type(exc).__name__}: {exc}"
+                yield work[k][0], outcome
+                _step(progress)
+        except BaseException:
+            client.cancel(futures)
+            raise

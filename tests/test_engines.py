@@ -1,0 +1,77 @@
+"""The map step's engines give the same tables: serial, threads, processes and a dask cluster,
+on every bundled fixture (different readers, failed runs included)."""
+
+from __future__ import annotations
+
+import pytest
+from polars.testing import assert_frame_equal
+
+from conftest import FIXTURES, analyze
+from flowscan import engines, pipeline
+from flowscan.readers.base import Round
+
+# every fixture at once: several readers, runs with errors and notes
+ENGINE_ARGS = {
+    "serial": ["--jobs", "1"],
+    "threads": ["--jobs", "3", "--engine", "threads"],
+    "processes": ["--jobs", "2", "--engine", "processes"],
+}
+
+
+def _same_tables(a: dict, b: dict) -> None:
+    for name in a:
+        keys = [c for c in ("run", "block", "quantity", "round", "name") if c in a[name].columns]
+        assert_frame_equal(a[name].sort(keys), b[name].sort(keys), check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    return analyze(FIXTURES, tmp_path_factory.mktemp("serial"), "--no-cache", *ENGINE_ARGS["serial"], expect=None)
+
+
+@pytest.mark.parametrize("engine", ["threads", "processes"])
+def test_local_engines_match_serial(engine, serial, tmp_path):
+    _same_tables(serial, analyze(FIXTURES, tmp_path, "--no-cache", *ENGINE_ARGS[engine], expect=None))
+
+
+def test_dask_local_cluster_matches_serial(serial, tmp_path):
+    pytest.importorskip("distributed")
+    tables = analyze(FIXTURES, tmp_path, "--engine", "dask", "--jobs", "2", expect=None)
+    _same_tables(serial, tables)
+    # the per-round cache was written by the workers, and a second pass reads it
+    assert any((tmp_path / ".cache").glob("*.json"))
+    _same_tables(serial, analyze(FIXTURES, tmp_path, "--engine", "dask", "--jobs", "2", expect=None))
+
+
+def test_threads_cover_every_task_once_and_report_errors_as_messages(tmp_path):
+    def reduce_task(rnd, names, cache_dir, verify):
+        if rnd.index == 3:
+            return f"{rnd.files[0]}: broken"
+        return f"reduced {rnd.index}"
+    tasks = [(i % 3, Round(i, "x", (tmp_path / f"{i}.pt",))) for i in range(20)]
+    steps = []
+    outcomes = list(engines.map_rounds(tasks, pipeline.Options(jobs=4), steps.append, reduce_task))
+    assert sorted(o for _run, o in outcomes if o.startswith("reduced")) == sorted(
+        f"reduced {i}" for i in range(20) if i != 3)
+    assert [(run, o) for run, o in outcomes if "broken" in o] == [(0, f"{tmp_path / '3.pt'}: broken")]
+    assert len(steps) == 20
+
+
+def test_unknown_engine_and_unreachable_scheduler_are_named_errors(tmp_path, monkeypatch):
+    from flowscan.errors import FlowscanError
+
+    monkeypatch.setattr(engines, "CONNECT_TIMEOUT", "1s")
+    tasks = [(0, Round(0, "x", (tmp_path / "0.pt",)))]
+    with pytest.raises(FlowscanError, match="unknown engine 'gpu'"):
+        list(engines.map_rounds(tasks, pipeline.Options(engine="gpu"), None, lambda *a: None))
+    pytest.importorskip("distributed")
+    with pytest.raises(FlowscanError, match="cannot connect"):
+        list(engines.map_rounds(tasks, pipeline.Options(engine="dask", scheduler="tcp://127.0.0.1:9"), None,
+                                lambda *a: None))
+
+
+def test_default_jobs_is_the_usable_cores():
+    import os
+
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert engines.default_jobs() == expected
