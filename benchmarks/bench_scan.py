@@ -8,18 +8,26 @@ prunable parameters) for `--rounds` rounds, in two layouts: per-round safetensor
 masks, and Chen et al.-style prune-style `{k}checkpoint.pth.tar` (float32 weight_orig and
 weight_mask). Then, each in a fresh subprocess (so peak RSS is its own), on a warm page cache:
 
-  flowscan         pipeline.analyze (what `flowscan analyze` runs), --jobs 1 and 2, and with
-                   --verify (CRC-32 of every zip member) on the torch files
+  flowscan         pipeline.analyze (what `flowscan analyze` runs): one job, then every core with
+                   each engine (threads, processes, a local dask cluster), and with --verify
+                   (CRC-32 of every zip member) on the torch files
   plain-read       reading the same files' bytes into one reused buffer (an I/O ceiling)
   naive            torch.load(weights_only=True) of each whole file + per-tensor (w*m).abs().sum()
 
-and prints GB/s (archive bytes / wall seconds) and peak RSS in MiB (VmHWM; with --jobs 2 the
-parent's only: workers hold one round each).
+and prints GB/s (archive bytes / wall seconds), peak RSS in MiB (VmHWM; with processes or dask
+the parent's only: workers hold one round each) and the ratios the targets are stated in.
+`--cold` drops the page cache before every measurement (root only; it says when it cannot).
+
+    python benchmarks/bench_scan.py --many 5000     # discovery + inspect over 5,000 small files
+
+builds 5,000 small checkpoint files (1,000 runs x 5 rounds of a small MLP, safetensors and
+prune-style) and times `flowscan inspect` over them (headers only), in checkpoints per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import subprocess
@@ -89,10 +97,10 @@ def archive_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def method_flowscan(folder: Path, jobs: int, verify: bool = True) -> None:
+def method_flowscan(folder: Path, jobs: int, verify: bool = False, engine: str = "threads") -> None:
     from flowscan import pipeline
 
-    results = pipeline.analyze(folder, pipeline.Options(jobs=jobs, verify=verify))
+    results = pipeline.analyze(folder, pipeline.Options(jobs=jobs, verify=verify, engine=engine))
     assert results[0].ok, results[0].error
 
 
@@ -140,7 +148,8 @@ def child(method: str, folder: Path, jobs: int) -> None:
         import torch  # noqa: F401
     start = time.perf_counter()
     if method.startswith("flowscan"):
-        method_flowscan(folder, jobs, verify=method == "flowscan-verify")
+        engine = method.split("-")[1] if method.count("-") else "threads"
+        method_flowscan(folder, jobs, verify=method == "flowscan-verify", engine=engine if engine != "verify" else "threads")
     elif method == "plain-read":
         method_plain_read(folder)
     else:
@@ -149,14 +158,82 @@ def child(method: str, folder: Path, jobs: int) -> None:
     print(json.dumps({"seconds": seconds, "maxrss_mib": peak_rss_mib()}))
 
 
-def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 2) -> dict:
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only): a cold-cache measurement."""
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 2, cold: bool = False) -> dict:
     best = None
     for _ in range(repeat):
+        if cold:
+            drop_page_cache()
         out = subprocess.run([sys.executable, __file__, "--child", method, "--folder", str(folder), "--jobs", str(jobs)],
                              check=True, capture_output=True, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         best = result if best is None or result["seconds"] < best["seconds"] else best
     return best
+
+
+def build_many(folder: Path, n_files: int) -> None:
+    """`n_files` small checkpoints: runs of 5 rounds, half safetensors, half prune-style."""
+    import torch
+    from safetensors.numpy import save_file
+
+    marker = folder / f"built-{n_files}.json"
+    if marker.exists():
+        return
+    rng = np.random.default_rng(0)
+    shapes = {"fc1.weight": (64, 196), "fc2.weight": (32, 64), "fc3.weight": (10, 32)}
+    for r in range(n_files // 5):
+        run = folder / ("st" if r % 2 else "ps") / f"run_{r:05d}"
+        run.mkdir(parents=True, exist_ok=True)
+        for n in range(5):
+            weights = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+            masks = {k: (rng.random(s) < 0.8 ** n).astype(np.uint8) for k, s in shapes.items()}
+            if r % 2:
+                save_file({**weights, **{f"{k}_mask": m for k, m in masks.items()}}, str(run / f"round_{n}.safetensors"))
+            else:
+                state = {f"{k}_orig": torch.from_numpy(w) for k, w in weights.items()}
+                state.update({f"{k}_mask": torch.from_numpy(masks[k].astype(np.float32)) for k in shapes})
+                torch.save({"state_dict": state}, run / f"{n}checkpoint.pth.tar")
+    marker.write_text(json.dumps({"files": n_files}))
+
+
+def child_inspect(folder: Path, jobs: int) -> None:
+    from flowscan import pipeline
+
+    start = time.perf_counter()
+    options = pipeline.Options(jobs=jobs)
+    runs = pipeline.find_runs(folder, options)
+    items = pipeline.inspect_runs(runs, options)
+    seconds = time.perf_counter() - start
+    assert all(item.error is None for item in items), [i.error for i in items if i.error][:3]
+    files = sum(len(r.rounds) for r in runs)
+    print(json.dumps({"seconds": seconds, "files": files, "maxrss_mib": peak_rss_mib()}))
+
+
+def many(data: Path, n_files: int, jobs: int) -> None:
+    folder = data / f"many-{n_files}"
+    build_many(folder, n_files)
+    method_plain_read_tree(folder)   # warm
+    for j in sorted({1, jobs}):
+        out = subprocess.run([sys.executable, __file__, "--child", "inspect", "--folder", str(folder), "--jobs", str(j)],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"inspect -j{j}: {r['files']} checkpoint files in {r['seconds']:.2f} s = "
+              f"{r['files'] / r['seconds']:.0f} files/s, peak RSS {r['maxrss_mib']:.0f} MiB", flush=True)
+
+
+def method_plain_read_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            path.read_bytes()
 
 
 def main() -> None:
@@ -167,27 +244,51 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
+    parser.add_argument("--many", type=int, metavar="N", help="time inspect over N small checkpoint files instead")
+    parser.add_argument("--cores", type=int, default=None, help="jobs for the all-cores runs (default: all)")
     args = parser.parse_args()
+    if args.child == "inspect":
+        child_inspect(args.folder, args.jobs)
+        return
     if args.child:
         child(args.child, args.folder, args.jobs)
+        return
+    from flowscan.engines import default_jobs
+
+    cores = args.cores or default_jobs()
+    if args.many:
+        many(args.data, args.many, cores)
         return
     data = args.data / f"r{args.rounds}-s{args.scale}"
     build(data, args.rounds, args.scale)
     info = json.loads((data / f"built-{args.rounds}-{args.scale}.json").read_text())
-    print(f"archive: {info['prunable_params'] / 1e6:.1f} M prunable parameters x {args.rounds} rounds")
-    print(f"{'layout':<12} {'method':<14} {'GB':>6} {'seconds':>8} {'GB/s':>6} {'peak RSS MiB':>13}")
+    print(f"archive: {info['prunable_params'] / 1e6:.1f} M prunable parameters x {args.rounds} rounds; "
+          f"{cores} cores; {'cold' if args.cold else 'warm'} page cache")
+    if args.cold and not drop_page_cache():
+        print("could not drop the page cache (needs root): these figures are warm-cache ones")
+        args.cold = False
+    print(f"{'layout':<12} {'method':<22} {'GB':>6} {'seconds':>8} {'GB/s':>6} {'peak RSS MiB':>13}")
     for layout in ("safetensors", "prune-style"):
         folder = data / layout
         size = archive_bytes(folder)
-        method_plain_read(folder)  # warm the page cache
-        for method, jobs in (("flowscan", 1), ("flowscan-verify", 1), ("flowscan", 2), ("plain-read", 1),
-                             ("naive", 1)):
+        if not args.cold:
+            method_plain_read(folder)  # warm the page cache
+        rates = {}
+        for method, jobs in (("flowscan", 1), ("flowscan", cores), ("flowscan-processes", cores),
+                             ("flowscan-dask", cores), ("flowscan-verify", cores), ("plain-read", 1), ("naive", 1)):
             if method == "flowscan-verify" and layout == "safetensors":
                 continue   # safetensors carry no checksum
-            r = measure(method, folder, jobs)
+            if method == "flowscan-dask" and importlib.util.find_spec("distributed") is None:
+                continue
+            r = measure(method, folder, jobs, cold=args.cold)
             label = f"{method} -j{jobs}" if method.startswith("flowscan") else method
-            print(f"{layout:<12} {label:<14} {size / 1e9:>6.2f} {r['seconds']:>8.2f} "
-                  f"{size / 1e9 / r['seconds']:>6.2f} {r['maxrss_mib']:>13.0f}", flush=True)
+            rates[label] = size / 1e9 / r["seconds"]
+            print(f"{layout:<12} {label:<22} {size / 1e9:>6.2f} {r['seconds']:>8.2f} "
+                  f"{rates[label]:>6.2f} {r['maxrss_mib']:>13.0f}", flush=True)
+        best = rates[f"flowscan -j{cores}"]
+        print(f"{layout:<12} flowscan -j{cores} (threads): {best / rates['plain-read']:.2f} x plain read, "
+              f"{best / rates['naive']:.2f} x naive", flush=True)
 
 
 if __name__ == "__main__":
