@@ -143,9 +143,8 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits):
                 bits[start // 8:(stop + 7) // 8] = np.packbits(buf != 0)
         else:
             m = mask[start:stop]
-            n_unpruned += _count_ones(m, ref)
-            # 0/1 bytes (checked above) are valid bools: pack them without a temporary
-            as_bool = m.view(np.bool_) if m.dtype.itemsize == 1 else m != 0
+            ones, as_bool = _ones(m, ref, buffers)
+            n_unpruned += ones
             bits[start // 8:(stop + 7) // 8] = np.packbits(as_bool)
             np.multiply(buf, m, out=buf, casting="unsafe")
         abs_sum += float(buf.sum(dtype=np.float64))
@@ -154,18 +153,24 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits):
     return abs_sum, n_unpruned, n_nonzero, bits
 
 
-def _count_ones(m: np.ndarray, ref: TensorRef) -> int:
-    """Number of ones in a mask chunk, which must hold only 0 and 1."""
+def _ones(m: np.ndarray, ref: TensorRef, buffers: _Buffers) -> tuple[int, np.ndarray]:
+    """(number of ones, the chunk as bools) of a mask chunk, which must hold only 0 and 1.
+    Each dtype takes the fewest passes: bytes are checked by one max (min too when signed) and
+    viewed as bools; floats are compared with 1, which gives the bools, and with 0: a mask is
+    0/1 exactly when the two counts add up to its size (NaN is neither)."""
     if m.dtype == np.bool_:
-        return int(np.count_nonzero(m))
-    if m.dtype.kind in "iu":  # min/max are cheap SIMD reductions; no temporaries
-        if m.size and (m.max() > 1 or m.min() < 0):
+        return int(np.count_nonzero(m)), m
+    if m.dtype.kind in "iu":  # max/min are cheap SIMD reductions; no temporaries
+        if m.size and (m.max() > 1 or (m.dtype.kind == "i" and m.min() < 0)):
             _not_binary(m, ref)
-        return int(np.count_nonzero(m))
-    ones = int(np.count_nonzero(m == 1))
-    if np.count_nonzero(m) != ones:
+        return int(np.count_nonzero(m)), m.view(np.bool_) if m.dtype.itemsize == 1 else m != 0
+    # counted by ufunc reductions, which release the GIL (count_nonzero holds it): threads scale
+    is_one = np.equal(m, 1, out=buffers.get(np.dtype(np.bool_), m.size))
+    is_zero = np.equal(m, 0, out=buffers.get(np.dtype(np.int8), m.size).view(np.bool_))
+    ones = int(np.add.reduce(is_one.view(np.uint8), dtype=np.int64))
+    if ones + int(np.add.reduce(is_zero.view(np.uint8), dtype=np.int64)) != m.size:
         _not_binary(m, ref)
-    return ones
+    return ones, is_one
 
 
 def _not_binary(m: np.ndarray, ref: TensorRef):

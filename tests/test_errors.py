@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES, analyze, read_tables, run_cli
 from flowscan import pipeline
+from flowscan.errors import ScanError
 from flowscan.tables import TABLES
 from flowscan.readers.base import NameOptions
 
@@ -214,3 +215,32 @@ def test_a_dying_worker_costs_only_its_round(tmp_path):
     [(run, died)] = [(run, o) for run, o in outcomes if not o.startswith("reduced")]
     assert died.startswith(f"{tmp_path / '2.pt'}: the process reading this round died")
     assert run == 0   # charged to the run of round 2 only
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "uint8", "int8", "int32", "uint16", "bool"])
+@pytest.mark.parametrize("bad", [0.5, 2, -1, float("nan"), float("inf"), None])
+def test_every_mask_dtype_accepts_exactly_0_and_1(dtype, bad):
+    """One value that is not 0/1, anywhere in any chunk, fails the tensor by name; 0/1 masks
+    (and -0.0) give the count of ones, in every dtype (a mask chunk boundary is crossed)."""
+    from flowscan.readers.base import TensorRef
+    from flowscan.reduce import CHUNK, reduce_tensor
+
+    n = CHUNK + 1000
+    mask = (np.arange(n) % 3 == 0).astype(dtype)
+    weight = np.ones(n, dtype=np.float32)
+    if bad is None:
+        if np.dtype(dtype).kind == "f":
+            mask[1] = -0.0
+        sums, _ = reduce_tensor(TensorRef("layer.weight", weight, mask, "w.pt"))
+        assert sums.n_unpruned == (n + 2) // 3 and sums.abs_sum == (n + 2) // 3
+        return
+    try:
+        value = np.array(bad).astype(dtype)
+    except (ValueError, OverflowError):
+        pytest.skip(f"{bad} is not a {dtype}")
+    if value.item() in (0, 1) or (dtype == "bool"):
+        pytest.skip(f"{bad} becomes {value.item()} as {dtype}")
+    mask[CHUNK + 7] = value
+    with pytest.raises(ScanError, match="mask is not 0/1") as err:
+        reduce_tensor(TensorRef("layer.weight", weight, mask, "w.pt"))
+    assert "layer.weight" in str(err.value) and "w.pt" in str(err.value)
