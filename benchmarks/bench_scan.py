@@ -168,7 +168,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 2, cold: bool = False) -> dict:
+def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 5, cold: bool = False) -> dict:
     best = None
     for _ in range(repeat):
         if cold:
@@ -211,7 +211,7 @@ def child_inspect(folder: Path, jobs: int) -> None:
     start = time.perf_counter()
     options = pipeline.Options(jobs=jobs)
     runs = pipeline.find_runs(folder, options)
-    items = pipeline.inspect_runs(runs, options)
+    items = [pipeline.inspect_run(run, options) for run in runs]
     seconds = time.perf_counter() - start
     assert all(item.error is None for item in items), [i.error for i in items if i.error][:3]
     files = sum(len(r.rounds) for r in runs)
@@ -222,12 +222,11 @@ def many(data: Path, n_files: int, jobs: int) -> None:
     folder = data / f"many-{n_files}"
     build_many(folder, n_files)
     method_plain_read_tree(folder)   # warm
-    for j in sorted({1, jobs}):
-        out = subprocess.run([sys.executable, __file__, "--child", "inspect", "--folder", str(folder), "--jobs", str(j)],
-                             check=True, capture_output=True, text=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        print(f"inspect -j{j}: {r['files']} checkpoint files in {r['seconds']:.2f} s = "
-              f"{r['files'] / r['seconds']:.0f} files/s, peak RSS {r['maxrss_mib']:.0f} MiB", flush=True)
+    out = subprocess.run([sys.executable, __file__, "--child", "inspect", "--folder", str(folder)],
+                         check=True, capture_output=True, text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    print(f"inspect: {r['files']} checkpoint files in {r['seconds']:.2f} s = "
+          f"{r['files'] / r['seconds']:.0f} files/s, peak RSS {r['maxrss_mib']:.0f} MiB", flush=True)
 
 
 def method_plain_read_tree(folder: Path) -> None:

@@ -276,16 +276,6 @@ class Inspection:
         return [n for n, lab in zip(self.prunable, self.labels) if lab == OTHER]
 
 
-def inspect_runs(runs: list[Run], options: Options) -> list[Inspection]:
-    """`inspect_run` of every run, `options.jobs` at a time (threads: headers are small reads)."""
-    if options.jobs <= 1 or len(runs) <= 1:
-        return [inspect_run(run, options) for run in runs]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(options.jobs, len(runs))) as pool:
-        return list(pool.map(lambda run: inspect_run(run, options), runs))
-
-
 def inspect_run(run: Run, options: Options) -> Inspection:
     if run.error:
         return Inspection(run, run.error)
