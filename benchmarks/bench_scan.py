@@ -22,6 +22,8 @@ the parent's only: workers hold one round each) and the ratios the targets are s
 
 builds 5,000 small checkpoint files (1,000 runs x 5 rounds of a small MLP, safetensors and
 prune-style) and times `flowscan inspect` over them (headers only), in checkpoints per second.
+
+    python benchmarks/bench_scan.py --inner-loop    # the chunk reduction against numexpr, numba
 """
 
 from __future__ import annotations
@@ -218,6 +220,67 @@ def child_inspect(folder: Path, jobs: int) -> None:
     print(json.dumps({"seconds": seconds, "files": files, "maxrss_mib": peak_rss_mib()}))
 
 
+def inner_loop(n: int = 25_000_000) -> None:
+    """The per-chunk reduction against one-pass candidates (numexpr, numba; each if installed),
+    over in-memory float32 weights and uint8 masks: is a dependency worth it?"""
+    from flowscan.readers.base import TensorRef
+    from flowscan.reduce import CHUNK, _Buffers, _reduce_chunks
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(n, dtype=np.float32)
+    m = (rng.random(n) < 0.5).astype(np.uint8)
+    gb = (w.nbytes + m.nbytes) / 1e9
+
+    def numpy_chunks():
+        bits = np.empty((n + 7) // 8, np.uint8)
+        return _reduce_chunks(w, m, TensorRef("x", w, m, "p"), np.dtype(np.float32), _Buffers(), [], False, bits)[0]
+
+    candidates = {"numpy, chunked (flowscan)": numpy_chunks}
+    try:
+        import numexpr as ne
+
+        ne.set_num_threads(1)
+
+        def numexpr_pass():   # the sum in one pass; count and bits as flowscan does them
+            total = 0.0
+            for s in range(0, n, CHUNK):
+                wc, mc = w[s:s + CHUNK], m[s:s + CHUNK]  # noqa: F841 - used by name in the expression
+                total += float(ne.evaluate("sum(where(mc != 0, abs(wc) * 1.0, 0.0))"))
+                np.count_nonzero(mc)
+                np.packbits(mc.view(np.bool_))
+            return total
+        candidates["numexpr"] = numexpr_pass
+    except ImportError:
+        print("numexpr: not installed")
+    try:
+        from numba import njit
+
+        @njit
+        def kernel(w, m, bits):   # sum, count and bits in one loop
+            total, ones = 0.0, 0
+            for i in range(w.size):
+                if m[i]:
+                    total += abs(w[i])
+                    ones += 1
+                    bits[i >> 3] |= np.uint8(128 >> (i & 7))
+            return total, ones
+
+        def numba_pass():
+            return kernel(w, m, np.zeros((n + 7) // 8, np.uint8))[0]
+        numba_pass()   # compile outside the timing
+        candidates["numba"] = numba_pass
+    except ImportError:
+        print("numba: not installed")
+    reference = numpy_chunks()
+    for name, fn in candidates.items():
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            value = fn()
+            times.append(time.perf_counter() - start)
+        print(f"{name:<28} {gb / min(times):6.2f} GB/s  (relative difference {abs(value - reference) / reference:.1e})")
+
+
 def many(data: Path, n_files: int, jobs: int) -> None:
     folder = data / f"many-{n_files}"
     build_many(folder, n_files)
@@ -245,6 +308,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
     parser.add_argument("--many", type=int, metavar="N", help="time inspect over N small checkpoint files instead")
+    parser.add_argument("--inner-loop", action="store_true", help="time the chunk reduction against candidates")
     parser.add_argument("--cores", type=int, default=None, help="jobs for the all-cores runs (default: all)")
     args = parser.parse_args()
     if args.child == "inspect":
@@ -258,6 +322,9 @@ def main() -> None:
     cores = args.cores or default_jobs()
     if args.many:
         many(args.data, args.many, cores)
+        return
+    if args.inner_loop:
+        inner_loop()
         return
     data = args.data / f"r{args.rounds}-s{args.scale}"
     build(data, args.rounds, args.scale)
