@@ -60,6 +60,21 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def run_args(run: Path) -> dict | None:
+    """The arguments `produce` made a run folder with (None: not a produce run)."""
+    path = Path(run) / RUN_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError, RecursionError) as exc:
+        from flowscan.errors import FlowscanError
+
+        raise FlowscanError(f"{path}: unreadable run manifest: {type(exc).__name__}: {exc}") from None
+    args = data.get("args") if isinstance(data, dict) else None
+    return args if isinstance(args, dict) else None
+
+
 def write_run_manifest(run: Path, args: Mapping[str, Any]) -> None:
     write_text(Path(run) / RUN_MANIFEST,
                json.dumps({"layout": LAYOUT, "version": VERSION, "args": dict(args)}, indent=2, sort_keys=True))

@@ -402,3 +402,20 @@ def test_transfer_on_cuda_matches_the_recorded_tickets(tmp_path):
     assert set(frame["arm"]) == {"transferred", "transferred_source_init", "own", "random_global", "random_layer"}
     acc = dict(zip(frame["arm"], frame["accuracy"]))
     assert abs(acc["transferred"] - acc["own"]) < 0.03
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"args": 3}', "{not json", '{"args": {"seed": "x"}}'])
+def test_a_malformed_run_manifest_is_named_or_ignored(archive, tmp_path, text):
+    """A source whose produce manifest is broken: its masks are still used (the manifest only
+    names the seed), or the error names the file; never a traceback."""
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(archive / "seed_0", source)
+    (source / "flowscan-run.json").write_text(text)
+    result = run_cli("produce", *FAST, "--rounds", "1", "--mask-from", f"{source}:1", "-o", tmp_path / "o",
+                     expect=None)
+    if result.exit_code:
+        assert "flowscan-run.json" in result.output and "Traceback" not in result.output
+    else:
+        assert _round(tmp_path / "o" / "seed_0", 0)[2]["density"] == pytest.approx(0.8, abs=1e-3)

@@ -29,8 +29,7 @@ class RoundState:
 
 
 def produce_args(run: Run) -> dict | None:
-    manifest = run.path / layout.RUN_MANIFEST
-    return layout.read_json(manifest).get("args") if manifest.is_file() else None
+    return layout.run_args(run.path)
 
 
 def build_model(spec: str, input_shape, n_classes: int) -> torch.nn.Module:

@@ -68,11 +68,9 @@ def runs_of(path: Path, format: str | None = None) -> list[Run]:
 
 def run_seed_of(run: Run) -> int | None:
     """The seed of a run: produce's manifest, else a seed_N / replicate_N folder name."""
-    manifest = run.path / layout.RUN_MANIFEST
-    if manifest.is_file():
-        seed = layout.read_json(manifest).get("args", {}).get("seed")
-        if isinstance(seed, int):
-            return seed
+    seed = (layout.run_args(run.path) or {}).get("seed")
+    if isinstance(seed, int):
+        return seed
     m = _SEED_NAME.search(run.name if run.name != "." else run.path.name)
     return int(m.group(1)) if m else None
 

@@ -95,11 +95,6 @@ def default_rounds(last: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(last * k / 3)) for k in (1, 2, 3)})) if last >= 1 else ()
 
 
-def _produce_args(run) -> dict | None:
-    path = run.path / layout.RUN_MANIFEST
-    return layout.read_json(path).get("args") if path.is_file() else None
-
-
 def _config(args: dict) -> IMPConfig:
     args = {k: v for k, v in args.items() if k != "seed" and k in IMPConfig.__dataclass_fields__}
     return IMPConfig(**args)
@@ -124,7 +119,7 @@ def prepare(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], 
         if arm not in ARMS:
             raise FlowscanError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
     source = Side(plan.source, sources.runs_of(plan.source, plan.format))
-    source_args = _produce_args(source.runs[0])
+    source_args = layout.run_args(source.runs[0].path)
     last = min(r.rounds[-1].index for r in source.runs)
     rounds = plan.rounds if plan.rounds is not None else default_rounds(last)
     if not rounds:
@@ -140,7 +135,7 @@ def prepare(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], 
             raise FlowscanError(f"{plan.target} is an archive: its own `produce` manifest gives the recipe "
                                 f"(drop {', '.join('--' + k.replace('_', '-') for k in plan.recipe.given())})")
         target = Side(Path(plan.target), sources.runs_of(Path(plan.target)))
-        args = [_produce_args(r) for r in target.runs]
+        args = [layout.run_args(r.path) for r in target.runs]
         if any(a is None for a in args):
             bad = next(r for r, a in zip(target.runs, args) if a is None)
             raise FlowscanError(f"{bad.path}: not written by `flowscan produce`: a target archive needs its "
