@@ -329,7 +329,8 @@ def test_transfer_from_another_layout_needs_a_model_for_a_dataset_target(archive
 def _pairs(distances, gaps) -> pl.DataFrame:
     rows = [{"source": f"s{i}", "target": f"t{i}", "n_rounds": 1, "n_seeds": 3, "gap_mean": g, "gap_sem": 0.01,
              "own_gap_mean": 0.0, "sigma_rms": d, "n_shared_blocks": 3, "n_conflicts": 0, "conflict_blocks": None,
-             "overlap_mean": 0.5, "chance_mean": 0.4, "same_archive": False} for i, (d, g) in enumerate(zip(distances, gaps))]
+             "overlap_mean": 0.5, "chance_mean": 0.4, "same_archive": False}
+            for i, (d, g) in enumerate(zip(distances, gaps))]
     return pl.DataFrame(rows, schema=stats.PAIRS_SCHEMA)
 
 

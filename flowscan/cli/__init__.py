@@ -36,5 +36,6 @@ def main() -> None:
     """RG-flow analysis of iterative magnitude pruning (IMP) checkpoints."""
 
 
-for command in (analyze, inspect, formats, aggregate, fit, compare, table, plot, report, produce, transfer, lmc, sharpness):
+for command in (analyze, inspect, formats, aggregate, fit, compare, table, plot, report, produce, transfer, lmc,
+                sharpness):
     main.add_command(command)

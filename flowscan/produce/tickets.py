@@ -32,7 +32,8 @@ def density(masks: Masks) -> float:
     return kept(masks) / total if total else float("nan")
 
 
-def random_global(shapes: Mapping[str, tuple[int, ...]], n_kept: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def random_global(shapes: Mapping[str, tuple[int, ...]], n_kept: int,
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
     """`n_kept` weights chosen uniformly over all tensors together."""
     sizes = [int(np.prod(s)) for s in shapes.values()]
     total = sum(sizes)

@@ -95,9 +95,12 @@ def default_rounds(last: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(last * k / 3)) for k in (1, 2, 3)})) if last >= 1 else ()
 
 
-def _config(args: dict) -> IMPConfig:
+def _config(args: dict, where: Path) -> IMPConfig:
     args = {k: v for k, v in args.items() if k != "seed" and k in IMPConfig.__dataclass_fields__}
-    return IMPConfig(**args)
+    try:
+        return IMPConfig(**args)
+    except TypeError as exc:
+        raise FlowscanError(f"{where / layout.RUN_MANIFEST}: not a produce recipe ({exc})") from None
 
 
 @dataclass
@@ -110,7 +113,7 @@ class Side:
 
 
 def prepare(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], None],
-            progress=None) -> tuple[Side, Side, list[int], tuple[int, ...]]:
+            progress=None, compile: bool = True) -> tuple[Side, Side, list[int], tuple[int, ...]]:
     """(source, target, seeds, source rounds): resolves the target's recipe and, for a target
     given as a dataset, makes its own tickets by IMP (resuming what is there)."""
     from flowscan.produce.data import load
@@ -140,13 +143,15 @@ def prepare(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], 
             bad = next(r for r, a in zip(target.runs, args) if a is None)
             raise FlowscanError(f"{bad.path}: not written by `flowscan produce`: a target archive needs its "
                                 "recipe and rewind point; give the target as a dataset (NAME[:ARG]) instead")
-        target.cfg = _config(args[0])
-        seeds = list(plan.seeds) if plan.seeds is not None else sorted({a["seed"] for a in args})
+        target.cfg = _config(args[0], target.runs[0].path)
+        found = sorted({a["seed"] for a in args if isinstance(a.get("seed"), int)})
+        seeds = list(plan.seeds) if plan.seeds is not None else found or [0]
         return source, target, seeds, tuple(rounds)
     if source_args is None and not plan.recipe.model:
         raise FlowscanError(f"{plan.source} was not written by `flowscan produce`: name the target's model "
                             "with --model (and its recipe: --epochs, --lr, ...)")
-    base = _config(source_args) if source_args else IMPConfig(model=plan.recipe.model, data=plan.target, rounds=1)
+    base = (_config(source_args, source.runs[0].path) if source_args
+            else IMPConfig(model=plan.recipe.model, data=plan.target, rounds=1))
     smallest = min(_source_density(run, r) for run in source.runs for r in rounds)
     cfg = replace(base, data=plan.target, rounds=max(rounds) + 1, target_density=smallest * (1 + 1e-9),
                   mask_from=None, init_from=None, fill_unmatched=False, **plan.recipe.given())
@@ -155,7 +160,7 @@ def prepare(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], 
     data = load(cfg.data).to(device)
     for seed in seeds:
         notes(f"target tickets: IMP on {plan.target}, seed {seed} -> {folder / f'seed_{seed}'}")
-        run_seed(cfg, seed, folder / f"seed_{seed}", data, device, compile=True, progress=progress)
+        run_seed(cfg, seed, folder / f"seed_{seed}", data, device, compile=compile, progress=progress)
     return source, Side(folder, sources.runs_of(folder), cfg), seeds, tuple(rounds)
 
 
@@ -209,7 +214,7 @@ def run_transfer(plan: Plan, out: Path, device: torch.device, notes: Callable[[s
     from flowscan.produce.data import load
 
     out = Path(out)
-    source, target, seeds, rounds = prepare(plan, out, device, notes, progress)
+    source, target, seeds, rounds = prepare(plan, out, device, notes, progress, compile)
     source_label, target_label = pair_label(plan)
     pair = _slug(f"{source_label}-to-{target_label}")
     folder = out / CELLS / pair
