@@ -31,13 +31,14 @@ from flowscan.produce.transfer import CELLS, Plan, run_transfer  # noqa: E402
 from flowscan.stats.transfer import transfer_tables  # noqa: E402
 
 
-def tasks(size: str, fashion: str | None) -> tuple[str, dict, list[str]]:
+def tasks(size: str, fashion: str | None, images: int | None) -> tuple[str, dict, list[str]]:
     """(model, recipe, data specs) of a study size."""
     if size == "tiny":
         return "mlp", dict(epochs=4, batch_size=64, lr=0.05), ["digits", "synthetic-images:1x8x8:1797"]
     if size == "cifar":
+        n = images or 20000
         return "cifar-resnet20", dict(epochs=10, batch_size=256, lr=0.2, augment=True), \
-            ["synthetic-images:3x32x32:20000:10", "synthetic-images:3x32x32:20000:100"]
+            [f"synthetic-images:3x32x32:{n}:10", f"synthetic-images:3x32x32:{n}:100"]
     specs = ["mnist5k", "synthetic-images:1x28x28:5000"]
     if fashion:
         specs.insert(1, f"fashion-mnist:{fashion}:5000")
@@ -60,10 +61,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12, help="IMP rounds per task (0.8^11 = 0.086 density).")
     parser.add_argument("--transfer-rounds", default="4,8,11", help="Source rounds transferred.")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--epochs", type=float, help="Epochs per round (default: the size's).")
+    parser.add_argument("--images", type=int, help="--size cifar: images per synthetic task (default 20000).")
     parser.add_argument("--no-self", action="store_true", help="Leave out the pairs of a task with itself.")
     args = parser.parse_args()
 
-    model, recipe, specs = tasks(args.size, args.fashion)
+    model, recipe, specs = tasks(args.size, args.fashion, args.images)
+    if args.epochs:
+        recipe["epochs"] = args.epochs
     device = resolve_device(args.device)
     archives = {}
     began = time.perf_counter()

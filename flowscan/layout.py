@@ -80,6 +80,13 @@ def write_run_manifest(run: Path, args: Mapping[str, Any]) -> None:
                json.dumps({"layout": LAYOUT, "version": VERSION, "args": dict(args)}, indent=2, sort_keys=True))
 
 
+def contiguous(array, dtype=None) -> np.ndarray:
+    """A C-contiguous copy or view of the same shape (np.ascontiguousarray makes 0-d arrays
+    1-d, and a BatchNorm step counter would come back as [1] instead of [])."""
+    array = np.asarray(array, dtype=dtype)
+    return np.ascontiguousarray(array).reshape(array.shape)
+
+
 def write_round(run: Path, index: int, weights: Mapping[str, np.ndarray],
                 masks: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> Path:
     """Write one complete round atomically (numpy arrays; masks stored as uint8 0/1)."""
@@ -91,8 +98,8 @@ def write_round(run: Path, index: int, weights: Mapping[str, np.ndarray],
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run))
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp / WEIGHTS))
-        save_file({k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in masks.items()}, str(tmp / MASKS))
+        save_file({k: contiguous(v) for k, v in weights.items()}, str(tmp / WEIGHTS))
+        save_file({k: contiguous(v, np.uint8) for k, v in masks.items()}, str(tmp / MASKS))
         (tmp / ROUND_MANIFEST).write_text(json.dumps({"round": index, **info}, indent=2, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)

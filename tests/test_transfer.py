@@ -420,3 +420,29 @@ def test_a_malformed_run_manifest_is_named_or_ignored(archive, tmp_path, text):
         assert "flowscan-run.json" in result.output and "Traceback" not in result.output
     else:
         assert _round(tmp_path / "o" / "seed_0", 0)[2]["density"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_heads_of_another_size_transfer_with_fill_unmatched(tmp_path):
+    """A 10-class ResNet's tickets on a 12-class task (CIFAR-10 -> CIFAR-100 in small): the head
+    differs, so it is an error naming it, or with --fill-unmatched a random head mask at the
+    source head's density; BatchNorm step counters round-trip as scalars."""
+    recipe = ["--model", "cifar-resnet14", "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "-q"]
+    source = tmp_path / "ten"
+    run_cli("produce", *recipe, "--data", "synthetic-images:1x8x8:300:10", "--rounds", "2", "-o", source)
+    rewind = load_file(str(source / "seed_0" / "rewind.safetensors"))
+    assert rewind["bn1.num_batches_tracked"].shape == ()
+    target = "synthetic-images:1x8x8:300:12"
+    result = run_cli("transfer", str(source), target, "--epochs", "1", "-o", tmp_path / "o1", expect=1)
+    assert "fc.weight [10, 64] vs [12, 64]" in result.output and "--fill-unmatched" in result.output
+    out = tmp_path / "o2"
+    run_cli("transfer", str(source), target, "--epochs", "1", "--fill-unmatched", "--arms",
+            "transferred,transferred_source_init,random_layer", "-o", out)
+    frame = pl.read_parquet(out / "transfer.parquet")
+    assert set(frame["arm"]) == {"transferred", "transferred_source_init", "random_layer"}
+    assert (frame["n_filled"] == 1).all()
+    source_fc = load_file(str(source / "seed_0" / "round_0001" / "masks.safetensors"))["fc.weight"].mean()
+    cell = json.loads(next((out / CELLS).rglob("transferred/seed_0/round_0001.json")).read_text())
+    assert cell["filled"] == ["fc.weight"]
+    # every tensor but the head is the source mask; the head keeps the source head's density
+    assert cell["ticket_density"] == pytest.approx(frame["density"][0])
+    assert 0 < source_fc < 1

@@ -354,7 +354,7 @@ def _adaptive_round(session: Session, n: int, previous, previous_masks, masks, m
 
 def _save_rewind(run: Path, state: dict[str, np.ndarray], step: int) -> None:
     with atomic_path(run / REWIND_FILE) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp),
+        save_file({k: layout.contiguous(v) for k, v in state.items()}, str(tmp),
                   metadata={"step": json.dumps(step)})
 
 

@@ -220,11 +220,12 @@ def fit_state(own: dict[str, np.ndarray], other: dict[str, np.ndarray], where: s
             if not name.endswith("num_batches_tracked"):
                 missing.append(name)
             state[name] = value
-        elif tuple(theirs.shape) != tuple(value.shape):
+        elif tuple(theirs.shape) != tuple(value.shape) and not (np.size(theirs) == np.size(value) == 1):
+            # (a scalar stored as [1] fits: earlier flowscan archives hold BatchNorm step counters so)
             reshaped.append(f"{name} {list(theirs.shape)} vs {list(value.shape)}")
             state[name] = value
         else:
-            state[name] = np.asarray(theirs, dtype=value.dtype).copy()
+            state[name] = np.asarray(theirs, dtype=value.dtype).reshape(value.shape).copy()
     problems = ([f"missing: {_listing(missing)}"] if missing else []) + \
                ([f"other shapes: {_listing(reshaped)}"] if reshaped else [])
     if problems and not keep_unmatched:
