@@ -80,5 +80,11 @@ def transfer(source, target, out, rounds_text, seeds, arms, model, epochs, lr, b
         app.result(f"{pair[0]} -> {pair[1]} round {row['source_round']:>2} {row['arm']:<24} density "
                    f"{row['density']:.4f}  acc {row['accuracy_mean']:.4f} ± {row['accuracy_sem']:.4f}  "
                    f"gap vs random_layer {row['gap_mean']:+.4f} ± {row['gap_sem']:.4f}  (n={row['n_seeds']})")
+    overlap = frames["transfer_overlap"]
+    overlap = overlap.filter((overlap["source"] == pair[0]) & (overlap["target"] == pair[1]))
+    for (rnd,), part in overlap.group_by("source_round", maintain_order=True):
+        app.result(f"{pair[0]} -> {pair[1]} round {rnd:>2} ticket vs the target's own: overlap "
+                   f"{part['overlap'].mean():.3f} (chance {part['chance'].mean():.3f}, Jaccard "
+                   f"{part['jaccard'].mean():.3f}) over {part.height} seed(s)")
     app.result(statement)
     app.data({"summary": mine, "pairs": frames["transfer_pairs"], "correlation": frames["transfer_correlation"]})
