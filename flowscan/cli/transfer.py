@@ -31,7 +31,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--rounds", "rounds_text", metavar="R1,R2,...",
               help="Source rounds whose tickets are transferred (default: up to 3 spread to the last).")
 @click.option("--seeds", type=click.IntRange(1), help="Seeds 0..N-1 (default: the target archive's seeds, or 1).")
-@click.option("--arms", default=",".join(("transferred", "transferred_source_init", "own", "random_global",
+@click.option("--arms", metavar="ARM,...", default=",".join(("transferred", "transferred_source_init", "own", "random_global",
                                           "random_layer")), show_default=True,
               help="Arms to train; also: shuffled (the ticket permuted within each output unit).")
 @click.option("--model", help="Target made here: its model (default: the source's, from its manifest).")
