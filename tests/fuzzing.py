@@ -29,7 +29,7 @@ from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 OUTCOMES = ("identical", "changed", "named", "unnamed", "hang", "crash")
-FORMATS = ("zip-bytes", "zip-pickle", "legacy", "bert-module", "safetensors", "npz", "flowscan-json")
+FORMATS = ("zip-bytes", "zip-pickle", "legacy", "bert-module", "safetensors", "npz", "flowscan-json", "flax")
 
 # format -> (fixture run, reader, file to mutate within the run)
 _SEEDS = {
@@ -40,6 +40,7 @@ _SEEDS = {
     "safetensors": ("closed-form/safetensors", "safetensors", "round_1.safetensors"),
     "npz": ("closed-form/npz", "safetensors", "round_1.npz"),
     "flowscan-json": ("closed-form/flowscan", "flowscan", "round_0001/round.json"),
+    "flax": ("flax/imp-mlp", "flax", "checkpoint_300"),
 }
 _DEEP = "<deeply nested list>"   # replaced in the JSON text (json.dumps itself would recurse)
 _INTERESTING = [0, 1, -1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]

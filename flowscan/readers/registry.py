@@ -15,7 +15,7 @@ def register(reader_cls: type[Reader]) -> type[Reader]:
 
 def _load_builtin() -> None:
     # Import order is detection order: the most specific layouts first.
-    from flowscan.readers import flowscan_layout, open_lth, bert_tickets, prune_style, safetensors_dir  # noqa: F401
+    from flowscan.readers import flowscan_layout, open_lth, bert_tickets, prune_style, safetensors_dir, flax_msgpack  # noqa: F401,E501
 
 
 def all_readers() -> list[Reader]:

@@ -1,0 +1,127 @@
+"""Flax msgpack checkpoints, one file per round (JAX pruning code).
+
+    run/checkpoint_<step>           flax.training.checkpoints.save_checkpoint (no extension)
+    run/round_3.msgpack             flax.serialization.to_bytes({"params": ..., "masks": ...})
+
+The weights are the `params` tree (also under `target`, and a `params` collection nested in it),
+named by their tree paths joined with dots (`params/Conv_0/kernel` -> `Conv_0.kernel`). The
+masks are a parallel tree under a key `masks` or `mask` anywhere else in the checkpoint (beside
+the params, or in the optimizer state as JAX pruning libraries keep them); `None` leaves (biases)
+carry no mask. Other trees of the same shapes (Adam's `mu`/`nu`) are not masks. Two candidate
+mask trees are an error naming both. Rounds are the file numbers when they are 0, 1, 2, ...,
+else their rank (step-numbered checkpoints). Needs `msgpack` (`pip install 'flowscan[flax]'`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowscan.errors import ScanError
+from flowscan.io import msgpack_file
+from flowscan.readers.base import RawRound, Reader, Round
+from flowscan.readers.numbering import numbered_groups, unique_rounds
+from flowscan.readers.registry import register
+
+_FILE = re.compile(r"^(checkpoint_\d+|.*\d.*\.msgpack)$")
+MASK_KEYS = ("masks", "mask")
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _FILE.match(p.name) and p.is_file())
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves by dotted path (iteratively), in the tree's order."""
+    out, stack = {}, [(prefix, tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(list(node.items())))
+        elif isinstance(node, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in reversed(list(enumerate(node))))
+        else:
+            out[path] = node
+    return out
+
+
+def _params(tree: dict, path: Path) -> tuple[dict, str]:
+    for route in (("params",), ("target", "params")):
+        node: Any = tree
+        for key in route:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            if set(node) == {"params"} and isinstance(node["params"], dict):  # a variables dict
+                return node["params"], "/".join(route) + "/params"
+            return node, "/".join(route)
+    raise ScanError(path, f"no 'params' tree (top-level keys: {', '.join(map(str, list(tree)[:8]))})")
+
+
+def _mask_trees(tree: dict, params: dict) -> list[tuple[str, dict]]:
+    """(path, subtree) of every map under a key `masks`/`mask`, outside the params."""
+    found, stack = [], [("", tree)]
+    while stack:
+        path, node = stack.pop()
+        if node is params or not isinstance(node, (dict, list)):
+            continue
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            sub = f"{path}/{key}" if path else str(key)
+            if str(key) in MASK_KEYS and isinstance(value, dict):
+                if set(value) == {"params"} and isinstance(value["params"], dict):  # masks of a variables dict
+                    value, sub = value["params"], f"{sub}/params"
+                found.append((sub, value))
+            else:
+                stack.append((sub, value))
+    return found
+
+
+def split(tree: Any, path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(weights, masks) of a decoded checkpoint."""
+    if not isinstance(tree, dict):
+        raise ScanError(path, "not a Flax checkpoint: the top level is not a map")
+    params, where = _params(tree, path)
+    weights = {k: v for k, v in flatten(params).items() if isinstance(v, np.ndarray)}
+    if not weights:
+        raise ScanError(path, f"'{where}' holds no arrays")
+    candidates = []
+    for sub, node in _mask_trees(tree, params):
+        leaves = {k: v for k, v in flatten(node).items() if v is not None}
+        if leaves and set(leaves) <= set(weights) and all(isinstance(v, np.ndarray) for v in leaves.values()):
+            candidates.append((sub, leaves))
+    if len(candidates) > 1:
+        raise ScanError(path, f"two mask trees parallel to '{where}': {candidates[0][0]} and {candidates[1][0]}")
+    return weights, candidates[0][1] if candidates else {}
+
+
+@register
+class FlaxReader(Reader):
+    name = "flax"
+    description = "Flax msgpack checkpoints per round: checkpoint_<step> or *N*.msgpack, masks as a parallel tree"
+
+    def guess_can_open(self, folder: Path) -> bool:
+        return bool(_files(folder))
+
+    def rounds(self, folder: Path):
+        groups = numbered_groups(_files(folder))
+        if not groups:
+            raise ScanError(folder, "no numbered Flax checkpoint files")
+        chosen = max(groups, key=lambda k: (len(groups[k]), k))
+        numbered = unique_rounds(groups[chosen])
+        notes = [f"round files: {chosen.replace('{n}', '{round}')}"]
+        others = sorted(set(groups) - {chosen})
+        if others:
+            notes.append("ignored: " + ", ".join(o.replace("{n}", "{round}") for o in others))
+        if [n for n, _ in numbered] != list(range(len(numbered))):
+            notes.append(f"round = rank of the numbered files ({', '.join(str(n) for n, _ in numbered[:6])}"
+                         f"{', ...' if len(numbered) > 6 else ''} are steps)")
+            numbered = [(rank, p) for rank, (_, p) in enumerate(numbered)]
+        return [Round(n, self.name, (p,)) for n, p in numbered], notes
+
+    def open_round(self, round: Round) -> RawRound:
+        path = round.files[0]
+        weights, masks = split(msgpack_file.load(path), path)
+        return RawRound(weights, path, masks or None, path if masks else None)
