@@ -6,6 +6,7 @@ from flowscan.errors import FlowscanError
 from flowscan.readers.base import Reader
 
 _READERS: dict[str, Reader] = {}
+_BUILTIN_LOADED = False
 
 
 def register(reader_cls: type[Reader]) -> type[Reader]:
@@ -14,12 +15,16 @@ def register(reader_cls: type[Reader]) -> type[Reader]:
 
 
 def _load_builtin() -> None:
-    # Import order is detection order: the most specific layouts first.
-    from flowscan.readers import flowscan_layout, open_lth, bert_tickets, prune_style, safetensors_dir, flax_msgpack  # noqa: F401,E501
+    # Import order is detection order: the most specific layouts first. (A reader module imported
+    # earlier by itself has registered already; the order of the others stays.)
+    global _BUILTIN_LOADED
+    from flowscan.readers import flowscan_layout, open_lth, bert_tickets, prune_style  # noqa: F401
+    from flowscan.readers import safetensors_dir, flax_msgpack  # noqa: F401
+    _BUILTIN_LOADED = True
 
 
 def all_readers() -> list[Reader]:
-    if not _READERS:
+    if not _BUILTIN_LOADED:
         _load_builtin()
     return list(_READERS.values())
 
