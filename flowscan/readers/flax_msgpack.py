@@ -100,7 +100,8 @@ def split(tree: Any, path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.nd
 @register
 class FlaxReader(Reader):
     name = "flax"
-    description = "Flax msgpack checkpoints per round: checkpoint_<step> or *N*.msgpack, masks as a parallel tree"
+    description = ("Flax msgpack checkpoints per round: checkpoint_<step> or *N*.msgpack, masks as a parallel "
+                   "tree (needs msgpack: pip install 'flowscan[flax]')")
 
     def guess_can_open(self, folder: Path) -> bool:
         return bool(_files(folder))
