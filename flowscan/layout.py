@@ -75,6 +75,16 @@ def run_args(run: Path) -> dict | None:
     return args if isinstance(args, dict) else None
 
 
+def args_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """'name: old -> new, ...' for every argument that differs ('' when none). An argument
+    missing on one side (flowscan added it after the file was written) reads as unset, so it
+    differs only if the other side sets it."""
+    unset = (None, False)
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k)
+                     and not ((k not in old or k not in new) and old.get(k) in unset and new.get(k) in unset))
+
+
 def write_run_manifest(run: Path, args: Mapping[str, Any]) -> None:
     write_text(Path(run) / RUN_MANIFEST,
                json.dumps({"layout": LAYOUT, "version": VERSION, "args": dict(args)}, indent=2, sort_keys=True))

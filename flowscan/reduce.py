@@ -166,6 +166,7 @@ def _ones(m: np.ndarray, ref: TensorRef, buffers: _Buffers) -> tuple[int, np.nda
         return int(np.count_nonzero(m)), m.view(np.bool_) if m.dtype.itemsize == 1 else m != 0
     # counted by ufunc reductions, which release the GIL (count_nonzero holds it): threads scale
     is_one = np.equal(m, 1, out=buffers.get(np.dtype(np.bool_), m.size))
+    # a second bool scratch buffer: the buffers are kept one per dtype, so it borrows the int8 one
     is_zero = np.equal(m, 0, out=buffers.get(np.dtype(np.int8), m.size).view(np.bool_))
     ones = int(np.add.reduce(is_one.view(np.uint8), dtype=np.int64))
     if ones + int(np.add.reduce(is_zero.view(np.uint8), dtype=np.int64)) != m.size:

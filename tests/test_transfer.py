@@ -108,7 +108,7 @@ def test_masks_that_do_not_fit_are_listed_in_one_error(archive, tmp_path):
 
 
 def _tensors(weights: dict, masks: dict) -> sources.RoundTensors:
-    return sources.RoundTensors(0, Path("src"), weights, masks)
+    return sources.RoundTensors(weights, masks)
 
 
 def test_fit_masks_classes_of_difference():
@@ -380,6 +380,9 @@ def test_runs_made_before_the_new_arguments_still_resume(tmp_path):
     import shutil
 
     shutil.rmtree(out / "seed_0" / "round_0001")   # as if killed during round 1
+    # a new argument that is set does differ from a run made before it existed
+    refused = run_cli("produce", *FAST, "--rounds", "2", "--mask-from", str(out), "-o", out, expect=1)
+    assert "mask_from: None ->" in refused.output
     run_cli("produce", *FAST, "--rounds", "2", "-o", out)
     assert (out / "seed_0" / "round_0001" / "round.json").is_file()
 
@@ -443,6 +446,10 @@ def test_heads_of_another_size_transfer_with_fill_unmatched(tmp_path):
     source_fc = load_file(str(source / "seed_0" / "round_0001" / "masks.safetensors"))["fc.weight"].mean()
     cell = json.loads(next((out / CELLS).rglob("transferred/seed_0/round_0001.json")).read_text())
     assert cell["filled"] == ["fc.weight"]
-    # every tensor but the head is the source mask; the head keeps the source head's density
-    assert cell["ticket_density"] == pytest.approx(frame["density"][0])
+    # every tensor but the head is the source mask; the 12-class head keeps the 10-class head's density
+    masks = load_file(str(source / "seed_0" / "round_0001" / "masks.safetensors"))
+    body_kept = sum(int(m.sum()) for k, m in masks.items() if k != "fc.weight")
+    body_size = sum(m.size for k, m in masks.items() if k != "fc.weight")
+    expected = (body_kept + round(source_fc * 12 * 64)) / (body_size + 12 * 64)
     assert 0 < source_fc < 1
+    assert frame.filter(pl.col("arm") == "transferred")["density"][0] == pytest.approx(expected, abs=1e-12)

@@ -31,9 +31,9 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--rounds", "rounds_text", metavar="R1,R2,...",
               help="Source rounds whose tickets are transferred (default: up to 3 spread to the last).")
 @click.option("--seeds", type=click.IntRange(1), help="Seeds 0..N-1 (default: the target archive's seeds, or 1).")
-@click.option("--arms", metavar="ARM,...", default=",".join(("transferred", "transferred_source_init", "own", "random_global",
-                                          "random_layer")), show_default=True,
-              help="Arms to train; also: shuffled (the ticket permuted within each output unit).")
+@click.option("--arms", metavar="ARM,...",
+              help="Arms to train (default: transferred, transferred_source_init, own, random_global, "
+                   "random_layer); also: shuffled (the ticket permuted within each output unit).")
 @click.option("--model", help="Target made here: its model (default: the source's, from its manifest).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Target made here: epochs per round.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="Target made here: learning rate.")
@@ -57,10 +57,10 @@ def transfer(source, target, out, rounds_text, seeds, arms, model, epochs, lr, b
     from flowscan.plot.standard import transfer_figures
     from flowscan.produce.runner import resolve_device
     from flowscan.produce.transfer import CELLS, Plan, Recipe, pair_label, run_transfer
-    from flowscan.stats.transfer import transfer_tables
+    from flowscan.stats.transfer import DEFAULT_ARMS, transfer_tables
 
     plan = Plan(source, target, _ints(rounds_text, "--rounds"), tuple(range(seeds)) if seeds else None,
-                tuple(a.strip() for a in arms.split(",") if a.strip()),
+                tuple(a.strip() for a in arms.split(",") if a.strip()) if arms else DEFAULT_ARMS,
                 Recipe(model, epochs, lr, batch_size, rewind), fill_unmatched, format_, tuple(blocks))
     bars = TrainingBars(app)
     try:

@@ -310,14 +310,13 @@ def dendrogram(tree: pl.DataFrame, units: Sequence[str], threshold: float):
     return fig
 
 
-TRANSFER_ARMS = ("own", "transferred", "transferred_source_init", "shuffled", "random_layer", "random_global")
-
-
 def transfer_accuracy(summary: pl.DataFrame, source: str, target: str):
     """Test accuracy on the target against the ticket's density, one line per arm (mean ± SEM
     over seeds): the transferred ticket between the target's own and the random masks."""
     part = summary.filter((pl.col("source") == source) & (pl.col("target") == target))
-    arms = [a for a in TRANSFER_ARMS if a in set(part["arm"].to_list())]
+    from flowscan.stats.transfer import ARMS
+
+    arms = [a for a in ARMS if a in set(part["arm"].to_list())]
     fig = new_figure(6.0, 4.2)
     ax = fig.subplots()
     for k, arm in enumerate(arms):

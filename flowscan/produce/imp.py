@@ -98,10 +98,7 @@ def check_or_write_manifest(run: Path, args: dict) -> None:
     path = run / layout.RUN_MANIFEST
     # a folder where no round completed holds nothing to protect: new arguments replace the old
     if path.is_file() and layout.complete_rounds(run):
-        old = layout.read_json(path).get("args", {})
-        # an argument added to flowscan after the run was made reads as its default (None/False)
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in sorted(set(old) | set(args))
-                         if old.get(k) != args.get(k) and not (old.get(k) in (None, False) and k not in old))
+        diff = layout.args_difference(layout.run_args(run) or {}, args)
         if diff:
             raise FlowscanError(f"{run} holds a run made with other arguments ({diff}); "
                                 "use another output folder or the same arguments to resume")
@@ -217,7 +214,7 @@ def starting_point(cfg: IMPConfig, session: Session) -> Start:
         ref = sources.ArchiveRef.parse(cfg.mask_from)
         picked = sources.pick_run(sources.runs_of(ref.path), session.seed, "--mask-from")
         rnd = sources.find_round(picked.run, ref.round)
-        fitted = sources.fit_masks(sources.read_round(picked.run, rnd), session.shapes(),
+        fitted = sources.fit_masks(sources.read_round(rnd), session.shapes(),
                                    f"--mask-from {picked.run.path} round {rnd.index}", cfg.fill_unmatched,
                                    np.random.default_rng(session.seed))
         start.masks = {k: torch.from_numpy(v) for k, v in fitted.masks.items()}
@@ -231,7 +228,8 @@ def starting_point(cfg: IMPConfig, session: Session) -> Start:
             other, what = sources.rewind_state(picked.run), f"{picked.run.path} rewind point"
         else:
             rnd = sources.find_round(picked.run, ref.round)
-            other, what = sources.read_round(picked.run, rnd).weights, f"{picked.run.path} round {rnd.index}"
+            other = sources.read_round(rnd, copy_weights=True).weights
+            what = f"{picked.run.path} round {rnd.index}"
         start.rewind, notes = sources.fit_state(numpy_state(session.model), other, f"--init-from {what}",
                                                 cfg.fill_unmatched)
         start.notes += picked.notes + notes + [f"training starts at step {session.start} from the weights of {what}"]

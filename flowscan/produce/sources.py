@@ -39,9 +39,6 @@ class ArchiveRef:
             return cls(Path(head), int(tail) if tail.isdigit() else tail)
         return cls(Path(text))
 
-    def __str__(self) -> str:
-        return f"{self.path}:{self.round}" if self.round is not None else str(self.path)
-
 
 @dataclass
 class Picked:
@@ -49,10 +46,6 @@ class Picked:
 
     run: Run
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return str(self.run.path)
 
 
 def runs_of(path: Path, format: str | None = None) -> list[Run]:
@@ -98,22 +91,20 @@ def find_round(run: Run, wanted: int | str | None) -> Round:
 
 @dataclass
 class RoundTensors:
-    """A round's canonical tensors: weights, and masks (bool) where stored."""
+    """A round's canonical tensors: weights (lazy views unless copied), and masks (bool) where stored."""
 
-    index: int
-    path: Path
     weights: dict[str, np.ndarray]
     masks: dict[str, np.ndarray]
 
 
-def read_round(run: Run, rnd: Round, names: NameOptions = NameOptions(), weights: bool = True) -> RoundTensors:
-    """A round's tensors (copies, off the memory maps); `weights=False` reads only the masks and
-    leaves each weight as its lazy view (for shapes)."""
+def read_round(rnd: Round, names: NameOptions = NameOptions(), copy_weights: bool = False) -> RoundTensors:
+    """A round's masks, and its weights as lazy views (their shapes are what fitting masks
+    needs); `copy_weights` reads the weights into memory (to train from them)."""
     try:
         refs, _, _ = open_tensors(rnd, names)
         found, masks = {}, {}
         for ref in refs:
-            found[ref.name] = np.array(ref.weight) if weights else ref.weight
+            found[ref.name] = np.array(ref.weight) if copy_weights else ref.weight
             if ref.mask is not None:
                 mask = np.asarray(ref.mask)
                 if not np.isin(mask, (0, 1)).all():
@@ -122,7 +113,7 @@ def read_round(run: Run, rnd: Round, names: NameOptions = NameOptions(), weights
                 masks[ref.name] = mask != 0
     except ScanError as exc:
         raise FlowscanError(str(exc)) from None
-    return RoundTensors(rnd.index, rnd.files[0] if rnd.files else run.path, found, masks)
+    return RoundTensors(found, masks)
 
 
 def rewind_state(run: Run) -> dict[str, np.ndarray]:

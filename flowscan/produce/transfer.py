@@ -34,9 +34,8 @@ from flowscan.errors import FlowscanError
 from flowscan.io.atomic import write_text
 from flowscan.produce import sources, tickets
 from flowscan.produce.imp import IMPConfig, Session, numpy_state, run_seed
+from flowscan.stats.transfer import ARMS, DEFAULT_ARMS
 
-ARMS = ("transferred", "transferred_source_init", "own", "random_global", "random_layer", "shuffled")
-DEFAULT_ARMS = ARMS[:-1]
 CELLS = "transfer-runs"        # OUT/transfer-runs/<pair>/...: one JSON per trained cell
 TARGETS = "transfer-targets"   # OUT/transfer-targets/<name>/seed_N: target tickets made here
 
@@ -166,7 +165,7 @@ def prepare(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], 
 
 def _source_density(run, index: int) -> float:
     rnd = sources.find_round(run, index)
-    masks = sources.read_round(run, rnd, weights=False).masks
+    masks = sources.read_round(rnd).masks
     return tickets.density(masks) if masks else 1.0
 
 
@@ -178,10 +177,8 @@ def _check_pair_manifest(folder: Path, args: dict) -> None:
     """Cells of one pair must come from one configuration: resume, never mix."""
     path = folder / "transfer.json"
     if path.is_file() and any(folder.rglob("round_*.json")):
-        old = layout.read_json(path)
-        if old != args:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in sorted(set(old) | set(args))
-                             if old.get(k) != args.get(k))
+        diff = layout.args_difference(layout.read_json(path), args)
+        if diff:
             raise FlowscanError(f"{folder} holds a transfer made with other settings ({diff}); use another "
                                 "output folder, or the same settings to resume")
         return
@@ -198,7 +195,7 @@ def _densities(run) -> dict[int, float]:
     """Ticket density of every round of a run (masks only)."""
     out = {}
     for rnd in run.rounds:
-        masks = sources.read_round(run, rnd, weights=False).masks
+        masks = sources.read_round(rnd).masks
         out[rnd.index] = tickets.density(masks) if masks else 1.0
     return out
 
@@ -247,7 +244,7 @@ def run_transfer(plan: Plan, out: Path, device: torch.device, notes: Callable[[s
             if not arms:
                 continue
             where = f"source {source_run.run.path} round {rnd}"
-            fitted = sources.fit_masks(sources.read_round(source_run.run, sources.find_round(source_run.run, rnd)),
+            fitted = sources.fit_masks(sources.read_round(sources.find_round(source_run.run, rnd)),
                                        shapes, where, plan.fill_unmatched, _rng(seed, rnd, "fill"))
             for line in fitted.notes:
                 notes(line)
@@ -255,7 +252,7 @@ def run_transfer(plan: Plan, out: Path, device: torch.device, notes: Callable[[s
             density = tickets.density(ticket)
             own_index = _nearest(target_densities, density)
             own_round = sources.find_round(target_run.run, own_index)
-            own = sources.fit_masks(sources.read_round(target_run.run, own_round, weights=False), shapes,
+            own = sources.fit_masks(sources.read_round(own_round), shapes,
                                     f"target {target_run.run.path} round {own_index}").masks
             own_density, own_metrics = target_densities[own_index], dict(own_round.metrics)
             common = {"source": source_label, "target": target_label, "seed": seed, "source_round": rnd,
@@ -278,7 +275,10 @@ def run_transfer(plan: Plan, out: Path, device: torch.device, notes: Callable[[s
                 notes(f"{label}: density {cell['density']:.4f}  test acc {metrics['test_accuracy']:.4f}")
     if not (folder / "sigma.json").is_file():
         notes(f"{pair}: sigma of both archives (a scan of each)")
-        write_sigma(folder, sigma_distance(plan.source, target.path, plan.blocks, plan.format))
+        distance = sigma_distance(plan.source, target.path, plan.blocks, plan.format)
+        for line in distance.notes:
+            notes(line)
+        write_sigma(folder, distance)
     return folder
 
 

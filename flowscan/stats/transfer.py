@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+# the arms of a transfer (produce/transfer.py trains them), in the order figures list them
+ARMS = ("own", "transferred", "transferred_source_init", "shuffled", "random_layer", "random_global")
+DEFAULT_ARMS = tuple(a for a in ARMS if a != "shuffled")
 BASELINE = "random_layer"
 MIN_PAIRS = 4
 
