@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from flowscan.io.atomic import current_umask, write_text
+from flowscan.io.location import location
 from flowscan.readers.numbering import unique_rounds
 
 LAYOUT = "flowscan-imp"
@@ -41,14 +42,15 @@ def round_dir(run: Path, index: int) -> Path:
 
 
 def round_index(folder: Path) -> int | None:
-    m = _ROUND_DIR.match(Path(folder).name)
+    m = _ROUND_DIR.match(location(folder).name)
     return int(m.group(1)) if m else None
 
 
 def complete_rounds(run: Path) -> list[tuple[int, Path]]:
     """(index, folder) of every complete round, in order."""
     found = []
-    for child in Path(run).iterdir() if Path(run).is_dir() else ():
+    run = location(run)
+    for child in run.iterdir() if run.is_dir() else ():
         index = round_index(child)
         if index is not None and (child / ROUND_MANIFEST).is_file():
             found.append((index, child))
@@ -56,13 +58,13 @@ def complete_rounds(run: Path) -> list[tuple[int, Path]]:
 
 
 def read_json(path: Path) -> dict:
-    with open(path) as f:
+    with location(path).open("r") as f:
         return json.load(f)
 
 
 def run_args(run: Path) -> dict | None:
     """The arguments `produce` made a run folder with (None: not a produce run)."""
-    path = Path(run) / RUN_MANIFEST
+    path = location(run) / RUN_MANIFEST
     if not path.is_file():
         return None
     try:

@@ -18,6 +18,7 @@ from flowscan import __version__, engines, flow
 from flowscan.blocks import OTHER, BlockRules
 from flowscan.errors import FlowscanError, ScanError, printable
 from flowscan.io.atomic import atomic_path, write_text
+from flowscan.io.location import location
 from flowscan.readers import registry
 from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
@@ -72,7 +73,7 @@ class RunResult:
 
 
 def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
-    runs = discover(Path(root), options.format, exclude)
+    runs = discover(location(root), options.format, exclude)
     if not runs:
         formats = options.format or ", ".join(registry.names())
         raise FlowscanError(f"{root}: no IMP runs found (looked for: {formats})")
@@ -172,8 +173,8 @@ def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify:
 def _cache_key(rnd: Round, names: NameOptions, verify: bool) -> str:
     files = []
     for f in rnd.files:
-        st = Path(f).stat()
-        files.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+        st = f.stat()
+        files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     payload = json.dumps([CACHE_VERSION, __version__, rnd.reader, rnd.index, files,
                           [str(s) for s in rnd.spec], asdict(names), verify], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]

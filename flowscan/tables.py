@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from flowscan import __version__
 from flowscan.flow import relevance
 from flowscan.errors import printable
+from flowscan.io.location import location
 from flowscan.io.atomic import atomic_path, write_text
 from flowscan.pipeline import RunResult
 
@@ -118,7 +119,7 @@ DERIVED_FILES = ("figures", "report.html")
 
 def analysis_identity(path: Path, options: Mapping[str, str]) -> dict[str, str]:
     """What makes two analyses the same: the archive's path and the scan options."""
-    source = str(Path(path).resolve())
+    source = str(location(path).resolve())
     digest = hashlib.sha256(json.dumps([source, dict(options)], sort_keys=True).encode()).hexdigest()[:16]
     return {"analysis_id": digest, "source": source, "options": dict(options)}
 

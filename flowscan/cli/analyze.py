@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from flowscan.cli.app import app_options
-from flowscan.cli.options import command_line, scan_options
+from flowscan.cli.options import ARCHIVE, command_line, scan_options
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=ARCHIVE)
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("flowscan-out"), show_default=True, help="Folder for the parquet tables.")
 @scan_options

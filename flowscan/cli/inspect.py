@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from flowscan.cli.app import app_options
-from flowscan.cli.options import scan_options
+from flowscan.cli.options import ARCHIVE, scan_options
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=ARCHIVE)
 @scan_options
 @app_options(json_output=True)
 def inspect(path: Path, scan: dict, app) -> None:

@@ -21,6 +21,30 @@ def command_line() -> str:
                 words += [f"--{name.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return shlex.join(words)
 
+
+class ArchiveParam(click.ParamType):
+    """A local folder (must exist) or a store URL (s3://, gs://, hf://, https://...), as a
+    `Path` or a `RemotePath`; a remote folder is looked at when the command reads it."""
+
+    name = "PATH|URL"
+    _local = click.Path(exists=True, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        from flowscan.errors import FlowscanError
+        from flowscan.io.location import is_url, location
+
+        if isinstance(value, str) and value.lower().startswith("file://"):
+            value = value[7:]
+        if not isinstance(value, str) or not is_url(value):
+            value = self._local.convert(value, param, ctx)
+        try:
+            return location(value)
+        except FlowscanError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+ARCHIVE = ArchiveParam()
+
 BLOCKS_HELP = ("Block rule, repeatable, tried in order: a preset (see `flowscan formats`), "
                "LABEL=REGEX, or REGEX (label = first capture group). Default: detect a preset.")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from flowscan.errors import ScanError
+from flowscan.io.location import RemoteBytes, location, map_file  # noqa: F401 - map_file for readers
 
 # numpy has no bfloat16: such data is read as uint16 and widened to float32 on demand.
 BFLOAT16 = "bfloat16"
@@ -48,12 +49,6 @@ def itemsize(dtype: object) -> int:
     return 2 if dtype == BFLOAT16 else np.dtype(dtype).itemsize
 
 
-def map_file(path: Path) -> mmap.mmap:
-    """Read-only memory map of a whole file (empty files cannot be mapped)."""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-
 class StorageFile(Frozen):
     """The storages of one file: where each one's bytes are, and their checksums.
 
@@ -64,8 +59,8 @@ class StorageFile(Frozen):
 
     __slots__ = ("path", "_mm", "_regions", "_crc", "_verified", "_unneeded")
 
-    def __init__(self, path: Path, mm: mmap.mmap | None):
-        self._init(path=Path(path), _mm=mm, _regions={}, _crc={}, _verified=set(), _unneeded=[0, 0])
+    def __init__(self, path: Path, mm: "mmap.mmap | RemoteBytes | None"):
+        self._init(path=location(path), _mm=mm, _regions={}, _crc={}, _verified=set(), _unneeded=[0, 0])
 
     def set_region(self, key: str, offset: int, nbytes: int, crc: int | None = None,
                    crc_prefix: int = 0) -> None:
@@ -85,6 +80,8 @@ class StorageFile(Frozen):
             return np.zeros(0, dtype=dtype)
         if count * np.dtype(dtype).itemsize > nbytes:
             raise ScanError(self.path, f"storage {key} holds {nbytes} bytes, fewer than its tensors need")
+        if isinstance(self._mm, RemoteBytes):
+            return np.frombuffer(self._mm.fetch(offset, nbytes), dtype=dtype, count=count)
         return np.frombuffer(self._mm, dtype=dtype, count=count, offset=offset)
 
     def _region(self, key: str) -> tuple[int, int]:
@@ -98,6 +95,9 @@ class StorageFile(Frozen):
         released together, at least RELEASE_BATCH bytes a call: each call flushes the TLB of every
         thread of the process, which per tensor cost a fifth of the scan's time."""
         offset, nbytes = self._regions.get(key, (0, 0))
+        if isinstance(self._mm, RemoteBytes):
+            self._mm.forget(offset, nbytes)
+            return
         if nbytes <= 0 or not hasattr(self._mm, "madvise"):
             return
         start, end = offset - offset % _PAGE, offset + nbytes

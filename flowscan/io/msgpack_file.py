@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
+from flowscan.io.location import location
 
 MAX_FILE_BYTES = 1 << 34        # 16 GiB: read whole, so a file claiming more is refused up front
 MAX_DIMS = 32
@@ -45,7 +46,7 @@ def _msgpack():
 def load(path: Path) -> Any:
     """The checkpoint's tree: dicts (str keys), lists, numpy arrays and plain scalars."""
     msgpack = _msgpack()
-    path = Path(path)
+    path = location(path)
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ScanError(path, f"{size} bytes: larger than flowscan reads whole ({MAX_FILE_BYTES})")

@@ -17,6 +17,7 @@ import numpy as np
 
 from flowscan.errors import ScanError
 from flowscan.io.arrays import LoadedArray, Storage, StorageFile, StoredArray, contiguous_strides, map_file
+from flowscan.io.location import location
 from flowscan.io.zip_members import data_offset, unique_members
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -31,13 +32,13 @@ def inflate_budget() -> int:
 
 
 def load(path: Path) -> dict[str, StoredArray | LoadedArray]:
-    path = Path(path)
+    path = location(path)
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(path.open("rb"))
     except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError, OSError ...
         raise ScanError(path, f"not a readable .npz archive (truncated or corrupt?): "
                               f"{type(exc).__name__}: {exc}") from None
-    with zf, open(path, "rb") as raw:
+    with zf, zf.fp, path.open("rb") as raw:
         members = list(unique_members(path, zf).values())
         odd = [i.filename for i in members if not i.filename.endswith(".npy")]
         if odd:  # numpy writes only NAME.npy members; anything else is damage or a different file
@@ -80,7 +81,7 @@ def _member(path, zf, raw, info, storages: StorageFile, name: str):
                               f"{info.file_size - header_len} (truncated or corrupt?)", tensor=name)
     stride = contiguous_strides(shape, fortran=bool(fortran))
     if info.compress_type == zipfile.ZIP_STORED:
-        start = data_offset(raw.fileno(), info)
+        start = data_offset(raw, info)
         storages.set_region(name, start + header_len, nbytes, info.CRC, crc_prefix=header_len)
         storage = Storage(dtype, nbytes // dtype.itemsize if dtype.itemsize else 0, storages, name)
         return StoredArray(storage, 0, shape, stride, owner=storages, tensor=name)
@@ -95,7 +96,7 @@ def _inflater(path: Path, member: str, header_len: int, nbytes: int, shape, dtyp
     def inflate() -> np.ndarray:
         out = np.empty(nbytes, dtype=np.uint8)
         try:
-            with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+            with path.open("rb") as raw, zipfile.ZipFile(raw) as zf, zf.open(member) as f:
                 f.read(header_len)
                 view, got = memoryview(out), 0
                 while got < nbytes:

@@ -15,6 +15,7 @@ import numpy as np
 
 from flowscan.errors import ScanError
 from flowscan.io.arrays import BFLOAT16, Storage, StorageFile, StoredArray, itemsize, map_file
+from flowscan.io.location import location
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -37,13 +38,14 @@ def _no_duplicates(pairs):
 
 def read_header(path: Path) -> tuple[dict, dict, int]:
     """(tensor entries, __metadata__, start of the data section) of a safetensors file."""
+    path = location(path)
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise ScanError(path, "not a safetensors file: shorter than its 8-byte header size")
             (n,) = struct.unpack("<Q", raw)
-            size = Path(path).stat().st_size
+            size = path.stat().st_size
             if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise ScanError(path, f"header of {n} bytes does not fit in a {size}-byte file "
                                       f"(truncated, not safetensors, or over {MAX_HEADER_BYTES} bytes)")
@@ -91,7 +93,7 @@ def _entry(path: Path, name: str, info, data_size: int) -> tuple[object, tuple[i
 
 def load(path: Path) -> tuple[dict[str, StoredArray], dict]:
     """Lazy arrays by name (file order) and the file's metadata."""
-    path = Path(path)
+    path = location(path)
     header, meta, start = read_header(path)
     size = path.stat().st_size
     entries = {str(name): _entry(path, str(name), info, size - start) for name, info in header.items()}

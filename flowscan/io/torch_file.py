@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
+from flowscan.io.location import location, read_at
 from flowscan.io.zip_members import data_offset, unique_members
 from flowscan.io.arrays import BFLOAT16, Frozen, Storage, StorageFile, StoredArray, map_file
 from flowscan.io.safe_pickle import (MAX_PICKLE_BYTES, Allowed, Stub, Token, _Rejected, safe_load,
@@ -180,7 +181,7 @@ def load(path: Path, notes: list[str] | None = None) -> Any:
     """The object a torch.save file holds, with tensors as lazy `StoredArray`s.
 
     Calls a pickle asked for that were recorded instead of run are appended to `notes`."""
-    path = Path(path)
+    path = location(path)
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -188,7 +189,9 @@ def load(path: Path, notes: list[str] | None = None) -> Any:
     if size == 0:
         raise ScanError(path, "file is empty")
     try:
-        loaded = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+        with path.open("rb") as f:
+            is_zip = zipfile.is_zipfile(f)
+        loaded = _load_zip(path) if is_zip else _load_legacy(path)
     except ScanError:
         raise
     except _Rejected as exc:
@@ -206,7 +209,7 @@ def load(path: Path, notes: list[str] | None = None) -> Any:
 
 
 def _load_zip(path: Path):
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+    with path.open("rb") as raw, zipfile.ZipFile(raw) as zf, path.open("rb") as headers:
         infos = unique_members(path, zf)
         names = list(infos)
         pkl = [n for n in names if n.endswith("data.pkl")]
@@ -241,7 +244,7 @@ def _load_zip(path: Path):
             if info.file_size < storage.nbytes:
                 raise ScanError(path, f"storage {key} claims {storage.nbytes} bytes but its archive "
                                       f"member holds {info.file_size}")
-            storages.set_region(key, data_offset(raw.fileno(), info), info.file_size, info.CRC)
+            storages.set_region(key, data_offset(headers, info), info.file_size, info.CRC)
             made[key] = storage
             return storage
 
@@ -265,7 +268,7 @@ def _load_legacy(path: Path):
     storages = StorageFile(path, map_file(path))
     reader = _FileReader(path, storages)
     made: dict[str, Storage] = {}
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         try:
             magic = safe_load(f, str(path), max_bytes=64).value
         except ScanError:
@@ -306,9 +309,9 @@ def _load_legacy(path: Path):
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise ScanError(path, "legacy storage key list is malformed")
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for key in keys:
-            header = os.pread(f.fileno(), 8, offset)
+            header = read_at(f, 8, offset)
             if len(header) < 8:
                 raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)")
             numel = struct.unpack("<q", header)[0]

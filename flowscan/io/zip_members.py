@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zipfile
 from collections import Counter
 from pathlib import Path
 
 from flowscan.errors import ScanError
+from flowscan.io.location import read_at
 
 
-def data_offset(fd: int, info: zipfile.ZipInfo) -> int:
+def data_offset(raw, info: zipfile.ZipInfo) -> int:
     """Where a member's bytes start in the archive file (after its local header)."""
     # pread, not a memory map: touching a page of the map pulls its neighbours into memory
     # too, and an archive has a header before every member
-    header = os.pread(fd, 30, info.header_offset)
+    header = read_at(raw, 30, info.header_offset)
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise ScanError(None, f"member {info.filename!r} has no valid local zip header")
     name_len, extra_len = struct.unpack("<HH", header[26:30])

@@ -10,13 +10,14 @@ import os
 from pathlib import Path
 
 from flowscan.errors import FlowscanError, ScanError, printable
+from flowscan.io.location import is_remote, location
 from flowscan.readers import registry
 from flowscan.readers.base import Reader, Run
 
 
 def discover(root: Path, format: str | None = None, exclude: Path | None = None) -> list[Run]:
     """Runs below `root` in path order; a run whose layout is broken carries its error."""
-    root = Path(root)
+    root = location(root)
     if not root.is_dir():
         raise FlowscanError(f"{printable(str(root))}: not a folder (flowscan analyzes folders of checkpoints)")
     readers = [registry.get(format)] if format else registry.all_readers()
@@ -58,5 +59,5 @@ def _look_at(folder: Path, readers: list[Reader]) -> tuple[Run | None, list[Path
 
 
 def _relative(root: Path, folder: Path) -> str:
-    rel = os.path.relpath(folder, root)
+    rel = str(folder.relative_to(root)) if is_remote(root) else os.path.relpath(folder, root)
     return "." if rel == "." else printable(Path(rel).as_posix())

@@ -45,7 +45,7 @@ def read_logger(path: Path) -> dict[str, float]:
     """Last-iteration value of each metric in an open_lth `logger` file."""
     last: dict[str, tuple[int, float]] = {}
     try:
-        with open(path, newline="") as f:
+        with path.open("r", newline="") as f:
             for lineno, row in enumerate(csv.reader(f), 1):
                 if not row:
                     continue

@@ -1,0 +1,386 @@
+"""Where checkpoints live: a local path, or a URL of any fsspec store (s3://, gs://, hf://, https://).
+
+Readers use the small slice of `pathlib` they need (`/`, `name`, `iterdir`, `is_file`, `open`,
+`stat`, ...), so a `RemotePath` stands in for a `Path` and every reader works on every store.
+Remote bytes are fetched with range requests: a safetensors header or a zip's directory costs a
+few kilobytes, and a tensor's bytes are fetched only when it is reduced. An HTTP server that
+ignores `Range` (answers 200 with the whole body, as Python's `http.server` does) is detected
+once per host by a one-byte probe; its files are then downloaded whole to a temporary file
+(never read at the wrong offset). Credentials come from the store's usual settings (AWS_*
+variables, ~/.aws, gcloud, HF_TOKEN, FSSPEC_<PROTOCOL>_<OPTION> variables), never from the
+command line. Needs `pip install 'flowscan[remote]'` (fsspec; s3fs, gcsfs or huggingface_hub
+for their stores); local paths never import it and keep their memory maps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fnmatch
+import io
+import mmap
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Union
+
+from flowscan.errors import FlowscanError, ScanError
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+BLOCK_BYTES = 1 << 14          # read-ahead of remote file objects: a header costs a block or two
+CACHE_BYTES = 256 << 20        # tensor bytes kept between the reads of one round (weight, mask, CRC)
+WHOLE_FILE_BYTES = 1 << 20     # smaller files are fetched whole, once: fewer requests than their headers
+_EXTRA = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub",
+          "http": "aiohttp", "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
+
+
+def is_url(text: object) -> bool:
+    m = _URL.match(str(text))
+    return bool(m) and m.group(1).lower() != "file"
+
+
+def location(where: Union[str, os.PathLike, "RemotePath"]) -> Union[Path, "RemotePath"]:
+    """A `Path` for local paths (and file:// URLs), a `RemotePath` for any other URL."""
+    if isinstance(where, RemotePath):
+        return where
+    text = str(where)
+    if text.lower().startswith("file://"):
+        return Path(text[7:])
+    if is_url(text):
+        return RemotePath.from_url(text)
+    return Path(where)
+
+
+def is_remote(path: object) -> bool:
+    return isinstance(path, RemotePath)
+
+
+class Store:
+    """One fsspec filesystem, with what flowscan learned about it: folder listings, whether
+    it honours Range, and local copies of files from a store that does not."""
+
+    def __init__(self, fs, protocol: str):
+        self.fs, self.protocol = fs, protocol
+        self._listings: dict[str, dict[str, dict]] = {}
+        self._ranges: dict[str, bool] = {}   # by web server: object stores always honour Range
+        self._copies: dict[str, Path] = {}
+        self._small: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __reduce__(self):  # worker processes get the filesystem, not the caches
+        return (Store, (self.fs, self.protocol))
+
+    def listing(self, folder: str) -> dict[str, dict]:
+        """Entries of a folder by name (cached: one request per folder per scan)."""
+        with self._lock:
+            if folder in self._listings:
+                return self._listings[folder]
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        found = {}
+        for entry in entries:
+            name = _strip(entry.get("name", ""))
+            if name and name != _strip(folder) and posixpath.dirname(name) == _strip(folder):
+                found[posixpath.basename(name)] = entry
+        with self._lock:
+            self._listings[folder] = found
+        return found
+
+    def honours_range(self, path: str) -> bool:
+        """False for an HTTP server that answers a Range request with the whole file. Asked once
+        per server, for one byte past the start: fsspec's file object refuses a 200 answer from
+        its headers, before the body is read."""
+        if self.protocol not in ("http", "https"):
+            return True
+        server = "/".join(path.split("/")[:3])
+        if server not in self._ranges:
+            try:
+                with self.fs.open(path, "rb", block_size=1, cache_type="none") as f:
+                    f.seek(1)
+                    honoured = len(f.read(1)) == 1
+            except ValueError:   # "The HTTP server doesn't appear to support range requests"
+                honoured = False
+            self._ranges[server] = honoured
+        return self._ranges[server]
+
+    def whole(self, path: str) -> bytes:
+        """A small file's bytes, fetched once (kept for the scan, CACHE_BYTES at most)."""
+        with self._lock:
+            if path in self._small:
+                return self._small[path]
+        data = self.fs.cat_file(path)
+        with self._lock:
+            self._small[path] = data
+            while sum(map(len, self._small.values())) > CACHE_BYTES and len(self._small) > 1:
+                self._small.popitem(last=False)
+        return data
+
+    def local_copy(self, path: str) -> Path:
+        """The whole file, downloaded once to a temporary folder (for servers without Range)."""
+        with self._lock:
+            if path in self._copies:
+                return self._copies[path]
+            target = Path(_scratch()) / f"{len(self._copies)}-{posixpath.basename(path) or 'file'}"
+            self.fs.get_file(path, str(target))
+            self._copies[path] = target
+            return target
+
+
+_SCRATCH: list[str] = []
+
+
+def _scratch() -> str:
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="flowscan-remote-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
+
+
+def _strip(path: str) -> str:
+    return path.rstrip("/") if path not in ("/", "") else path
+
+
+_STORES: dict[tuple, Store] = {}
+
+
+def _store(url: str) -> tuple[Store, str]:
+    try:
+        import fsspec
+    except ImportError:
+        raise FlowscanError(f"{url}: reading remote archives needs fsspec: pip install 'flowscan[remote]'") \
+            from None
+    protocol = _URL.match(url).group(1).lower()
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        extra = _EXTRA.get(protocol, "the fsspec implementation")
+        raise FlowscanError(f"{url}: {protocol}:// needs {extra}: pip install 'flowscan[remote]' {extra} "
+                            f"({exc})") from None
+    except ValueError as exc:
+        raise FlowscanError(f"{url}: {exc}") from None
+    key = (protocol, getattr(fs, "_fs_token", id(fs)))
+    store = _STORES.setdefault(key, Store(fs, protocol))
+    return store, path
+
+
+class RemotePath:
+    """A file or folder in an fsspec store, with the slice of `pathlib.Path` readers use."""
+
+    __slots__ = ("store", "path", "_entry")
+
+    def __init__(self, store: Store, path: str, entry: dict | None = None):
+        self.store, self.path, self._entry = store, _strip(path), entry
+
+    @classmethod
+    def from_url(cls, url: str) -> "RemotePath":
+        store, path = _store(url)
+        return cls(store, path)
+
+    def __reduce__(self):
+        return (RemotePath, (self.store, self.path, self._entry))
+
+    # -- names ----------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        if self.store.protocol in ("http", "https"):
+            return self.path
+        return f"{self.store.protocol}://{self.path.lstrip('/')}"
+
+    def __repr__(self) -> str:
+        return f"RemotePath({str(self)!r})"
+
+    def __fspath__(self):  # os-level calls (open(), os.stat) must not see a URL as a local name
+        raise TypeError(f"{self} is remote: use its own open()/stat()")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and (self.store, self.path) == (other.store, other.path)
+
+    def __hash__(self) -> int:
+        return hash((id(self.store), self.path))
+
+    def __lt__(self, other: "RemotePath") -> bool:
+        return self.path < other.path
+
+    def __truediv__(self, name: str) -> "RemotePath":
+        return RemotePath(self.store, f"{self.path}/{str(name).strip('/')}")
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    @property
+    def parent(self) -> "RemotePath":
+        return RemotePath(self.store, posixpath.dirname(self.path))
+
+    def with_suffix(self, suffix: str) -> "RemotePath":
+        return self.parent / (self.stem + suffix)
+
+    def resolve(self) -> "RemotePath":
+        return self
+
+    def relative_to(self, other: "RemotePath") -> PurePosixPath:
+        if not isinstance(other, RemotePath) or other.store is not self.store:
+            raise ValueError(f"{self} is not below {other}")
+        return PurePosixPath(posixpath.relpath(self.path, other.path))
+
+    def as_posix(self) -> str:
+        return str(self)
+
+    # -- what is there ---------------------------------------------------------------------------
+    def entry(self) -> dict | None:
+        """The store's listing entry (type, size, ...), from the parent folder's listing."""
+        if self._entry is None and not self._is_top():
+            self._entry = self.store.listing(self.parent.path).get(self.name)
+        return self._entry
+
+    def _is_top(self) -> bool:
+        """A bucket or a web server's root: nothing above it can be listed."""
+        if self.store.protocol in ("http", "https"):
+            return self.path.count("/") <= 2
+        return "/" not in self.path.strip("/")
+
+    def is_dir(self) -> bool:
+        entry = self.entry()
+        if entry is None:  # a store root or a folder its parent cannot list (HTTP roots)
+            return bool(self.store.listing(self.path))
+        return entry.get("type") == "directory"
+
+    def is_file(self) -> bool:
+        entry = self.entry()
+        return entry is not None and entry.get("type") == "file"
+
+    def exists(self) -> bool:
+        return self.entry() is not None or self.is_dir()
+
+    def iterdir(self) -> Iterator["RemotePath"]:
+        for name, entry in self.store.listing(self.path).items():
+            yield RemotePath(self.store, f"{self.path}/{name}", entry)
+
+    def glob(self, pattern: str) -> Iterator["RemotePath"]:
+        return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
+
+    def stat(self) -> "RemoteStat":
+        entry = self.entry()
+        if entry is None or entry.get("type") != "file":
+            raise FileNotFoundError(2, "no such file", str(self))
+        if entry.get("size") is None:  # HTTP listings have no sizes: ask for them once
+            entry.update({k: v for k, v in self.store.fs.info(self.path).items() if k != "type"})
+        stamp = entry.get("ETag") or entry.get("etag") or entry.get("LastModified") or entry.get("mtime") or ""
+        return RemoteStat(int(entry["size"]), hash(str(stamp)) & ((1 << 62) - 1))
+
+    # -- bytes -----------------------------------------------------------------------------------
+    def honours_range(self) -> bool:
+        return self.store.honours_range(self.path)
+
+    def open(self, mode: str = "rb", newline: str | None = None):
+        if mode not in ("rb", "r"):
+            raise PermissionError(f"{self}: flowscan never writes to remote archives")
+        if not self.honours_range():
+            return open(self.store.local_copy(self.path), mode, newline=newline)
+        if self.stat().st_size <= WHOLE_FILE_BYTES:
+            f = io.BytesIO(self.store.whole(self.path))
+        else:
+            f = self.store.fs.open(self.path, "rb", block_size=BLOCK_BYTES, cache_type="readahead",
+                                   size=self.stat().st_size)
+        return io.TextIOWrapper(f, encoding="utf-8", newline=newline) if mode == "r" else f
+
+    def read_bytes(self) -> bytes:
+        if not self.honours_range():
+            return self.store.local_copy(self.path).read_bytes()
+        if self.stat().st_size <= WHOLE_FILE_BYTES:
+            return self.store.whole(self.path)
+        return self.store.fs.cat_file(self.path)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+
+@dataclass(frozen=True)
+class RemoteStat:
+    st_size: int
+    st_mtime_ns: int
+
+
+class RemoteBytes:
+    """A remote file's bytes by offset, for `StorageFile` (the remote stand-in of a memory map).
+
+    A region is fetched with one range request when a tensor is reduced, kept until released
+    (the weight, its mask and its CRC read the same region), and checked to be exactly the
+    length asked for."""
+
+    def __init__(self, path: RemotePath):
+        self.path, self.size = path, path.stat().st_size
+        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def fetch(self, offset: int, nbytes: int) -> bytes:
+        key = (offset, nbytes)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        if nbytes == 0:
+            return b""
+        data = self.path.store.fs.cat_file(self.path.path, start=offset, end=offset + nbytes)
+        if len(data) != nbytes:
+            raise ScanError(self.path, f"the store returned {len(data)} bytes for a range of {nbytes} "
+                                       f"at {offset} (file changed while reading?)")
+        with self._lock:
+            self._cache[key] = data
+            self._held += nbytes
+            while self._held > CACHE_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._held -= len(old)
+        return data
+
+    def __getitem__(self, where: slice) -> bytes:
+        start, stop, _ = where.indices(self.size)
+        return self.fetch(start, max(0, stop - start))
+
+    def forget(self, offset: int, nbytes: int) -> None:
+        with self._lock:
+            data = self._cache.pop((offset, nbytes), None)
+            if data is not None:
+                self._held -= len(data)
+
+
+def read_at(f, nbytes: int, offset: int) -> bytes:
+    """`nbytes` at `offset` of an open file: pread locally (no shared position), seek+read remotely."""
+    if hasattr(f, "fs") and hasattr(f, "path"):   # an fsspec file: exactly these bytes, no read-ahead
+        return f.fs.cat_file(f.path, start=offset, end=min(offset + nbytes, f.size))
+    try:
+        fd = f.fileno()
+    except (OSError, AttributeError):   # io.UnsupportedOperation is an OSError
+        f.seek(offset)
+        return f.read(nbytes)
+    return os.pread(fd, nbytes, offset)
+
+
+def map_file(path: Union[Path, RemotePath]) -> Any:
+    """The file's bytes by offset: a read-only memory map locally, range requests remotely."""
+    if isinstance(path, RemotePath):
+        if not path.honours_range():
+            path = path.store.local_copy(path.path)
+        elif path.stat().st_size <= WHOLE_FILE_BYTES:
+            return path.store.whole(path.path)   # bytes: sliced and viewed like a memory map
+        else:
+            return RemoteBytes(path)
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
