@@ -91,6 +91,35 @@ def _bert_layers(names: Sequence[str]) -> list[str | None]:
     return [lab if lab is not None else other for lab, other in zip(layers, _bert_other(names))]
 
 
+_FLAX_BLOCK = re.compile(r"^((?:Bottleneck)?ResNetBlock)_(\d+)\.")
+# Flax ResNets number their residual blocks flat (flax's ImageNet example); the stage sizes of
+# the standard depths, by the number of blocks.
+FLAX_RESNET_STAGES = {8: (2, 2, 2, 2), 16: (3, 4, 6, 3), 33: (3, 4, 23, 3), 50: (3, 8, 36, 3)}
+
+
+def _flax_resnet(per_block: bool) -> Labeler:
+    def labeler(names: Sequence[str]) -> list[str | None]:
+        indices = {int(m.group(2)) for n in names if (m := _FLAX_BLOCK.match(n))}
+        sizes = FLAX_RESNET_STAGES.get(len(indices)) if indices == set(range(len(indices))) else None
+        stage_of = [s + 1 for s, size in enumerate(sizes or ()) for _ in range(size)]
+        out: list[str | None] = []
+        for name in names:
+            if m := _FLAX_BLOCK.match(name):
+                i = int(m.group(2))
+                if per_block:
+                    out.append(f"{m.group(1)}_{i}")
+                else:   # blocks of an unknown depth match nothing: better (other) than a wrong stage
+                    out.append(f"stage{stage_of[i]}" if stage_of else None)
+            elif re.match(r"^(conv_init|bn_init)\.", name):
+                out.append("stem")
+            elif re.match(r"^Dense_\d+\.", name):
+                out.append("fc")
+            else:
+                out.append(None)
+        return out
+    return labeler
+
+
 def _per_tensor(names: Sequence[str]) -> list[str | None]:
     return [re.sub(r"\.weight$", "", n) for n in names]
 
@@ -106,6 +135,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            _openlth_cifar(per_block=True)),
     Preset("bert-layers", "BERT: embeddings, layer0..layer11 (encoder.layer.N), pooler, classifier",
            _bert_layers),
+    Preset("keras-resnet-stages", "Keras applications ResNets: stem (conv1_*), conv2..conv5, fc (predictions)",
+           _regex_preset(r"stem=^conv1_", r"^(conv\d+)_block\d+_", r"fc=^(predictions|fc\d*)\.")),
+    Preset("keras-resnet-blocks", "Keras applications ResNets, one block per residual block: conv2_block1, ...",
+           _regex_preset(r"stem=^conv1_", r"^(conv\d+_block\d+)_", r"fc=^(predictions|fc\d*)\.")),
+    Preset("flax-resnet-stages", "Flax ResNets (ResNetBlock_N numbered flat; depths 18/34/50/101/152): "
+           "stem, stage1..4, fc", _flax_resnet(per_block=False)),
+    Preset("flax-resnet-blocks", "Flax ResNets, one block per residual block: ResNetBlock_0, ...",
+           _flax_resnet(per_block=True)),
     Preset("per-tensor", "one block per tensor, labelled by its name without '.weight'", _per_tensor),
 )}
 
@@ -189,4 +226,8 @@ def detect_preset(names: Sequence[str]) -> Preset:
         return PRESETS["resnet-stages"]
     if share(r"^blocks\.\d+\.") > 0.5:
         return PRESETS["openlth-cifar-stages"]
+    if share(r"^conv\d+_block\d+_") > 0.5:
+        return PRESETS["keras-resnet-stages"]
+    if share(r"^(Bottleneck)?ResNetBlock_\d+\.") > 0.5:
+        return PRESETS["flax-resnet-stages"]
     return PRESETS["per-tensor"]

@@ -29,7 +29,8 @@ from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 OUTCOMES = ("identical", "changed", "named", "unnamed", "hang", "crash")
-FORMATS = ("zip-bytes", "zip-pickle", "legacy", "bert-module", "safetensors", "npz", "flowscan-json", "flax")
+FORMATS = ("zip-bytes", "zip-pickle", "legacy", "bert-module", "safetensors", "npz", "flowscan-json", "flax",
+           "keras-h5", "keras-zip")
 
 # format -> (fixture run, reader, file to mutate within the run)
 _SEEDS = {
@@ -41,6 +42,8 @@ _SEEDS = {
     "npz": ("closed-form/npz", "safetensors", "round_1.npz"),
     "flowscan-json": ("closed-form/flowscan", "flowscan", "round_0001/round.json"),
     "flax": ("flax/imp-mlp", "flax", "checkpoint_300"),
+    "keras-h5": ("keras/closed-form-h5", "keras", "round_1.h5"),
+    "keras-zip": ("keras/closed-form-keras", "keras", "round_1.keras"),
 }
 _DEEP = "<deeply nested list>"   # replaced in the JSON text (json.dumps itself would recurse)
 _INTERESTING = [0, 1, -1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]

@@ -23,7 +23,7 @@ import numpy as np
 from flowscan.errors import ScanError
 from flowscan.io import msgpack_file
 from flowscan.readers.base import RawRound, Reader, Round
-from flowscan.readers.numbering import numbered_groups, unique_rounds
+from flowscan.readers.numbering import rounds_of_numbered_files
 from flowscan.readers.registry import register
 
 _FILE = re.compile(r"^(checkpoint_\d+|.*\d.*\.msgpack)$")
@@ -107,20 +107,7 @@ class FlaxReader(Reader):
         return bool(_files(folder))
 
     def rounds(self, folder: Path):
-        groups = numbered_groups(_files(folder))
-        if not groups:
-            raise ScanError(folder, "no numbered Flax checkpoint files")
-        chosen = max(groups, key=lambda k: (len(groups[k]), k))
-        numbered = unique_rounds(groups[chosen])
-        notes = [f"round files: {chosen.replace('{n}', '{round}')}"]
-        others = sorted(set(groups) - {chosen})
-        if others:
-            notes.append("ignored: " + ", ".join(o.replace("{n}", "{round}") for o in others))
-        if [n for n, _ in numbered] != list(range(len(numbered))):
-            notes.append(f"round = rank of the numbered files ({', '.join(str(n) for n, _ in numbered[:6])}"
-                         f"{', ...' if len(numbered) > 6 else ''} are steps)")
-            numbered = [(rank, p) for rank, (_, p) in enumerate(numbered)]
-        return [Round(n, self.name, (p,)) for n, p in numbered], notes
+        return rounds_of_numbered_files(_files(folder), self.name, folder, "Flax checkpoint")
 
     def open_round(self, round: Round) -> RawRound:
         path = round.files[0]

@@ -9,7 +9,8 @@ from pathlib import Path
 from flowscan.errors import ScanError
 
 _LAST_NUMBER = re.compile(r"^(.*?)(\d+)(\D*)$")
-_SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".tar", ".npz", ".bin", ".ckpt")
+_SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".tar", ".npz", ".bin", ".ckpt", ".msgpack",
+             ".weights.h5", ".h5", ".hdf5", ".keras")
 # HF Trainer folders count optimizer steps, not rounds: their order gives the round.
 _STEP_NAMED = re.compile(r"^checkpoint-\d+$")
 
@@ -57,3 +58,24 @@ def as_rounds(numbered: list[tuple[int, Path]]) -> tuple[list[tuple[int, Path]],
         return [(rank, p) for rank, (_, p) in enumerate(numbered)], \
             "round = rank of the step-numbered checkpoint-N folders"
     return numbered, None
+
+
+def rounds_of_numbered_files(files: list[Path], reader: str, folder: Path, what: str) -> tuple[list, list[str]]:
+    """(Rounds, notes) for layouts of one file per round: the largest group of files named alike
+    (`round_{n}.h5`), numbered 0, 1, 2, ... by their numbers, else by rank (step-numbered files)."""
+    from flowscan.readers.base import Round
+
+    groups = numbered_groups(files)
+    if not groups:
+        raise ScanError(folder, f"no numbered {what} files")
+    chosen = max(groups, key=lambda k: (len(groups[k]), k))
+    numbered = unique_rounds(groups[chosen])
+    notes = [f"round files: {chosen.replace('{n}', '{round}')}"]
+    others = sorted(set(groups) - {chosen})
+    if others:
+        notes.append("ignored: " + ", ".join(o.replace("{n}", "{round}") for o in others))
+    if [n for n, _ in numbered] != list(range(len(numbered))):
+        notes.append(f"round = rank of the numbered files ({', '.join(str(n) for n, _ in numbered[:6])}"
+                     f"{', ...' if len(numbered) > 6 else ''} are steps)")
+        numbered = [(rank, p) for rank, (_, p) in enumerate(numbered)]
+    return [Round(n, reader, (p,)) for n, p in numbered], notes
