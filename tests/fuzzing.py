@@ -30,7 +30,7 @@ from pathlib import Path
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 OUTCOMES = ("identical", "changed", "named", "unnamed", "hang", "crash")
 FORMATS = ("zip-bytes", "zip-pickle", "legacy", "bert-module", "safetensors", "npz", "flowscan-json", "flax",
-           "keras-h5", "keras-zip")
+           "keras-h5", "keras-zip", "orbax-json", "orbax-manifest")
 
 # format -> (fixture run, reader, file to mutate within the run)
 _SEEDS = {
@@ -44,6 +44,8 @@ _SEEDS = {
     "flax": ("flax/imp-mlp", "flax", "checkpoint_300"),
     "keras-h5": ("keras/closed-form-h5", "keras", "round_1.h5"),
     "keras-zip": ("keras/closed-form-keras", "keras", "round_1.keras"),
+    "orbax-json": ("orbax/closed-form", "orbax", "1/_METADATA"),
+    "orbax-manifest": ("orbax/closed-form", "orbax", "1/manifest.ocdbt"),
 }
 _DEEP = "<deeply nested list>"   # replaced in the JSON text (json.dumps itself would recurse)
 _INTERESTING = [0, 1, -1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]
@@ -149,7 +151,7 @@ def make_case(seed_run: Path, case_dir: Path, fmt: str, index: int) -> Path:
     shutil.copytree(seed_run, case_dir)
     target = case_dir / _SEEDS[fmt][2]
     data = target.read_bytes()
-    if fmt == "flowscan-json":
+    if fmt.endswith("-json"):
         data = _mutate_json(data, rng)
     elif fmt == "zip-pickle":
         data = _mutate_zip_pickle(data, rng)

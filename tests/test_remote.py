@@ -20,7 +20,7 @@ from servers import file_server, s3_server, upload
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
 
-ARCHIVES = ["closed-form", "torch-prune", "open_lth", "hf-sharded", "bert-tickets", "flax", "keras"]
+ARCHIVES = ["closed-form", "torch-prune", "open_lth", "hf-sharded", "bert-tickets", "flax", "keras", "orbax"]
 
 
 def same_tables(remote: dict, local: dict) -> None:

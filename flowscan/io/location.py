@@ -122,6 +122,26 @@ class Store:
                 self._small.popitem(last=False)
         return data
 
+    def local_tree(self, folder: "RemotePath") -> Path:
+        """A whole folder tree, downloaded once (for readers of servers without Range whose
+        library reads the store itself: tensorstore for Orbax)."""
+        with self._lock:
+            if folder.path in self._copies:
+                return self._copies[folder.path]
+        target = Path(tempfile.mkdtemp(prefix="tree-", dir=_scratch()))
+        stack = [(folder, target)]
+        while stack:
+            remote, local = stack.pop()
+            for child in remote.iterdir():
+                if child.is_dir():
+                    (local / child.name).mkdir()
+                    stack.append((child, local / child.name))
+                else:
+                    self.fs.get_file(child.path, str(local / child.name))
+        with self._lock:
+            self._copies[folder.path] = target
+        return target
+
     def local_copy(self, path: str) -> Path:
         """The whole file, downloaded once to a temporary folder (for servers without Range)."""
         with self._lock:

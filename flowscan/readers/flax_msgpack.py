@@ -79,18 +79,18 @@ def _mask_trees(tree: dict, params: dict) -> list[tuple[str, dict]]:
     return found
 
 
-def split(tree: Any, path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(weights, masks) of a decoded checkpoint."""
+def split(tree: Any, path: Path, is_array=lambda v: isinstance(v, np.ndarray)) -> tuple[dict, dict]:
+    """(weights, masks) of a decoded checkpoint tree (also Orbax's, whose leaves are lazy arrays)."""
     if not isinstance(tree, dict):
         raise ScanError(path, "not a Flax checkpoint: the top level is not a map")
     params, where = _params(tree, path)
-    weights = {k: v for k, v in flatten(params).items() if isinstance(v, np.ndarray)}
+    weights = {k: v for k, v in flatten(params).items() if is_array(v)}
     if not weights:
         raise ScanError(path, f"'{where}' holds no arrays")
     candidates = []
     for sub, node in _mask_trees(tree, params):
         leaves = {k: v for k, v in flatten(node).items() if v is not None}
-        if leaves and set(leaves) <= set(weights) and all(isinstance(v, np.ndarray) for v in leaves.values()):
+        if leaves and set(leaves) <= set(weights) and all(is_array(v) for v in leaves.values()):
             candidates.append((sub, leaves))
     if len(candidates) > 1:
         raise ScanError(path, f"two mask trees parallel to '{where}': {candidates[0][0]} and {candidates[1][0]}")

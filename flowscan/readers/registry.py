@@ -19,7 +19,7 @@ def _load_builtin() -> None:
     # earlier by itself has registered already; the order of the others stays.)
     global _BUILTIN_LOADED
     from flowscan.readers import flowscan_layout, open_lth, bert_tickets, prune_style  # noqa: F401
-    from flowscan.readers import safetensors_dir, flax_msgpack, keras_h5  # noqa: F401
+    from flowscan.readers import safetensors_dir, flax_msgpack, orbax, keras_h5  # noqa: F401
     _BUILTIN_LOADED = True
 
 

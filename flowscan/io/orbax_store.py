@@ -1,0 +1,156 @@
+"""Orbax checkpoints through tensorstore (Orbax's own storage library), without jax or orbax.
+
+A checkpoint item folder holds `_METADATA`, a JSON map from each pytree leaf's key path to its
+value type, and the arrays as zarr (or zarr3) arrays named by the dotted key path, inside an
+OCDBT database or as plain folders. `tree()` rebuilds the pytree from `_METADATA` alone, with
+every array leaf a lazy array whose shape and dtype come from its zarr header; the data is read
+when reduced. Scalars and `None` leaves (masks of biases) stay out of the arrays. bfloat16 is
+widened to float32. Needs `pip install 'flowscan[orbax]'` (tensorstore).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from flowscan.errors import ScanError
+from flowscan.io.arrays import LoadedArray
+from flowscan.io.location import is_remote, location
+from flowscan.io.npz_file import inflate_budget
+
+METADATA = "_METADATA"
+MAX_METADATA_BYTES = 256 << 20
+_ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")   # stored as zarr arrays
+_KEY_TYPES = {1: "index", 2: "key"}
+
+
+def _tensorstore():
+    try:
+        import tensorstore
+    except ImportError:
+        raise ScanError(None, "reading Orbax checkpoints needs tensorstore: pip install 'flowscan[orbax]'") \
+            from None
+    return tensorstore
+
+
+def read_metadata(folder) -> dict:
+    path = location(folder) / METADATA
+    try:
+        if path.stat().st_size > MAX_METADATA_BYTES:
+            raise ScanError(path, f"larger than {MAX_METADATA_BYTES} bytes (refused)")
+        data = json.loads(path.read_bytes())
+    except ScanError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ScanError(path, f"unreadable Orbax metadata: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tree_metadata"), dict):
+        raise ScanError(path, "not Orbax metadata: no 'tree_metadata' map")
+    return data
+
+
+def _kvstore(folder) -> dict:
+    """The tensorstore kvstore of a checkpoint folder: tensorstore's own drivers for files, gs://,
+    s3:// (endpoint and region from the usual AWS/fsspec settings) and http(s) servers that honour
+    Range; other stores, and servers that do not, are read from a downloaded copy."""
+    folder = location(folder)
+    if not is_remote(folder):
+        return {"driver": "file", "path": str(folder.resolve()) + "/"}
+    protocol = folder.store.protocol
+    if protocol in ("http", "https") and (folder / METADATA).honours_range():
+        return {"driver": "http", "base_url": str(folder) + "/", "path": ""}
+    if protocol in ("gs", "gcs"):
+        bucket, _, key = folder.path.partition("/")
+        return {"driver": "gcs", "bucket": bucket, "path": key + "/"}
+    if protocol in ("s3", "s3a"):
+        bucket, _, key = folder.path.partition("/")
+        spec = {"driver": "s3", "bucket": bucket, "path": key + "/"}
+        endpoint = (getattr(folder.store.fs, "client_kwargs", {}) or {}).get("endpoint_url") \
+            or getattr(folder.store.fs, "endpoint_url", None) \
+            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        spec.update({k: v for k, v in (("endpoint", endpoint), ("aws_region", region)) if v})
+        return spec
+    return {"driver": "file", "path": str(folder.store.local_tree(folder)) + "/"}
+
+
+def _spec(folder, meta: dict, name: str) -> dict:
+    base = _kvstore(folder)
+    if meta.get("use_ocdbt", True):
+        kvstore = {"driver": "ocdbt", "base": base}
+        return {"driver": "zarr3" if meta.get("use_zarr3") else "zarr", "kvstore": kvstore, "path": name}
+    kvstore = {**base, "path": base["path"] + name + "/"}   # use_ocdbt=False: a folder per array
+    return {"driver": "zarr3" if meta.get("use_zarr3") else "zarr", "kvstore": kvstore}
+
+
+def _keys(entry: Any, where, raw_key: str) -> list:
+    keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) and "key" in k for k in keys):
+        raise ScanError(where, f"entry {raw_key!r} has no key_metadata list")
+    out = []
+    for k in keys:
+        key = k["key"]
+        if not isinstance(key, (str, int)) or isinstance(key, bool) or str(key) in ("", ".") or "." in str(key):
+            raise ScanError(where, f"entry {raw_key!r} has a malformed key {key!r}")
+        out.append(str(key))
+    return out
+
+
+def tree(folder) -> dict:
+    """The checkpoint's pytree: nested dicts whose array leaves are lazy arrays, None elsewhere."""
+    ts = _tensorstore()
+    folder = location(folder)
+    meta = read_metadata(folder)
+    where = folder / METADATA
+    root: dict = {}
+    for raw_key, entry in meta["tree_metadata"].items():
+        keys = _keys(entry, where, raw_key)
+        value = entry.get("value_metadata") if isinstance(entry.get("value_metadata"), dict) else {}
+        kind = value.get("value_type")
+        leaf = None
+        if kind in _ARRAY_TYPES and not value.get("skip_deserialize", False):
+            leaf = _lazy(ts, folder, meta, ".".join(keys))
+        node = root
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ScanError(where, f"entry {raw_key!r} lies below a leaf")
+        if keys[-1] in node:
+            raise ScanError(where, f"entry {raw_key!r} is listed twice")
+        node[keys[-1]] = leaf
+    return root
+
+
+def _lazy(ts, folder, meta: dict, name: str) -> LoadedArray:
+    try:
+        store = ts.open(_spec(folder, meta, name), read=True).result()
+        shape, dtype = tuple(int(n) for n in store.shape), np.dtype(store.dtype.numpy_dtype)
+    except Exception as exc:  # noqa: BLE001 - tensorstore reports damage as ValueError, RuntimeError ...
+        raise ScanError(folder, f"array {name!r} cannot be opened: {_short(exc)}") from None
+    widen = dtype.name == "bfloat16"
+    out_dtype = np.dtype(np.float32) if widen else dtype
+    if dtype.kind not in "biuf" and not widen:
+        raise ScanError(folder, f"array {name!r} has dtype {dtype}, not a number type")
+    nbytes = int(np.prod(shape, dtype=object)) * out_dtype.itemsize
+    if nbytes > inflate_budget():
+        raise ScanError(folder, f"array {name!r} declares {nbytes} bytes, more than half of this machine's "
+                                "memory (refused)")
+
+    def load() -> np.ndarray:
+        try:
+            data = np.asarray(store.read().result())
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise ScanError(folder, f"array {name!r} cannot be read: {_short(exc)}") from None
+        return data.astype(out_dtype, copy=False)
+    return LoadedArray(shape, out_dtype, load)
+
+
+def _short(exc: Exception) -> str:
+    """tensorstore's message without the full spec it appends."""
+    return f"{type(exc).__name__}: {str(exc).split(' [tensorstore_spec=')[0]}"
+
+
+def is_array(value: Any) -> bool:
+    return isinstance(value, LoadedArray)
