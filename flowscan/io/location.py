@@ -70,7 +70,7 @@ class Store:
         self._ranges: dict[str, bool] = {}   # by web server: object stores always honour Range
         self._copies: dict[str, Path] = {}
         self._small: OrderedDict[str, bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock, self._probing = threading.Lock(), threading.Lock()
 
     def __reduce__(self):  # worker processes get the filesystem, not the caches
         return (Store, (self.fs, self.protocol))
@@ -100,6 +100,10 @@ class Store:
         if self.protocol not in ("http", "https"):
             return True
         server = "/".join(path.split("/")[:3])
+        with self._probing:   # one probe per server, also when worker threads ask at once
+            return self._probe(server, path)
+
+    def _probe(self, server: str, path: str) -> bool:
         if server not in self._ranges:
             try:
                 with self.fs.open(path, "rb", block_size=1, cache_type="none") as f:
