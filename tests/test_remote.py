@@ -5,7 +5,9 @@ must fetch only headers: the servers count the bytes they send."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 from polars.testing import assert_frame_equal
 from safetensors.numpy import save_file
 
-from conftest import FIXTURES, analyze, run_cli
+from conftest import FIXTURES, analyze, read_tables, run_cli
 from servers import file_server, s3_server, upload
 
 pytest.importorskip("fsspec")
@@ -55,6 +57,13 @@ def test_s3_archives_give_the_local_tables(tmp_path, local_tables):
         upload(endpoint, FIXTURES, "ckpts", "archive")
         for name in ARCHIVES:
             same_tables(analyze(f"s3://ckpts/archive/{name}", tmp_path / name), local_tables[name])
+        # a new process (another str hash seed) finds every round in the cache: keys are stable
+        cache = tmp_path / "closed-form" / ".cache"
+        before = sorted(p.name for p in cache.iterdir())
+        subprocess.run([sys.executable, "-m", "flowscan", "analyze", "s3://ckpts/archive/closed-form", "-o",
+                        str(tmp_path / "closed-form"), "-q"], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": "12345"})
+        assert sorted(p.name for p in cache.iterdir()) == before
         # worker processes get the store by pickling, with its settings from the environment
         tables = analyze("s3://ckpts/archive/closed-form", tmp_path / "processes", "--engine", "processes",
                          "-j", "2")
@@ -143,12 +152,26 @@ def test_a_remote_analysis_resumes_from_its_cache(tmp_path):
         url = f"{server.url}/closed-form/safetensors/"
         first = analyze(url, tmp_path / "out")
         server.sent = 0
-        again = analyze(url, tmp_path / "out")
-        # listings and sizes only: every round's sums come from the cache
+        # a new process (another str hash seed): listings and sizes only, every round's sums cached
+        env = {**os.environ, "PYTHONHASHSEED": "12345"}
+        subprocess.run([sys.executable, "-m", "flowscan", "analyze", url, "-o", str(tmp_path / "out"), "-q"],
+                       check=True, env=env, capture_output=True)
         assert server.sent < 20_000, server.sent
-    same_tables(again, first)
+    same_tables(read_tables(tmp_path / "out"), first)
 
 
 def test_local_file_urls_are_local_paths(tmp_path):
     local = analyze(FIXTURES / "closed-form" / "npz", tmp_path / "a")
     same_tables(analyze(f"file://{FIXTURES / 'closed-form' / 'npz'}", tmp_path / "b"), local)
+
+
+def test_formats_lists_the_stores_and_a_missing_store_package_is_named(tmp_path, monkeypatch):
+    import json
+    from importlib.util import find_spec
+
+    stores = json.loads(run_cli("formats", "--json").output)["stores"]
+    assert stores["s3://"].endswith("ready") and stores["https://"].endswith("ready")
+    if find_spec("gcsfs") is None:
+        assert "pip install 'flowscan[remote]' gcsfs" in stores["gs://"]
+        result = run_cli("analyze", "gs://bucket/x", "-o", tmp_path / "o", expect=2)
+        assert "gs:// needs gcsfs: pip install 'flowscan[remote]' gcsfs" in result.output

@@ -38,12 +38,15 @@ def inspect(path: Path, scan: dict, app) -> None:
 def formats(app) -> None:
     """List checkpoint formats (readers) and block presets."""
     from flowscan.blocks import PRESETS
+    from flowscan.io.location import store_status
     from flowscan.readers import registry
 
     lines = ["formats (auto-detected in this order; force one with --format):"]
     lines += [f"  {reader.name:<14} {reader.description}" for reader in registry.all_readers()]
+    lines.append("stores (PATH may be a local folder or a URL):")
+    lines += [f"  {scheme:<14} {status}" for scheme, status in store_status().items()]
     lines.append("block presets (--blocks NAME):")
     lines += [f"  {preset.name:<22} {preset.description}" for preset in PRESETS.values()]
     app.result("\n".join(lines))
     app.data({"formats": {r.name: r.description for r in registry.all_readers()},
-              "presets": {p.name: p.description for p in PRESETS.values()}})
+              "stores": store_status(), "presets": {p.name: p.description for p in PRESETS.values()}})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import fnmatch
+import hashlib
 import io
 import mmap
 import os
@@ -37,6 +38,22 @@ CACHE_BYTES = 256 << 20        # tensor bytes kept between the reads of one roun
 WHOLE_FILE_BYTES = 1 << 20     # smaller files are fetched whole, once: fewer requests than their headers
 _EXTRA = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub",
           "http": "aiohttp", "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
+
+
+STORES = {"s3://": ("s3fs", "S3 and S3-compatible servers"), "gs://": ("gcsfs", "Google Cloud Storage"),
+          "hf://": ("huggingface_hub", "Hugging Face repositories"),
+          "https://": ("aiohttp", "web servers (Range requests, else whole files)")}
+
+
+def store_status() -> dict[str, str]:
+    """Each store URL scheme and whether this installation can read it (fsspec + its package)."""
+    from importlib.util import find_spec
+
+    have_fsspec = find_spec("fsspec") is not None
+    return {scheme: f"{what}: " + ("ready" if have_fsspec and find_spec(package) else
+                                   f"needs pip install 'flowscan[remote]'" + ("" if package in ("s3fs", "aiohttp")
+                                                                               else f" {package}"))
+            for scheme, (package, what) in STORES.items()}
 
 
 def is_url(text: object) -> bool:
@@ -304,7 +321,8 @@ class RemotePath:
         if entry.get("size") is None:  # HTTP listings have no sizes: ask for them once
             entry.update({k: v for k, v in self.store.fs.info(self.path).items() if k != "type"})
         stamp = entry.get("ETag") or entry.get("etag") or entry.get("LastModified") or entry.get("mtime") or ""
-        return RemoteStat(int(entry["size"]), hash(str(stamp)) & ((1 << 62) - 1))
+        # a stable number (str hashes differ between processes, and the cache outlives them)
+        return RemoteStat(int(entry["size"]), int(hashlib.sha256(str(stamp).encode()).hexdigest()[:15], 16))
 
     # -- bytes -----------------------------------------------------------------------------------
     def honours_range(self) -> bool:
