@@ -25,28 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-
-from servers import file_server, s3_server, upload  # noqa: E402
-
-
-def build(root: Path, rounds: int, rows: int) -> dict[str, Path]:
-    import torch
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    st, pt = root / "st", root / "pt"
-    st.mkdir(parents=True)
-    pt.mkdir()
-    for r in range(rounds):
-        tensors = {}
-        for layer in ("enc", "dec"):
-            tensors[f"{layer}.weight"] = rng.normal(size=(rows, 2048)).astype(np.float32)
-            tensors[f"{layer}.weight_mask"] = (rng.random((rows, 2048)) < 0.8 ** r).astype(np.uint8)
-        save_file(tensors, str(st / f"round_{r}.safetensors"))
-        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}},
-                   pt / f"{r}checkpoint.pth.tar")
-    return {"safetensors": st, "prune-style": pt}
+from servers import big_run, file_server, s3_server, upload  # noqa: E402
 
 
 def timed(fn):
@@ -75,7 +54,8 @@ def main() -> int:
                 pass
 
     work = Path(tempfile.mkdtemp(prefix="flowscan-bench-remote-"))
-    layouts = build(work / "archive", args.rounds, args.size)
+    st, pt = big_run(work / "archive", args.rounds, (args.size, 2048))
+    layouts = {"safetensors": st, "prune-style": pt}
     print(f"{'layout':<12} {'store':<14} {'step':<16} {'fetched':>12} {'of archive':>10} {'requests':>9} {'time':>7}")
     for name, folder in layouts.items():
         size = sum(p.stat().st_size for p in folder.iterdir())

@@ -1,5 +1,6 @@
-"""Real servers on localhost for the remote-storage tests: an HTTP file server that honours (or,
-like Python's own http.server, ignores) Range and counts the bytes it sends, and moto's S3 server."""
+"""Real servers on localhost for the remote-storage tests and benchmark: an HTTP file server that
+honours (or, like Python's own http.server, ignores) Range and counts the bytes it sends, moto's
+S3 server, and the archive of large files they serve."""
 
 from __future__ import annotations
 
@@ -121,3 +122,25 @@ def upload(endpoint: str, local: Path, bucket: str, prefix: str = "") -> None:
         if path.is_file():
             key = "/".join(filter(None, [prefix, path.relative_to(local).as_posix()]))
             client.upload_file(str(path), bucket, key)
+
+
+def big_run(folder: Path, rounds: int = 3, shape=(512, 1024)) -> tuple[Path, Path]:
+    """Rounds of two float32 layers and their uint8 masks (5 MiB a round by default), as
+    safetensors files (folder/st) and as torch zips (folder/pt)."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    st, pt = folder / "st", folder / "pt"
+    st.mkdir(parents=True)
+    pt.mkdir()
+    for r in range(rounds):
+        tensors = {}
+        for layer in ("enc", "dec"):
+            tensors[f"{layer}.weight"] = rng.normal(size=shape).astype(np.float32)
+            tensors[f"{layer}.weight_mask"] = (rng.random(shape) < 0.8 ** r).astype(np.uint8)
+        save_file(tensors, str(st / f"round_{r}.safetensors"))
+        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}},
+                   pt / f"{r}checkpoint.pth.tar")
+    return st, pt

@@ -19,24 +19,12 @@ from flowscan.readers import keras_h5
 
 h5py = pytest.importorskip("h5py")
 KERAS = FIXTURES / "keras"
-CLOSED_FORM = {"closed-form-h5": (), "closed-form-keras": (),
-               # a bare Keras-v3 weights file has no layer names: its keys are the blocks' names
-               "closed-form-v3": ("--blocks", r"a=^prune_low_magnitude\.", "--blocks", r"b=^prune_low_magnitude_[12]\.")}
-ROUNDS = ["round", "block", "n_params", "n_unpruned", "abs_sum", "M", "P"]
 
 
-@pytest.mark.parametrize("layout", list(CLOSED_FORM))
-def test_closed_form_gives_the_exact_sigmas_and_the_safetensors_tables(tmp_path, layout):
-    args = CLOSED_FORM[layout] or ("--blocks", r"^(a|b)\.")
-    tables = analyze(KERAS / layout, tmp_path / "k", *args)
-    eigen = tables["eigen"].filter(pl.col("quantity") == "M")
-    sigma = dict(zip(eigen["block"], eigen["sigma_mean"]))
-    assert sigma["a"] == pytest.approx(0.5, abs=1e-9) and sigma["b"] == pytest.approx(-1.0, abs=1e-9)
-    same = analyze(FIXTURES / "closed-form" / "safetensors", tmp_path / "st", "--blocks", r"^(a|b)\.")
-    assert_frame_equal(tables["rounds"].select(ROUNDS), same["rounds"].select(ROUNDS), check_exact=False,
-                       rel_tol=1e-12)
-    runs = tables["runs"].row(0, named=True)
-    # the kernel copies of a v3 wrapper do not count twice; biases carry no mask
+@pytest.mark.parametrize("layout", ["closed-form-h5", "closed-form-keras", "closed-form-v3"])
+def test_kernel_copies_do_not_count_twice_and_biases_carry_no_mask(tmp_path, layout):
+    """(The closed-form values of every layout: tests/test_cross_format.py.)"""
+    runs = analyze(KERAS / layout, tmp_path, "--blocks", "per-tensor")["runs"].row(0, named=True)
     assert runs["format"] == "keras" and runs["n_prunable_tensors"] == 4
     assert runs["n_prunable_params"] == 3 * 625 + 1875
 

@@ -21,18 +21,6 @@ from flowscan.readers import orbax
 
 ts = pytest.importorskip("tensorstore")
 ORBAX = FIXTURES / "orbax"
-ROUNDS = ["round", "block", "n_params", "n_unpruned", "abs_sum", "M", "P"]
-
-
-def test_closed_form_gives_the_exact_sigmas_and_the_safetensors_tables(tmp_path):
-    tables = analyze(ORBAX / "closed-form", tmp_path / "o", "--blocks", r"^(a|b)\.")
-    eigen = tables["eigen"].filter(pl.col("quantity") == "M")
-    sigma = dict(zip(eigen["block"], eigen["sigma_mean"]))
-    assert sigma["a"] == pytest.approx(0.5, abs=1e-9) and sigma["b"] == pytest.approx(-1.0, abs=1e-9)
-    same = analyze(FIXTURES / "closed-form" / "safetensors", tmp_path / "st", "--blocks", r"^(a|b)\.")
-    assert_frame_equal(tables["rounds"].select(ROUNDS), same["rounds"].select(ROUNDS), check_exact=False,
-                       rel_tol=1e-12)
-    assert tables["runs"]["format"][0] == "orbax"
 
 
 def test_checkpoint_manager_run_equals_the_same_run_in_flax_msgpack(tmp_path):

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
-import numpy as np
-import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
-from safetensors.numpy import save_file
 
 from conftest import FIXTURES, analyze, read_tables, run_cli
-from servers import file_server, s3_server, upload
+from servers import big_run, file_server, s3_server, upload
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -68,25 +64,6 @@ def test_s3_archives_give_the_local_tables(tmp_path, local_tables):
         tables = analyze("s3://ckpts/archive/closed-form", tmp_path / "processes", "--engine", "processes",
                          "-j", "2")
         same_tables(tables, local_tables["closed-form"])
-
-
-def big_run(folder, rounds: int = 3, shape=(512, 1024)):
-    """A run of 3 safetensors rounds of ~5 MiB (two layers, their masks) and the same as torch zips."""
-    import torch
-
-    rng = np.random.default_rng(0)
-    st, pt = folder / "st", folder / "pt"
-    st.mkdir(parents=True)
-    pt.mkdir()
-    for r in range(rounds):
-        tensors = {}
-        for layer in ("enc", "dec"):
-            tensors[f"{layer}.weight"] = rng.normal(size=shape).astype(np.float32)
-            tensors[f"{layer}.weight_mask"] = (rng.random(shape) < 0.8 ** r).astype(np.uint8)
-        save_file(tensors, str(st / f"round_{r}.safetensors"))
-        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}},
-                   pt / f"{r}checkpoint.pth.tar")
-    return st, pt
 
 
 def test_remote_reads_fetch_headers_only_where_no_data_is_needed(tmp_path):

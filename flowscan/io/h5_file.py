@@ -14,7 +14,6 @@ import io
 import json
 import zipfile
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np

@@ -51,7 +51,7 @@ def store_status() -> dict[str, str]:
 
     have_fsspec = find_spec("fsspec") is not None
     return {scheme: f"{what}: " + ("ready" if have_fsspec and find_spec(package) else
-                                   f"needs pip install 'flowscan[remote]'" + ("" if package in ("s3fs", "aiohttp")
+                                   "needs pip install 'flowscan[remote]'" + ("" if package in ("s3fs", "aiohttp")
                                                                                else f" {package}"))
             for scheme, (package, what) in STORES.items()}
 

@@ -11,7 +11,6 @@ Whole pickled modules (`torch.save(model)`) load too; their classes become inert
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zipfile
 from collections import OrderedDict
