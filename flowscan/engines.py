@@ -123,6 +123,15 @@ def _pool_pass(work, options, jobs: int, ctx, progress, reduce_task):
     return [work[k] for k in sorted(lost)]
 
 
+def _absolute(rnd):
+    """The round with absolute paths (files, and the paths a reader keeps in its spec); store URLs
+    are absolute already, so remote archives need no shared file system."""
+    def absolute(value):
+        return value.resolve() if isinstance(value, Path) else value
+    return replace(rnd, files=tuple(f.resolve() for f in rnd.files),
+                   spec=tuple(absolute(v) for v in rnd.spec))
+
+
 def _dask(work, options, progress, reduce_task):
     try:
         from distributed import Client, LocalCluster
@@ -144,8 +153,7 @@ def _dask(work, options, progress, reduce_task):
             cluster = stack.enter_context(LocalCluster(n_workers=max(1, options.jobs), threads_per_worker=1,
                                                        processes=True, dashboard_address=None))
             client = stack.enter_context(Client(cluster))
-        rounds = [replace(rnd, files=tuple(Path(f).resolve() for f in rnd.files)) if remote else rnd
-                  for _i, rnd in work]
+        rounds = [_absolute(rnd) if remote else rnd for _i, rnd in work]
         futures = client.map(reduce_task, rounds, names=options.names, cache_dir=cache_dir,
                              verify=options.verify, pure=False)
         index = {f.key: k for k, f in enumerate(futures)}

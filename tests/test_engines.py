@@ -75,3 +75,14 @@ def test_default_jobs_is_the_usable_cores():
 
     expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert engines.default_jobs() == expected
+
+
+def test_rounds_sent_to_a_remote_scheduler_carry_absolute_paths(tmp_path, monkeypatch):
+    """Remote dask workers have another working folder: files and the paths a reader keeps in its
+    spec (Orbax's item folders) become absolute; other spec values and store URLs stay as they are."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    rnd = Round(0, "orbax", (Path("run/7/_METADATA"),), spec=(Path("run/7"), 3))
+    sent = engines._absolute(rnd)
+    assert sent.files == (tmp_path / "run/7/_METADATA",) and sent.spec == (tmp_path / "run/7", 3)
