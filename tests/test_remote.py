@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -152,3 +154,30 @@ def test_formats_lists_the_stores_and_a_missing_store_package_is_named(tmp_path,
         assert "pip install 'flowscan[remote]' gcsfs" in stores["gs://"]
         result = run_cli("analyze", "gs://bucket/x", "-o", tmp_path / "o", expect=2)
         assert "gs:// needs gcsfs: pip install 'flowscan[remote]' gcsfs" in result.output
+
+
+def test_a_server_error_costs_only_its_run(tmp_path, monkeypatch):
+    """A 500 on one file: a named error; the other runs (small files and large ones) analysed."""
+    import servers
+
+    root = tmp_path / "archive"
+    for name in ("good", "failing"):
+        shutil.copytree(FIXTURES / "closed-form" / "safetensors", root / name)
+    big_run(root / "big", rounds=1)
+    original = servers._Handler.do_GET
+
+    def do_get(self):
+        if "failing/round_2" in self.path or "big/pt/0checkpoint" in self.path and "Range" in self.headers:
+            self.send_error(500)
+            return None
+        return original(self)
+
+    monkeypatch.setattr(servers._Handler, "do_GET", do_get)
+    with file_server(root) as server:
+        result = run_cli("analyze", f"{server.url}/", "-o", tmp_path / "out", "-q", expect=1)
+    runs = pl.read_parquet(tmp_path / "out" / "runs.parquet")
+    status, errors = dict(zip(runs["run"], runs["status"])), dict(zip(runs["run"], runs["error"]))
+    assert status["good"] == "ok" and status["big/st"] == "ok", runs
+    assert "failing/round_2.safetensors" in errors["failing"], errors["failing"]
+    assert "big/pt/0checkpoint.pth.tar" in errors["big/pt"], errors["big/pt"]
+    assert "Traceback" not in result.output

@@ -320,6 +320,8 @@ class RemotePath:
             raise FileNotFoundError(2, "no such file", str(self))
         if entry.get("size") is None:  # HTTP listings have no sizes: ask for them once
             entry.update({k: v for k, v in self.store.fs.info(self.path).items() if k != "type"})
+        if entry.get("size") is None:
+            raise ScanError(self, "the server does not report this file's size (no Content-Length)")
         stamp = entry.get("ETag") or entry.get("etag") or entry.get("LastModified") or entry.get("mtime") or ""
         # a stable number (str hashes differ between processes, and the cache outlives them)
         return RemoteStat(int(entry["size"]), int(hashlib.sha256(str(stamp).encode()).hexdigest()[:15], 16))
