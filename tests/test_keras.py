@@ -192,3 +192,50 @@ def test_flax_resnet_names_get_stages_from_the_standard_depths():
     assert stages == ["stem"] + ["stage1"] * 3 + ["stage2"] * 4 + ["stage3"] * 6 + ["stage4"] * 3 + ["fc"]
     # an unknown depth: no stage is guessed
     assert PRESETS["flax-resnet-stages"].labels(names[:6])[1:] == [None] * 5
+
+
+@pytest.mark.parametrize("weight_dtype", ["float16", "float32", "float64", ">f4"])
+@pytest.mark.parametrize("mask_dtype", ["bool", "uint8", "int8", "float32"])
+def test_every_dtype_reads_the_same_values(tmp_path, weight_dtype, mask_dtype):
+    kernel = np.array([[1.5, -2.0, 0.25], [4.0, -0.5, 3.0]])
+    mask = np.array([[1, 0, 1], [0, 1, 1]])
+    with h5py.File(tmp_path / "round_0.h5", "w") as f:
+        f.attrs["layer_names"] = [b"prune_low_magnitude_fc"]
+        g = f.create_group("prune_low_magnitude_fc")
+        g.attrs["weight_names"] = [b"fc/kernel:0", b"prune_low_magnitude_fc/mask:0"]
+        g.create_dataset("fc/kernel:0", data=kernel.astype(weight_dtype))
+        g.create_dataset("prune_low_magnitude_fc/mask:0", data=mask.astype(mask_dtype))
+    weights, masks = keras_h5.read(tmp_path / "round_0.h5")
+    got = np.asarray(weights["fc.kernel"])
+    assert got.dtype.isnative and np.array_equal(got.astype(np.float64), kernel)
+    assert np.array_equal(np.asarray(masks["fc.kernel"]).astype(np.int64), mask)
+    tables = analyze(tmp_path, tmp_path / "out")
+    rounds = tables["rounds"].row(0, named=True)
+    assert rounds["n_unpruned"] == 4 and rounds["abs_sum"] == pytest.approx(1.5 + 0.25 + 0.5 + 3.0)
+
+
+def test_full_model_files_and_nested_v3_models(tmp_path):
+    """model.save('x.h5') keeps the weights under model_weights/; a v3 file nests a sub-model's
+    layers under its own layers/ group."""
+    legacy_file(tmp_path / "a.h5")
+    with h5py.File(tmp_path / "a.h5") as src, h5py.File(tmp_path / "round_0.h5", "w") as dst:
+        src.copy(src["prune_low_magnitude_fc"], dst, name="model_weights/prune_low_magnitude_fc")
+        dst["model_weights"].attrs["layer_names"] = [b"prune_low_magnitude_fc"]
+        dst.attrs["model_config"] = "{}"
+    weights, masks = keras_h5.read(tmp_path / "round_0.h5")
+    assert sorted(weights) == ["fc.bias", "fc.kernel"] and list(masks) == ["fc.kernel"]
+
+    with h5py.File(tmp_path / "round_1.weights.h5", "w") as f:
+        inner = f.create_group("layers/functional/layers/prune_low_magnitude")
+        inner["layer/vars/0"] = np.ones((3, 2), np.float32)
+        inner["layer/vars/1"] = np.zeros(2, np.float32)
+        inner["vars/0"] = np.ones((3, 2), np.float32)          # the wrapper's copy of the kernel
+        inner["vars/1"] = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+        inner["vars/2"] = np.float32(0.1)
+        inner["vars/3"] = np.int64(7)
+        f["layers/dense/vars/0"] = np.ones((2, 2), np.float32)  # an unwrapped layer: no mask
+    weights, masks = keras_h5.read(tmp_path / "round_1.weights.h5")
+    assert sorted(weights) == ["dense.vars.0", "functional.prune_low_magnitude.bias",
+                               "functional.prune_low_magnitude.kernel"]
+    assert list(masks) == ["functional.prune_low_magnitude.kernel"]
+    assert np.asarray(masks["functional.prune_low_magnitude.kernel"]).sum() == 4

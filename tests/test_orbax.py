@@ -159,3 +159,16 @@ def test_missing_tensorstore_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorstore", None)
     with pytest.raises(ScanError, match=r"pip install 'flowscan\[orbax\]'"):
         orbax_store.tree(ORBAX / "closed-form" / "0")
+
+
+@pytest.mark.parametrize("weight_dtype", ["float16", "float32", "float64", "int32"])
+@pytest.mark.parametrize("mask_dtype", ["bool", "uint8", "int8", "float32"])
+def test_every_dtype_reads_the_same_values(tmp_path, weight_dtype, mask_dtype):
+    kernel = np.array([[1.5, -2.0, 0.25], [4.0, -0.5, 3.0]])
+    mask = np.array([[1, 0, 1], [0, 1, 1]])
+    if weight_dtype == "int32":
+        kernel = np.round(kernel * 4)
+    hand_made(tmp_path / "run", 0, {"params.w": kernel.astype(weight_dtype), "masks.w": mask.astype(mask_dtype)})
+    raw = orbax.OrbaxReader().open_round(orbax.OrbaxReader().rounds(tmp_path / "run")[0][0])
+    assert np.array_equal(np.asarray(raw.tensors["w"]).astype(np.float64), kernel)
+    assert np.array_equal(np.asarray(raw.masks["w"]).astype(np.int64), mask)
