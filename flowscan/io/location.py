@@ -417,6 +417,15 @@ def read_at(f, nbytes: int, offset: int) -> bytes:
     return os.pread(fd, nbytes, offset)
 
 
+def read_ranges(f, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """`read_at` for many (offset, nbytes): an fsspec file asks for all of them concurrently."""
+    if hasattr(f, "fs") and hasattr(f, "path") and ranges:
+        starts = [offset for offset, _ in ranges]
+        ends = [min(offset + n, f.size) for offset, n in ranges]
+        return f.fs.cat_ranges([f.path] * len(ranges), starts, ends)
+    return [read_at(f, n, offset) for offset, n in ranges]
+
+
 def map_file(path: Union[Path, RemotePath]) -> Any:
     """The file's bytes by offset: a read-only memory map locally, range requests remotely."""
     if isinstance(path, RemotePath):

@@ -21,7 +21,7 @@ import numpy as np
 
 from flowscan.errors import ScanError
 from flowscan.io.location import location, read_at
-from flowscan.io.zip_members import data_offset, unique_members
+from flowscan.io.zip_members import data_offsets, unique_members
 from flowscan.io.arrays import BFLOAT16, Frozen, Storage, StorageFile, StoredArray, map_file
 from flowscan.io.safe_pickle import (MAX_PICKLE_BYTES, Allowed, Stub, Token, _Rejected, safe_load,
                                      stub_state)
@@ -221,6 +221,8 @@ def _load_zip(path: Path):
         storages = StorageFile(path, map_file(path))
         reader = _FileReader(path, storages)
         made: dict[str, Storage] = {}
+        offsets: dict[str, int] = {}
+        data_prefix = f"{prefix}data/"
 
         def persistent_load(pid):
             if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
@@ -234,7 +236,7 @@ def _load_zip(path: Path):
                 if made[key].dtype != dtype or made[key].numel != numel:
                     raise ScanError(path, f"storage {key} is declared twice with different types or sizes")
                 return made[key]
-            info = infos.get(f"{prefix}data/{key}")
+            info = infos.get(f"{data_prefix}{key}")
             if info is None:
                 raise ScanError(path, f"storage {key} is missing from the archive")
             if info.compress_type != zipfile.ZIP_STORED:
@@ -243,7 +245,9 @@ def _load_zip(path: Path):
             if info.file_size < storage.nbytes:
                 raise ScanError(path, f"storage {key} claims {storage.nbytes} bytes but its archive "
                                       f"member holds {info.file_size}")
-            storages.set_region(key, data_offset(headers, info), info.file_size, info.CRC)
+            if not offsets:   # every storage member's header at once: one batch from a store
+                offsets.update(data_offsets(headers, [i for n, i in infos.items() if n.startswith(data_prefix)]))
+            storages.set_region(key, offsets[info.filename], info.file_size, info.CRC)
             made[key] = storage
             return storage
 
