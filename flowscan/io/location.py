@@ -36,13 +36,17 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 BLOCK_BYTES = 1 << 14          # read-ahead of remote file objects: a header costs a block or two
 CACHE_BYTES = 256 << 20        # tensor bytes kept between the reads of one round (weight, mask, CRC)
 WHOLE_FILE_BYTES = 1 << 20     # smaller files are fetched whole, once: fewer requests than their headers
-_EXTRA = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub",
-          "http": "aiohttp", "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
+# protocol -> (the package fsspec needs for it, what `flowscan formats` calls it; None: not listed)
+PROTOCOLS = {"s3": ("s3fs", "S3 and S3-compatible servers"), "gs": ("gcsfs", "Google Cloud Storage"),
+             "hf": ("huggingface_hub", "Hugging Face repositories"),
+             "https": ("aiohttp", "web servers (Range requests, else whole files)"),
+             "s3a": ("s3fs", None), "gcs": ("gcsfs", None), "http": ("aiohttp", None),
+             "az": ("adlfs", None), "abfs": ("adlfs", None)}
+_IN_REMOTE_EXTRA = ("s3fs", "aiohttp")
 
 
-STORES = {"s3://": ("s3fs", "S3 and S3-compatible servers"), "gs://": ("gcsfs", "Google Cloud Storage"),
-          "hf://": ("huggingface_hub", "Hugging Face repositories"),
-          "https://": ("aiohttp", "web servers (Range requests, else whole files)")}
+def _install_hint(package: str) -> str:
+    return "pip install 'flowscan[remote]'" + ("" if package in _IN_REMOTE_EXTRA else f" {package}")
 
 
 def store_status() -> dict[str, str]:
@@ -50,10 +54,9 @@ def store_status() -> dict[str, str]:
     from importlib.util import find_spec
 
     have_fsspec = find_spec("fsspec") is not None
-    return {scheme: f"{what}: " + ("ready" if have_fsspec and find_spec(package) else
-                                   "needs pip install 'flowscan[remote]'" + ("" if package in ("s3fs", "aiohttp")
-                                                                               else f" {package}"))
-            for scheme, (package, what) in STORES.items()}
+    return {f"{protocol}://": f"{what}: " + ("ready" if have_fsspec and find_spec(package) else
+                                             f"needs {_install_hint(package)}")
+            for protocol, (package, what) in PROTOCOLS.items() if what}
 
 
 def is_url(text: object) -> bool:
@@ -201,9 +204,8 @@ def _store(url: str) -> tuple[Store, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as exc:
-        extra = _EXTRA.get(protocol, "the fsspec implementation")
-        raise FlowscanError(f"{url}: {protocol}:// needs {extra}: pip install 'flowscan[remote]' {extra} "
-                            f"({exc})") from None
+        package = PROTOCOLS.get(protocol, ("its fsspec implementation", None))[0]
+        raise FlowscanError(f"{url}: {protocol}:// needs {package}: {_install_hint(package)} ({exc})") from None
     except ValueError as exc:
         raise FlowscanError(f"{url}: {exc}") from None
     key = (protocol, getattr(fs, "_fs_token", id(fs)))
