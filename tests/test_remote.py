@@ -181,3 +181,54 @@ def test_a_server_error_costs_only_its_run(tmp_path, monkeypatch):
     assert "failing/round_2.safetensors" in errors["failing"], errors["failing"]
     assert "big/pt/0checkpoint.pth.tar" in errors["big/pt"], errors["big/pt"]
     assert "Traceback" not in result.output
+
+
+def test_remote_keras_inspect_reads_hdf5_metadata_only(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    run = tmp_path / "archive" / "keras"
+    run.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for r in range(2):   # 16 MiB a round: an 8 MiB kernel and its float mask
+        with h5py.File(run / f"round_{r}.h5", "w") as f:
+            f.attrs["layer_names"] = [b"prune_low_magnitude_fc"]
+            g = f.create_group("prune_low_magnitude_fc")
+            g.attrs["weight_names"] = [b"fc/kernel:0", b"prune_low_magnitude_fc/mask:0"]
+            g["fc/kernel:0"] = rng.normal(size=(1024, 2048)).astype(np.float32)
+            g["prune_low_magnitude_fc/mask:0"] = (rng.random((1024, 2048)) < 0.8 ** r).astype(np.float32)
+    with file_server(tmp_path / "archive") as server:
+        shown = run_cli("inspect", f"{server.url}/keras/", "--json").output
+        assert '"fc.kernel"' in shown
+        assert server.sent < 2 * 64 << 10, server.sent   # measured: 69,954 of 33,572,800 bytes
+        local = analyze(run, tmp_path / "local")
+        same_tables(analyze(f"{server.url}/keras/", tmp_path / "remote"), local)
+
+
+def test_remote_orbax_inspect_reads_metadata_and_manifests_only(tmp_path):
+    ts = pytest.importorskip("tensorstore")
+    import json
+
+    import numpy as np
+
+    run = tmp_path / "archive" / "orbax"
+    rng = np.random.default_rng(0)
+    for step in (1, 2):   # an OCDBT store as orbax writes it: 8 MiB of weights and 8 MiB of masks
+        folder = run / str(step)
+        folder.mkdir(parents=True)
+        tree = {}
+        for name, value in {"params.w": rng.normal(size=(1024, 2048)).astype(np.float32),
+                            "masks.w": (rng.random((1024, 2048)) < 0.8).astype(np.float32)}.items():
+            keys = name.split(".")
+            tree[str(tuple(keys))] = {"key_metadata": [{"key": k, "key_type": 2} for k in keys],
+                                      "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
+            spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": folder.as_uri() + "/"}, "path": name}
+            store = ts.open(spec, create=True, shape=value.shape, dtype=ts.float32,
+                            chunk_layout=ts.ChunkLayout(chunk_shape=[256, 2048])).result()
+            store.write(value).result()
+        (folder / "_METADATA").write_text(json.dumps({"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False}))
+    with file_server(tmp_path / "archive") as server:
+        assert '"w"' in run_cli("inspect", f"{server.url}/orbax/", "--json").output
+        assert server.sent < 64 << 10, server.sent   # measured: 5,542 of 19,175,831 bytes
+        local = analyze(run, tmp_path / "local")
+        same_tables(analyze(f"{server.url}/orbax/", tmp_path / "remote"), local)
