@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import random
 import shutil
-import struct
 import zipfile
 from collections import Counter
 from pathlib import Path

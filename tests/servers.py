@@ -44,6 +44,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         with open(path, "rb") as f:
             f.seek(start)
             body = f.read(end - start + 1)
+        if self.server.short_ranges and len(body) > 1 << 16:   # a faulty proxy: one byte short
+            body = body[:-1]
         self.send_response(206)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -58,9 +60,9 @@ class FileServer(http.server.ThreadingHTTPServer):
     sent = 0
     requests = 0
 
-    def __init__(self, root: Path, ranges: bool):
+    def __init__(self, root: Path, ranges: bool, short_ranges: bool = False):
         super().__init__(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
-        self.ranges = ranges
+        self.ranges, self.short_ranges = ranges, short_ranges
 
     @property
     def url(self) -> str:
@@ -68,9 +70,10 @@ class FileServer(http.server.ThreadingHTTPServer):
 
 
 @contextmanager
-def file_server(root: Path, ranges: bool = True):
-    """Serve `root` over HTTP; yields the server (`.url`, `.sent` bytes, `.requests`)."""
-    server = FileServer(root, ranges)
+def file_server(root: Path, ranges: bool = True, short_ranges: bool = False):
+    """Serve `root` over HTTP; yields the server (`.url`, `.sent` bytes, `.requests`).
+    `short_ranges`: answer ranges over 64 KiB with one byte less (a faulty proxy)."""
+    server = FileServer(root, ranges, short_ranges)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

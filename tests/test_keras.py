@@ -58,7 +58,7 @@ def test_imp_run_reads_nested_masks_over_kernels_that_are_not_pre_masked(tmp_pat
     assert (mask == 0).any() and np.all(kernel[mask == 0] != 0)
 
 
-def test_the_same_run_reads_alike_from_h5_keras_and_v3(tmp_path):
+def test_the_same_run_reads_alike_from_legacy_h5_and_keras_zips(tmp_path):
     a = analyze(KERAS / "closed-form-h5", tmp_path / "a", "--blocks", "per-tensor")
     b = analyze(KERAS / "closed-form-keras", tmp_path / "b", "--blocks", "per-tensor")
     assert_frame_equal(a["rounds"], b["rounds"])
@@ -111,6 +111,8 @@ def test_a_legacy_file_reads_by_hand(tmp_path):
     ("keras-no-weights", "without model.weights.h5"),
     ("keras-not-zip", "not a .keras archive"),
     ("empty", "no weights found"),
+    ("same-name-h5", "two datasets are named 'fc.kernel'"),
+    ("same-name-keras", "two datasets are named 'b.0.kernel'"),
 ])
 def test_malformed_files_cost_only_their_run(tmp_path, case, expected):
     def make(folder):
@@ -135,6 +137,20 @@ def test_malformed_files_cost_only_their_run(tmp_path, case, expected):
         elif case == "empty":
             with h5py.File(target, "w") as f:
                 f.attrs["layer_names"] = []
+        elif case == "same-name-h5":   # a second layer group whose weight has the same name
+            def twin(f, g):
+                f.attrs["layer_names"] = [b"prune_low_magnitude_fc", b"fc_twin"]
+                f.create_group("fc_twin").attrs["weight_names"] = [b"fc/kernel:0"]
+                f["fc_twin/fc/kernel:0"] = np.ones((4, 3), np.float32)
+            legacy_file(target, extra=twin)
+        elif case == "same-name-keras":   # a config naming two layers alike
+            src = KERAS / "closed-form-keras" / "round_1.keras"
+            with zipfile.ZipFile(src) as z_in, zipfile.ZipFile(folder / "round_0.keras", "w") as z_out:
+                for info in z_in.infolist():
+                    data = z_in.read(info)
+                    if info.filename == "config.json":
+                        data = data.replace(b'"name": "b.1"', b'"name": "b.0"')
+                    z_out.writestr(info, data)
     error, _ = analyse_beside_a_good_run(tmp_path, make)
     assert "round_0." in error and expected in error, error
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, read_tables, run_cli
+from conftest import read_tables, run_cli
 from flowscan.errors import ScanError
 from flowscan.io import npz_file, safetensors_file, torch_file
 from flowscan.io.safe_pickle import safe_loads

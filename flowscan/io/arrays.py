@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.location import RemoteBytes, location, map_file  # noqa: F401 - map_file for readers
+from flowscan.io.location import RemoteBytes, location
 
 # numpy has no bfloat16: such data is read as uint16 and widened to float32 on demand.
 BFLOAT16 = "bfloat16"

@@ -2,8 +2,8 @@
 
 A `.keras` file is a zip whose `model.weights.h5` member Keras stores uncompressed: h5py reads it
 in place through a window onto the archive (no copy); a compressed member is inflated into memory
-within the npz budget. Datasets are read only when reduced, each through a fresh handle (so worker
-threads and processes never share one). A dataset whose declared size exceeds half of this
+within the npz budget. The file is opened once per round and its datasets are read when reduced
+(h5py serializes calls into libhdf5, so the threads of a round may share it). A dataset whose declared size exceeds half of this
 machine's memory is refused before it is read: HDF5 can declare any shape over a fill value.
 Needs `pip install 'flowscan[keras]'` (h5py).
 """
@@ -13,14 +13,13 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from flowscan.errors import ScanError
 from flowscan.io.arrays import LoadedArray
-from flowscan.io.location import location
+from flowscan.io.location import is_remote, location
 from flowscan.io.npz_file import inflate_budget
 from flowscan.io.zip_members import data_offset, unique_members
 
@@ -71,27 +70,30 @@ def is_keras_zip(path) -> bool:
     return location(path).name.lower().endswith(".keras")
 
 
-@contextmanager
-def open_h5(path) -> Iterator[Any]:
-    """An open h5py.File of a .h5 file or of a .keras zip's weights; errors name the file."""
+def open_weights(path) -> tuple[Any, dict | None]:
+    """The open h5py.File of a .h5 file or of a .keras zip's weights, and the zip's `config.json`
+    (None for .h5 files). Opened once per round: the lazy arrays read through it, and it closes
+    when the last of them is gone. Errors name the file."""
     h5py = _h5py()
     path = location(path)
+    raw = None
     try:
-        with path.open("rb") as raw:
-            if is_keras_zip(path):
-                source = _keras_member(path, raw)
-            else:
-                source = raw
-            with h5py.File(source, "r") as f:
-                yield f
-    except ScanError:
-        raise
+        if not is_keras_zip(path):   # local files through libhdf5's own driver; remote ones through fsspec
+            return h5py.File(path.open("rb") if is_remote(path) else str(path), "r"), None
+        raw = path.open("rb")
+        source, config = _keras_zip(path, raw)
+        return h5py.File(source, "r"), config
     except Exception as exc:  # noqa: BLE001 - libhdf5 damage surfaces as OSError, RuntimeError, KeyError ...
+        if raw is not None:
+            raw.close()
+        if isinstance(exc, ScanError):
+            raise
         raise ScanError(path, f"not a readable HDF5 file (truncated or corrupt?): {type(exc).__name__}: {exc}") \
             from None
 
 
-def _keras_member(path, raw):
+def _keras_zip(path, raw) -> tuple[Any, dict | None]:
+    """(the weights member as a file, the parsed config.json) of a .keras zip."""
     try:
         zf = zipfile.ZipFile(raw)
     except zipfile.BadZipFile as exc:
@@ -100,33 +102,23 @@ def _keras_member(path, raw):
     info = members.get(KERAS_WEIGHTS)
     if info is None:
         raise ScanError(path, f".keras archive without {KERAS_WEIGHTS}")
+    config = _config(path, zf, members.get("config.json"))
     if info.compress_type == zipfile.ZIP_STORED:
-        return _Window(raw, data_offset(raw, info), info.file_size)
+        return _Window(raw, data_offset(raw, info), info.file_size), config
     if info.file_size > inflate_budget():
         raise ScanError(path, f"{KERAS_WEIGHTS} inflates to {info.file_size} bytes (refused)")
-    return io.BytesIO(zf.read(info))
+    return io.BytesIO(zf.read(info)), config
 
 
-def keras_config(path) -> dict | None:
-    """The `config.json` of a .keras zip (None for plain .h5 files)."""
-    path = location(path)
-    if not is_keras_zip(path):
+def _config(path, zf: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> dict | None:
+    if info is None:
         return None
-    with path.open("rb") as raw:
-        try:
-            zf = zipfile.ZipFile(raw)
-            info = unique_members(path, zf).get("config.json")
-            if info is None:
-                return None
-            if info.file_size > MAX_CONFIG_BYTES:
-                raise ScanError(path, f"config.json claims {info.file_size} bytes (refused)")
-            config = json.loads(zf.read(info))
-        except ScanError:
-            raise
-        except zipfile.BadZipFile as exc:
-            raise ScanError(path, f"not a .keras archive: {exc}") from None
-        except (ValueError, RecursionError) as exc:
-            raise ScanError(path, f"unreadable config.json: {type(exc).__name__}: {exc}") from None
+    if info.file_size > MAX_CONFIG_BYTES:
+        raise ScanError(path, f"config.json claims {info.file_size} bytes (refused)")
+    try:
+        config = json.loads(zf.read(info))
+    except (zipfile.BadZipFile, ValueError, RecursionError) as exc:
+        raise ScanError(path, f"unreadable config.json: {type(exc).__name__}: {exc}") from None
     return config if isinstance(config, dict) else None
 
 
@@ -136,23 +128,20 @@ def is_numeric(dataset) -> bool:
 
 
 def lazy(path, name: str, dataset) -> LoadedArray:
-    """A dataset read when reduced (the file is opened again then)."""
+    """A dataset read when reduced (through the round's open file, which it keeps open)."""
     shape, dtype = tuple(int(n) for n in dataset.shape), dataset.dtype.newbyteorder("=")
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes > inflate_budget():
         raise ScanError(path, f"dataset declares {nbytes} bytes, more than half of this machine's memory "
                               "(refused)", tensor=name)
-    where = dataset.name
 
     def load() -> np.ndarray:
-        with open_h5(path) as f:
-            try:
-                data = f[where][()]
-            except Exception as exc:  # noqa: BLE001 - as above
-                raise ScanError(path, f"cannot read dataset {where}: {type(exc).__name__}: {exc}",
-                                tensor=name) from None
-        data = np.asarray(data)
+        try:
+            data = np.asarray(dataset[()])
+        except Exception as exc:  # noqa: BLE001 - as in open_weights
+            raise ScanError(path, f"cannot read dataset {dataset.name}: {type(exc).__name__}: {exc}",
+                            tensor=name) from None
         if data.shape != shape:
-            raise ScanError(path, f"dataset {where} read as shape {data.shape}, declared {shape}", tensor=name)
+            raise ScanError(path, f"dataset {dataset.name} read as shape {data.shape}, declared {shape}", tensor=name)
         return data.astype(dtype, copy=False)
     return LoadedArray(shape, dtype, load)

@@ -80,6 +80,32 @@ def is_remote(path: object) -> bool:
     return isinstance(path, RemotePath)
 
 
+class ByteCache:
+    """Bytes by key, kept up to `limit` bytes in all (the oldest dropped first); thread-safe."""
+
+    def __init__(self, limit: int = CACHE_BYTES):
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._held, self._limit, self._lock = 0, limit, threading.Lock()
+
+    def get(self, key) -> bytes | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key, data: bytes) -> bytes:
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = data
+                self._held += len(data)
+                while self._held > self._limit and len(self._items) > 1:
+                    self._held -= len(self._items.popitem(last=False)[1])
+        return data
+
+    def drop(self, key) -> None:
+        with self._lock:
+            data = self._items.pop(key, None)
+            self._held -= len(data) if data is not None else 0
+
+
 class Store:
     """One fsspec filesystem, with what flowscan learned about it: folder listings, whether
     it honours Range, and local copies of files from a store that does not."""
@@ -89,7 +115,7 @@ class Store:
         self._listings: dict[str, dict[str, dict]] = {}
         self._ranges: dict[str, bool] = {}   # by web server: object stores always honour Range
         self._copies: dict[str, Path] = {}
-        self._small: OrderedDict[str, bytes] = OrderedDict()
+        self._small = ByteCache()
         self._lock, self._probing = threading.Lock(), threading.Lock()
 
     def __reduce__(self):  # worker processes get the filesystem, not the caches
@@ -136,15 +162,8 @@ class Store:
 
     def whole(self, path: str) -> bytes:
         """A small file's bytes, fetched once (kept for the scan, CACHE_BYTES at most)."""
-        with self._lock:
-            if path in self._small:
-                return self._small[path]
-        data = self.fs.cat_file(path)
-        with self._lock:
-            self._small[path] = data
-            while sum(map(len, self._small.values())) > CACHE_BYTES and len(self._small) > 1:
-                self._small.popitem(last=False)
-        return data
+        data = self._small.get(path)
+        return data if data is not None else self._small.put(path, self.fs.cat_file(path))
 
     def local_tree(self, folder: "RemotePath") -> Path:
         """A whole folder tree, downloaded once (for readers of servers without Range whose
@@ -258,19 +277,8 @@ class RemotePath:
         return posixpath.basename(self.path)
 
     @property
-    def stem(self) -> str:
-        return PurePosixPath(self.name).stem
-
-    @property
-    def suffix(self) -> str:
-        return PurePosixPath(self.name).suffix
-
-    @property
     def parent(self) -> "RemotePath":
         return RemotePath(self.store, posixpath.dirname(self.path))
-
-    def with_suffix(self, suffix: str) -> "RemotePath":
-        return self.parent / (self.stem + suffix)
 
     def resolve(self) -> "RemotePath":
         return self
@@ -279,9 +287,6 @@ class RemotePath:
         if not isinstance(other, RemotePath) or other.store is not self.store:
             raise ValueError(f"{self} is not below {other}")
         return PurePosixPath(posixpath.relpath(self.path, other.path))
-
-    def as_posix(self) -> str:
-        return str(self)
 
     # -- what is there ---------------------------------------------------------------------------
     def entry(self) -> dict | None:
@@ -329,30 +334,30 @@ class RemotePath:
         return RemoteStat(int(entry["size"]), int(hashlib.sha256(str(stamp).encode()).hexdigest()[:15], 16))
 
     # -- bytes -----------------------------------------------------------------------------------
-    def honours_range(self) -> bool:
-        return self.store.honours_range(self.path)
+    def local(self) -> Path | bytes | None:
+        """How this file's bytes are reached: a downloaded copy (the server ignores Range), its
+        bytes (small files, fetched whole once), or None (range requests)."""
+        if not self.store.honours_range(self.path):
+            return self.store.local_copy(self.path)
+        if self.stat().st_size <= WHOLE_FILE_BYTES:
+            return self.store.whole(self.path)
+        return None
 
     def open(self, mode: str = "rb", newline: str | None = None):
         if mode not in ("rb", "r"):
             raise PermissionError(f"{self}: flowscan never writes to remote archives")
-        if not self.honours_range():
-            return open(self.store.local_copy(self.path), mode, newline=newline)
-        if self.stat().st_size <= WHOLE_FILE_BYTES:
-            f = io.BytesIO(self.store.whole(self.path))
-        else:
-            f = self.store.fs.open(self.path, "rb", block_size=BLOCK_BYTES, cache_type="readahead",
-                                   size=self.stat().st_size)
+        local = self.local()
+        if isinstance(local, Path):
+            return open(local, mode, newline=newline)
+        f = io.BytesIO(local) if local is not None else self.store.fs.open(
+            self.path, "rb", block_size=BLOCK_BYTES, cache_type="readahead", size=self.stat().st_size)
         return io.TextIOWrapper(f, encoding="utf-8", newline=newline) if mode == "r" else f
 
     def read_bytes(self) -> bytes:
-        if not self.honours_range():
-            return self.store.local_copy(self.path).read_bytes()
-        if self.stat().st_size <= WHOLE_FILE_BYTES:
-            return self.store.whole(self.path)
-        return self.store.fs.cat_file(self.path)
-
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
+        local = self.local()
+        if isinstance(local, Path):
+            return local.read_bytes()
+        return local if local is not None else self.store.fs.cat_file(self.path)
 
 
 @dataclass(frozen=True)
@@ -370,41 +375,27 @@ class RemoteBytes:
 
     def __init__(self, path: RemotePath):
         self.path, self.size = path, path.stat().st_size
-        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._held = 0
-        self._lock = threading.Lock()
+        self._regions = ByteCache()
 
     def __len__(self) -> int:
         return self.size
 
     def fetch(self, offset: int, nbytes: int) -> bytes:
-        key = (offset, nbytes)
-        with self._lock:
-            if key in self._cache:
-                return self._cache[key]
-        if nbytes == 0:
-            return b""
+        data = self._regions.get((offset, nbytes))
+        if data is not None or nbytes == 0:
+            return data or b""
         data = self.path.store.fs.cat_file(self.path.path, start=offset, end=offset + nbytes)
         if len(data) != nbytes:
             raise ScanError(self.path, f"the store returned {len(data)} bytes for a range of {nbytes} "
                                        f"at {offset} (file changed while reading?)")
-        with self._lock:
-            self._cache[key] = data
-            self._held += nbytes
-            while self._held > CACHE_BYTES and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._held -= len(old)
-        return data
+        return self._regions.put((offset, nbytes), data)
 
     def __getitem__(self, where: slice) -> bytes:
         start, stop, _ = where.indices(self.size)
         return self.fetch(start, max(0, stop - start))
 
     def forget(self, offset: int, nbytes: int) -> None:
-        with self._lock:
-            data = self._cache.pop((offset, nbytes), None)
-            if data is not None:
-                self._held -= len(data)
+        self._regions.drop((offset, nbytes))
 
 
 def read_at(f, nbytes: int, offset: int) -> bytes:
@@ -431,11 +422,11 @@ def read_ranges(f, ranges: list[tuple[int, int]]) -> list[bytes]:
 def map_file(path: Union[Path, RemotePath]) -> Any:
     """The file's bytes by offset: a read-only memory map locally, range requests remotely."""
     if isinstance(path, RemotePath):
-        if not path.honours_range():
-            path = path.store.local_copy(path.path)
-        elif path.stat().st_size <= WHOLE_FILE_BYTES:
-            return path.store.whole(path.path)   # bytes: sliced and viewed like a memory map
-        else:
+        local = path.local()
+        if local is None:
             return RemoteBytes(path)
+        if not isinstance(local, Path):
+            return local   # bytes: sliced and viewed like a memory map
+        path = local
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

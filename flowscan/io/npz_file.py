@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import LoadedArray, Storage, StorageFile, StoredArray, contiguous_strides, map_file
-from flowscan.io.location import location
+from flowscan.io.arrays import LoadedArray, Storage, StorageFile, StoredArray, contiguous_strides
+from flowscan.io.location import location, map_file
 from flowscan.io.zip_members import data_offset, unique_members
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -33,12 +33,14 @@ def inflate_budget() -> int:
 
 def load(path: Path) -> dict[str, StoredArray | LoadedArray]:
     path = location(path)
+    raw = path.open("rb")   # one handle for the zip and the members' headers
     try:
-        zf = zipfile.ZipFile(path.open("rb"))
+        zf = zipfile.ZipFile(raw)
     except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError, OSError ...
+        raw.close()
         raise ScanError(path, f"not a readable .npz archive (truncated or corrupt?): "
                               f"{type(exc).__name__}: {exc}") from None
-    with zf, zf.fp, path.open("rb") as raw:
+    with raw, zf:
         members = list(unique_members(path, zf).values())
         odd = [i.filename for i in members if not i.filename.endswith(".npy")]
         if odd:  # numpy writes only NAME.npy members; anything else is damage or a different file

@@ -23,6 +23,7 @@ from flowscan.io.npz_file import inflate_budget
 
 METADATA = "_METADATA"
 MAX_METADATA_BYTES = 256 << 20
+CACHE_BYTES = 32 << 20        # tensorstore's cache of one checkpoint's metadata (and recent chunks)
 _ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")   # stored as zarr arrays
 _KEY_TYPES = {1: "index", 2: "key"}
 
@@ -59,7 +60,7 @@ def _kvstore(folder) -> dict:
     if not is_remote(folder):
         return {"driver": "file", "path": str(folder.resolve()) + "/"}
     protocol = folder.store.protocol
-    if protocol in ("http", "https") and (folder / METADATA).honours_range():
+    if protocol in ("http", "https") and folder.store.honours_range(str(folder / METADATA)):
         return {"driver": "http", "base_url": str(folder) + "/", "path": ""}
     if protocol in ("gs", "gcs"):
         bucket, _, key = folder.path.partition("/")
@@ -76,8 +77,7 @@ def _kvstore(folder) -> dict:
     return {"driver": "file", "path": str(folder.store.local_tree(folder)) + "/"}
 
 
-def _spec(folder, meta: dict, name: str) -> dict:
-    base = _kvstore(folder)
+def _spec(base: dict, meta: dict, name: str) -> dict:
     if meta.get("use_ocdbt", True):
         kvstore = {"driver": "ocdbt", "base": base}
         return {"driver": "zarr3" if meta.get("use_zarr3") else "zarr", "kvstore": kvstore, "path": name}
@@ -104,6 +104,9 @@ def tree(folder) -> dict:
     folder = location(folder)
     meta = read_metadata(folder)
     where = folder / METADATA
+    base = _kvstore(folder)
+    # one context for the whole checkpoint: the OCDBT manifest and tree nodes are read once, not per array
+    context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
     root: dict = {}
     for raw_key, entry in meta["tree_metadata"].items():
         keys = _keys(entry, where, raw_key)
@@ -111,7 +114,8 @@ def tree(folder) -> dict:
         kind = value.get("value_type")
         leaf = None
         if kind in _ARRAY_TYPES and not value.get("skip_deserialize", False):
-            leaf = _lazy(ts, folder, meta, ".".join(keys))
+            name = ".".join(keys)
+            leaf = _lazy(ts.open(_spec(base, meta, name), read=True, context=context), folder, name)
         node = root
         for key in keys[:-1]:
             node = node.setdefault(key, {})
@@ -123,9 +127,9 @@ def tree(folder) -> dict:
     return root
 
 
-def _lazy(ts, folder, meta: dict, name: str) -> LoadedArray:
+def _lazy(opening, folder, name: str) -> LoadedArray:
     try:
-        store = ts.open(_spec(folder, meta, name), read=True).result()
+        store = opening.result()
         shape, dtype = tuple(int(n) for n in store.shape), np.dtype(store.dtype.numpy_dtype)
     except Exception as exc:  # noqa: BLE001 - tensorstore reports damage as ValueError, RuntimeError ...
         raise ScanError(folder, f"array {name!r} cannot be opened: {_short(exc)}") from None

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import BFLOAT16, Storage, StorageFile, StoredArray, itemsize, map_file
-from flowscan.io.location import location
+from flowscan.io.arrays import BFLOAT16, Storage, StorageFile, StoredArray, itemsize
+from flowscan.io.location import location, map_file
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.location import location, read_at
+from flowscan.io.location import location, map_file, read_at
 from flowscan.io.zip_members import data_offsets, unique_members
-from flowscan.io.arrays import BFLOAT16, Frozen, Storage, StorageFile, StoredArray, map_file
+from flowscan.io.arrays import BFLOAT16, Frozen, Storage, StorageFile, StoredArray
 from flowscan.io.safe_pickle import (MAX_PICKLE_BYTES, Allowed, Stub, Token, _Rejected, safe_load,
                                      stub_state)
 
@@ -188,9 +188,8 @@ def load(path: Path, notes: list[str] | None = None) -> Any:
     if size == 0:
         raise ScanError(path, "file is empty")
     try:
-        with path.open("rb") as f:
-            is_zip = zipfile.is_zipfile(f)
-        loaded = _load_zip(path) if is_zip else _load_legacy(path)
+        with path.open("rb") as raw:   # one handle for the zip test, the zip and its headers
+            loaded = _load_zip(path, raw) if zipfile.is_zipfile(raw) else _load_legacy(path)
     except ScanError:
         raise
     except _Rejected as exc:
@@ -207,8 +206,8 @@ def load(path: Path, notes: list[str] | None = None) -> Any:
     return loaded.value
 
 
-def _load_zip(path: Path):
-    with path.open("rb") as raw, zipfile.ZipFile(raw) as zf, path.open("rb") as headers:
+def _load_zip(path: Path, raw):
+    with zipfile.ZipFile(raw) as zf:
         infos = unique_members(path, zf)
         names = list(infos)
         pkl = [n for n in names if n.endswith("data.pkl")]
@@ -246,7 +245,7 @@ def _load_zip(path: Path):
                 raise ScanError(path, f"storage {key} claims {storage.nbytes} bytes but its archive "
                                       f"member holds {info.file_size}")
             if not offsets:   # every storage member's header at once: one batch from a store
-                offsets.update(data_offsets(headers, [i for n, i in infos.items() if n.startswith(data_prefix)]))
+                offsets.update(data_offsets(raw, [i for n, i in infos.items() if n.startswith(data_prefix)]))
             storages.set_region(key, offsets[info.filename], info.file_size, info.CRC)
             made[key] = storage
             return storage

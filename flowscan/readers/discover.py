@@ -6,11 +6,10 @@ name that is not UTF-8) becomes that run's error; the walk goes on to the other 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from flowscan.errors import FlowscanError, ScanError, printable
-from flowscan.io.location import is_remote, location
+from flowscan.io.location import location
 from flowscan.readers import registry
 from flowscan.readers.base import Reader, Run
 
@@ -59,5 +58,5 @@ def _look_at(folder: Path, readers: list[Reader]) -> tuple[Run | None, list[Path
 
 
 def _relative(root: Path, folder: Path) -> str:
-    rel = str(folder.relative_to(root)) if is_remote(root) else os.path.relpath(folder, root)
-    return "." if rel == "." else printable(Path(rel).as_posix())
+    rel = folder.relative_to(root).as_posix()   # a PurePosixPath for store folders too
+    return "." if rel == "." else printable(rel)

@@ -79,6 +79,13 @@ def _pair_masks(path, layer: str, weights: list[tuple[str, Any]], masks: list[tu
     return paired
 
 
+def _put(arrays: dict, path, name: str, dataset) -> None:
+    """Add a lazy array; two datasets under one canonical name are an error, never a silent pick."""
+    if name in arrays:
+        raise ScanError(path, f"two datasets are named {name!r} (after removing the TF-MOT wrapper)")
+    arrays[name] = h5_file.lazy(path, name, dataset)
+
+
 # -- legacy files: every weight named --------------------------------------------------------------
 def _legacy(f, path) -> tuple[dict, dict]:
     root = f["model_weights"] if "model_weights" in f else f
@@ -104,11 +111,9 @@ def _legacy(f, path) -> tuple[dict, dict]:
                 continue
             own.append((canonical(raw), dataset))
         for name, dataset in own:
-            if name in weights:
-                raise ScanError(path, f"two weights are named {name!r} (layers {layer} and another)")
-            weights[name] = h5_file.lazy(path, name, dataset)
+            _put(weights, path, name, dataset)
         for name, dataset in _pair_masks(path, layer, own, bookkeeping).items():
-            masks[name] = h5_file.lazy(path, name, dataset)
+            _put(masks, path, name, dataset)
     return weights, masks
 
 
@@ -175,32 +180,31 @@ def _v3(f, path, config: dict | None) -> tuple[dict, dict]:
                 if len(arrays) % 2 == 0 and all(a.shape == b.shape for a, b in zip(arrays[:half], arrays[half:])):
                     arrays = arrays[half:]   # copies of the pruned weights come first; then the masks
                 for name, d in own:
-                    weights[name] = h5_file.lazy(path, name, d)
-                pairs = _pair_masks(path, key, own, [(m.name, m) for m in arrays])
-                masks.update({n: h5_file.lazy(path, n, d) for n, d in pairs.items()})
+                    _put(weights, path, name, d)
+                for name, d in _pair_masks(path, key, own, [(m.name, m) for m in arrays]).items():
+                    _put(masks, path, name, d)
             else:
                 for i, d in enumerate(_vars(group.get("vars"))):
                     if h5_file.is_numeric(d):
-                        name = f"{label}.{_var_name(cls, i, False)}"
-                        weights[name] = h5_file.lazy(path, name, d)
+                        _put(weights, path, f"{label}.{_var_name(cls, i, False)}", d)
     return weights, masks
 
 
 def read(path) -> tuple[dict, dict]:
-    """(weights, masks) of one Keras weight file, lazily."""
-    config = h5_file.keras_config(path)
-    with h5_file.open_h5(path) as f:
-        try:
-            if "layers" in f and "layer_names" not in f.attrs and "model_weights" not in f:
-                weights, masks = _v3(f, path, config)
-            else:
-                weights, masks = _legacy(f, path)
-        except ScanError:
+    """(weights, masks) of one Keras weight file, lazily (the file stays open while they live)."""
+    f, config = h5_file.open_weights(path)
+    try:
+        if "layers" in f and "layer_names" not in f.attrs and "model_weights" not in f:
+            weights, masks = _v3(f, path, config)
+        else:
+            weights, masks = _legacy(f, path)
+        if not weights:
+            raise ScanError(path, "no weights found (neither a legacy nor a Keras-v3 weights file?)")
+    except Exception as exc:  # noqa: BLE001 - libhdf5 damage surfaces as many kinds
+        f.close()
+        if isinstance(exc, ScanError):
             raise
-        except Exception as exc:  # noqa: BLE001 - libhdf5 damage surfaces as many kinds
-            raise ScanError(path, f"unexpected Keras weight layout: {type(exc).__name__}: {exc}") from None
-    if not weights:
-        raise ScanError(path, "no weights found (neither a legacy nor a Keras-v3 weights file?)")
+        raise ScanError(path, f"unexpected Keras weight layout: {type(exc).__name__}: {exc}") from None
     return weights, masks
 
 
