@@ -100,7 +100,7 @@ def test_remote_tensor_bytes_are_checked_for_length(tmp_path):
     the round, with a message, not a wrong number."""
     big_run(tmp_path / "archive", rounds=1)
     with file_server(tmp_path / "archive", short_ranges=True) as server:
-        result = run_cli("analyze", f"{server.url}/st/", "-o", tmp_path / "out", "-q", expect=1)
+        run_cli("analyze", f"{server.url}/st/", "-o", tmp_path / "out", "-q", expect=1)
     errors = pl.read_parquet(tmp_path / "out" / "runs.parquet")["error"][0]
     assert "st/round_0.safetensors" in errors and "the store returned 2097151 bytes for a range of 2097152" in errors, \
         errors

@@ -8,6 +8,7 @@ shared (`names.py`), so a reader stays a page long.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,3 +94,31 @@ class Reader(ABC):
     def open_run(self, folder: Path) -> Run:
         rounds, notes = self.rounds(folder)
         return Run(path=folder, format=self.name, rounds=rounds, notes=notes)
+
+
+class FilePerRoundReader(Reader):
+    """A layout of one file per round, the files named alike with their round (or step) number.
+    Subclasses give `file_pattern`, `what` (for messages) and `read(path) -> (weights, masks)`."""
+
+    file_pattern: ClassVar[re.Pattern]
+    what: ClassVar[str]
+
+    @abstractmethod
+    def read(self, path: Path) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+        """(weights, masks) of one round's file, lazily; masks empty when it stores none."""
+
+    def files(self, folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if self.file_pattern.match(p.name) and p.is_file())
+
+    def guess_can_open(self, folder: Path) -> bool:
+        return bool(self.files(folder))
+
+    def rounds(self, folder: Path) -> tuple[list[Round], list[str]]:
+        from flowscan.readers.numbering import rounds_of_numbered_files
+
+        return rounds_of_numbered_files(self.files(folder), self.name, folder, self.what)
+
+    def open_round(self, round: Round) -> RawRound:
+        path = round.files[0]
+        weights, masks = self.read(path)
+        return RawRound(weights, path, masks or None, path if masks else None)

@@ -22,16 +22,10 @@ import numpy as np
 
 from flowscan.errors import ScanError
 from flowscan.io import msgpack_file
-from flowscan.readers.base import RawRound, Reader, Round
-from flowscan.readers.numbering import rounds_of_numbered_files
+from flowscan.readers.base import FilePerRoundReader
 from flowscan.readers.registry import register
 
-_FILE = re.compile(r"^(checkpoint_\d+|.*\d.*\.msgpack)$")
 MASK_KEYS = ("masks", "mask")
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _FILE.match(p.name) and p.is_file())
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -98,18 +92,12 @@ def split(tree: Any, path: Path, is_array=lambda v: isinstance(v, np.ndarray)) -
 
 
 @register
-class FlaxReader(Reader):
+class FlaxReader(FilePerRoundReader):
     name = "flax"
     description = ("Flax msgpack checkpoints per round: checkpoint_<step> or *N*.msgpack, masks as a parallel "
                    "tree (needs msgpack: pip install 'flowscan[flax]')")
+    file_pattern = re.compile(r"^(checkpoint_\d+|.*\d.*\.msgpack)$")
+    what = "Flax checkpoint"
 
-    def guess_can_open(self, folder: Path) -> bool:
-        return bool(_files(folder))
-
-    def rounds(self, folder: Path):
-        return rounds_of_numbered_files(_files(folder), self.name, folder, "Flax checkpoint")
-
-    def open_round(self, round: Round) -> RawRound:
-        path = round.files[0]
-        weights, masks = split(msgpack_file.load(path), path)
-        return RawRound(weights, path, masks or None, path if masks else None)
+    def read(self, path: Path) -> tuple[dict, dict]:
+        return split(msgpack_file.load(path), path)

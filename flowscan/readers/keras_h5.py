@@ -25,11 +25,9 @@ from typing import Any
 
 from flowscan.errors import ScanError
 from flowscan.io import h5_file
-from flowscan.readers.base import RawRound, Reader, Round
-from flowscan.readers.numbering import rounds_of_numbered_files
+from flowscan.readers.base import FilePerRoundReader
 from flowscan.readers.registry import register
 
-_FILE = re.compile(r"^.*\d.*\.(h5|hdf5|keras)$", re.IGNORECASE)
 WRAPPER = "prune_low_magnitude"
 _BOOKKEEPING = re.compile(r"^(mask|threshold|pruning_step)(_\d+)?$")
 NOT_WEIGHTS = ("optimizer", "metrics", "vars")    # top-level groups of a Keras-v3 file
@@ -41,10 +39,6 @@ VAR_NAMES = {
     "Embedding": ("embeddings",),
     "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
 }
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _FILE.match(p.name) and p.is_file())
 
 
 def _text(value: Any) -> str:
@@ -209,18 +203,12 @@ def read(path) -> tuple[dict, dict]:
 
 
 @register
-class KerasReader(Reader):
+class KerasReader(FilePerRoundReader):
     name = "keras"
     description = ("Keras weights per round: *N*.h5, *N*.weights.h5 or *N*.keras, TF-MOT prune_low_magnitude "
                    "masks (needs h5py: pip install 'flowscan[keras]')")
+    file_pattern = re.compile(r"^.*\d.*\.(h5|hdf5|keras)$", re.IGNORECASE)
+    what = "Keras weight"
 
-    def guess_can_open(self, folder: Path) -> bool:
-        return bool(_files(folder))
-
-    def rounds(self, folder: Path):
-        return rounds_of_numbered_files(_files(folder), self.name, folder, "Keras weight")
-
-    def open_round(self, round: Round) -> RawRound:
-        path = round.files[0]
-        weights, masks = read(path)
-        return RawRound(weights, path, masks or None, path if masks else None)
+    def read(self, path: Path) -> tuple[dict, dict]:
+        return read(path)
