@@ -17,15 +17,23 @@ class FlowscanError(Exception):
 class ScanError(FlowscanError):
     """A checkpoint could not be read or fails a sanity check."""
 
-    def __init__(self, path: str | Path | None, message: str, tensor: str | None = None):
+    def __init__(self, path: str | Path | None, message: str, tensor: str | None = None, *,
+                 truncated: bool = False):
         self.path = printable(str(path)) if path is not None else None
         self.tensor = tensor
         self.message = message
+        # the file ends early: a partial copy, or a file still being written (the last round of a
+        # run in progress is then an incomplete round, not a failed run)
+        self.truncated = truncated
         parts = [p for p in (self.path, f"tensor {tensor!r}" if tensor else None, message) if p]
         super().__init__(": ".join(parts))
 
     def __reduce__(self):  # survive the trip back from a worker process
-        return (type(self), (self.path, self.message, self.tensor))
+        return (_rebuild, (type(self), self.path, self.message, self.tensor, self.truncated))
+
+
+def _rebuild(cls, path, message, tensor, truncated):
+    return cls(path, message, tensor, truncated=truncated)
 
 
 class UnsafePickleError(ScanError):

@@ -119,10 +119,11 @@ def fit_exponents(share: np.ndarray, density: np.ndarray) -> list[LineFit]:
 
 
 def relevance(sigma_mean: float, sigma_sem: float) -> str:
-    """'relevant' (sigma > 0), 'irrelevant' (sigma < 0) or 'marginal' (within 2 SEM of 0)."""
-    if not np.isfinite(sigma_mean):
+    """'relevant' (sigma > 2 SEM), 'irrelevant' (sigma < -2 SEM), 'marginal' (within 2 SEM of 0), or
+    'undetermined' without an error bar (fewer than two valid steps): never a verdict without one."""
+    if not (np.isfinite(sigma_mean) and np.isfinite(sigma_sem)):
         return "undetermined"
-    margin = 2.0 * sigma_sem if np.isfinite(sigma_sem) else 0.0
+    margin = 2.0 * sigma_sem
     if sigma_mean > margin:
         return "relevant"
     if sigma_mean < -margin:
@@ -142,10 +143,11 @@ class Flow:
     P: np.ndarray
     block_density: np.ndarray
     density: np.ndarray       # R
-    step_rounds: np.ndarray   # S: round n of each step n -> n+1 (consecutive rounds only)
+    step_rounds: np.ndarray   # S = R - 1: round n of each step from n to the next round
     x: np.ndarray             # S
     c: np.ndarray             # S
     steps: dict               # quantity -> (lambda S x B, sigma S x B, valid S x B)
+    step_span: np.ndarray     # S: rounds each step spans (1; more across a missing round)
 
 
 def compute_flow(rounds, n_params, n_unpruned, abs_sum) -> Flow:
@@ -157,14 +159,12 @@ def compute_flow(rounds, n_params, n_unpruned, abs_sum) -> Flow:
     with np.errstate(invalid="ignore", divide="ignore"):
         block_density = n_unpruned / np.where(n_params > 0, n_params, 1)
     density = global_density(n_unpruned, n_params)
+    # Across a missing round the step spans several rounds: its c = D(n)/D(n+k) is measured from the
+    # masks like any other, so lambda = c^sigma holds for it as for a one-round step.
     x, c = coarse_graining(density)
-    consecutive = np.diff(rounds) == 1  # a missing round leaves no step
-    steps = {}
-    for quantity, share in (("M", M), ("P", P)):
-        lam, sigma, valid = step_exponents(share, c)
-        steps[quantity] = (lam[consecutive], sigma[consecutive], valid[consecutive])
+    steps = {quantity: step_exponents(share, c) for quantity, share in (("M", M), ("P", P))}
     return Flow(rounds, n_params, n_unpruned, abs_sum, M, P, block_density, density,
-                rounds[:-1][consecutive], x[consecutive], c[consecutive], steps)
+                rounds[:-1], x, c, steps, np.diff(rounds))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,9 +22,9 @@ from flowscan.io.location import location
 from flowscan.readers import registry
 from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
-from flowscan.reduce import RoundSums, TensorSums, open_tensors, reduce_round, survival_counts
+from flowscan.reduce import RoundSums, TensorSums, dtype_kind, open_tensors, reduce_round, survival_counts
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ class RunResult:
     eigen: dict[str, flow.Eigen] = field(default_factory=dict)
     metrics: list[tuple[int, str, float]] = field(default_factory=list)
     survival: np.ndarray | None = None    # steps x blocks x (kept before, kept in both, kept after)
-    warnings: list[str] = field(default_factory=list)   # e.g. block rules that match nothing
+    warnings: list[str] = field(default_factory=list)   # e.g. block rules that match nothing, gaps
+    never_pruned: list[str] = field(default_factory=list)  # prunable tensors whose mask is all ones throughout
+    sizes: list[int] = field(default_factory=list)          # entries of each prunable tensor
 
     @property
     def ok(self) -> bool:
@@ -70,6 +72,11 @@ class RunResult:
     @property
     def n_prunable_params(self) -> int:
         return int(self.flow.n_params.sum()) if self.flow is not None else 0
+
+    @property
+    def tensor_params(self) -> dict[str, int]:
+        """Entries of each prunable tensor."""
+        return dict(zip(self.tensors, self.sizes))
 
 
 def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
@@ -85,59 +92,132 @@ def analyze(root: Path, options: Options = Options(), exclude: Path | None = Non
     return analyze_runs(find_runs(root, options, exclude), options)
 
 
+@dataclass(frozen=True)
+class RoundError:
+    """Why one round could not be reduced; `truncated`: its file ends early (a partial copy or a file
+    still being written), which for the last round of a run means an incomplete round."""
+
+    message: str
+    truncated: bool = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def analyze_runs(runs: list[Run], options: Options,
                  progress: Callable[[int], None] | None = None) -> list[RunResult]:
+    """Every run reduced and assembled; whatever fails in one run (reading, survival, flow math,
+    assembly) becomes that run's named error and the others are still analysed."""
     if options.strict:
         failed = next((r for r in runs if r.error), None)
         if failed:
             raise ScanError(None, failed.error)
-    tasks = [(i, rnd) for i, run in enumerate(runs) if not run.error for rnd in run.rounds]
+    tasks = [((i, rnd.index), rnd) for i, run in enumerate(runs) if not run.error for rnd in run.rounds]
     results = {i: RunResult(run, error=run.error) for i, run in enumerate(runs) if run.error}
     pending = {i: len(run.rounds) for i, run in enumerate(runs) if not run.error}
     sums: dict[int, dict[int, RoundSums]] = {i: {} for i in pending}
     steps: dict[int, dict[int, dict]] = {i: {} for i in pending}   # survival counts per step
-    errors: dict[int, str] = {}
-    for i, outcome in _reduce_all(tasks, options, progress):
+    errors: dict[int, dict[int, RoundError]] = {i: {} for i in pending}
+    for (i, index), outcome in _reduce_all(tasks, options, progress):
         if isinstance(outcome, RoundSums):
             sums[i][outcome.index] = outcome
-            _count_survival(runs[i], sums[i], steps[i], outcome.index)
-        elif options.strict:
-            raise ScanError(None, outcome)
         else:
-            errors.setdefault(i, outcome)
+            error = outcome if isinstance(outcome, RoundError) else RoundError(str(outcome))
+            if options.strict:
+                raise ScanError(None, error.message)
+            errors[i][index] = error
         pending[i] -= 1
+        if isinstance(outcome, RoundSums):
+            try:
+                _count_survival(runs[i], sums[i], steps[i], index)
+            except Exception as exc:  # noqa: BLE001 - costs only this run
+                errors[i][index] = RoundError(_named(runs[i], "survival", exc))
         if pending[i] == 0:  # the run is complete: assemble it and let its sums go
-            results[i] = _finish(runs[i], sums.pop(i), steps.pop(i), errors.get(i), options)
+            results[i] = _finish(runs[i], sums.pop(i), steps.pop(i), errors[i], options)
     return [results[i] for i in range(len(runs))]
+
+
+def _named(run: Run, stage: str, exc: Exception) -> str:
+    """A run's failure in a stage after reading, as a message that names the run and the stage."""
+    if isinstance(exc, ScanError):
+        return str(exc)
+    return printable(f"{run.path}: {stage} failed: {type(exc).__name__}: {exc}")
+
+
+def _successors(run: Run) -> dict[int, int]:
+    """Round -> the next round of the run (across a gap too: that step spans several rounds)."""
+    indices = sorted(r.index for r in run.rounds)
+    return dict(zip(indices, indices[1:]))
 
 
 def _count_survival(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], index: int) -> None:
     """Count survival for the steps `index` completes, then drop mask bits no step still needs,
     so at most a few rounds' bits are held whatever the number of rounds."""
-    indices = {r.index for r in run.rounds}
-    for a in (index - 1, index):
-        if a in sums and a + 1 in sums and a not in steps:
-            before, after = sums[a], sums[a + 1]
-            steps[a] = {name: survival_counts(before.bits.get(name), after.bits.get(name), t.n_params)
-                        for name, t in after.tensors.items() if name in before.tensors}
-    for r in (index - 1, index, index + 1):
-        done = (r - 1 not in indices or r - 1 in steps) and (r + 1 not in indices or r in steps)
+    after_of = _successors(run)
+    before_of = {b: a for a, b in after_of.items()}
+    for a in (before_of.get(index), index):
+        b = after_of.get(a) if a is not None else None
+        if a in sums and b in sums and a not in steps:
+            before, after = sums[a], sums[b]
+            steps[a] = {}
+            for name, t in after.tensors.items():
+                if name in before.tensors:
+                    same_tensor(name, (a, before.tensors[name]), (b, t))
+                    steps[a][name] = survival_counts(before.bits.get(name), after.bits.get(name), t.n_params)
+    for r in (before_of.get(index), index, after_of.get(index)):
+        done = (before_of.get(r) is None or before_of[r] in steps) and (after_of.get(r) is None or r in steps)
         if r in sums and done and sums[r].bits:
             sums[r] = replace(sums[r], bits={})
 
 
-def _finish(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], error: str | None,
+def same_tensor(name: str, first: tuple[int, Any], later: tuple[int, Any]) -> None:
+    """A tensor keeps its shape and its dtype kind (float, int, ...) in every round of a run; a change
+    is a named error naming the tensor and both rounds. `first`/`later`: (round, anything with
+    .shape, .kind and .path)."""
+    (r0, t0), (r1, t1) = first, later
+    if tuple(t0.shape) != tuple(t1.shape):
+        raise ScanError(t1.path, f"shape changes between rounds: {tuple(t0.shape)} in round {r0} ({t0.path}), "
+                                 f"{tuple(t1.shape)} in round {r1}", tensor=name)
+    if t0.kind != t1.kind:
+        kinds = {"f": "floating point", "i": "integer", "u": "unsigned integer", "b": "bool", "c": "complex"}
+        raise ScanError(t1.path, f"dtype kind changes between rounds: {kinds.get(t0.kind, t0.kind)} in round "
+                                 f"{r0} ({t0.path}), {kinds.get(t1.kind, t1.kind)} in round {r1}", tensor=name)
+
+
+def _finish(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], errors: dict[int, RoundError],
             options: Options) -> RunResult:
     for rs in sums.values():  # what reading noticed (e.g. calls kept as inert records)
         run.notes.extend(n for n in rs.notes if n not in run.notes)
-    if error:
-        return RunResult(run, error=error)
+    last = max(r.index for r in run.rounds)
+    if set(errors) == {last} and errors[last].truncated and len(run.rounds) > 1:
+        # the last round ends early: still being written, or copied partly; the rest is analysed
+        run.drop_unfinished(last, errors[last].message)
+        errors = {}
+    if errors:
+        return RunResult(run, error=errors[min(errors)].message)
     try:
+        _drop_partial_last_round(run, sums)
+        steps.pop(run.rounds[-1].index, None)   # the last round has no step after it
+        for rnd in run.rounds:   # steps whose successor changed with a dropped round
+            _count_survival(run, sums, steps, rnd.index)
         return assemble(run, [sums[r.index] for r in run.rounds], options, steps)
-    except ScanError as exc:
+    except Exception as exc:  # noqa: BLE001 - flow math, eigen, blocks: costs only this run
         if options.strict:
             raise
-        return RunResult(run, error=str(exc))
+        return RunResult(run, error=_named(run, "assembly", exc))
+
+
+def _drop_partial_last_round(run: Run, sums: dict[int, RoundSums]) -> None:
+    """A last round without some tensor that carries a mask in the rounds before it is still being
+    written (file-per-round layouts: a complete round holds every prunable tensor)."""
+    if len(run.rounds) < 2:
+        return
+    last = run.rounds[-1].index
+    earlier = {n for r in run.rounds[:-1] for n, t in sums[r.index].tensors.items() if t.masked}
+    absent = sorted(earlier - set(sums[last].tensors))
+    if absent:
+        run.drop_unfinished(last, f"{run.rounds[-1].files[0] if run.rounds[-1].files else '?'}: lacks "
+                                  f"{len(absent)} prunable tensor(s) of the earlier rounds, e.g. {absent[0]!r}")
 
 
 def _reduce_all(tasks, options: Options, progress, reduce_task=None):
@@ -145,7 +225,7 @@ def _reduce_all(tasks, options: Options, progress, reduce_task=None):
     return engines.map_rounds(tasks, options, progress, reduce_task or _reduce_task)
 
 
-def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = False) -> RoundSums | str:
+def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = False) -> RoundSums | RoundError:
     """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
     try:
         cached = cache_dir / f"{_cache_key(rnd, names, verify)}.json" if cache_dir else None
@@ -164,10 +244,10 @@ def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify:
             write_text(cached, json.dumps(result.to_json()))
         return result
     except ScanError as exc:
-        return str(exc)
+        return RoundError(str(exc), exc.truncated)
     except Exception as exc:  # noqa: BLE001 - one unreadable round must not stop the other runs
         where = rnd.files[0] if rnd.files else "?"
-        return printable(f"{where}: {type(exc).__name__}: {exc}")
+        return RoundError(printable(f"{where}: {type(exc).__name__}: {exc}"))
 
 
 def _cache_key(rnd: Round, names: NameOptions, verify: bool) -> str:
@@ -183,24 +263,22 @@ def _cache_key(rnd: Round, names: NameOptions, verify: bool) -> str:
 def prunable_set(run: Run, rounds: list[dict], infer_masks: bool) -> tuple[list[str], set[str]]:
     """(prunable tensors in model order, those whose masks are inferred from zeros), docs/definitions.md.
 
-    `rounds` maps tensor names to anything with .shape, .masked and .path, per round in order.
+    `rounds` maps tensor names to anything with .shape, .kind, .masked and .path, per round in order.
     The prunable set is every tensor with a stored mask in some round; with no mask anywhere in
     the run (or when asked), 2+-dimensional tensors without one get masks from their zeros.
     """
-    first: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    first: dict[str, tuple[int, Any]] = {}
     masked: set[str] = set()
     for rnd, tensors in zip(run.rounds, rounds):
         for name, t in tensors.items():
             if name not in first:
-                first[name] = (t.shape, t.path, rnd.index)
-            elif first[name][0] != t.shape:
-                shape0, path0, round0 = first[name]
-                raise ScanError(t.path, f"shape changes between rounds: {shape0} in round {round0} "
-                                        f"({path0}), {t.shape} in round {rnd.index}", tensor=name)
+                first[name] = (rnd.index, t)
+            else:
+                same_tensor(name, first[name], (rnd.index, t))
             if t.masked:
                 masked.add(name)
     infer = infer_masks or not masked
-    inferred = {n for n, (shape, _p, _r) in first.items() if infer and n not in masked and len(shape) >= 2}
+    inferred = {n for n, (_r, t) in first.items() if infer and n not in masked and len(t.shape) >= 2}
     prunable = [n for n in first if n in masked or n in inferred]
     if not prunable:
         raise ScanError(run.path, "no prunable tensors: no masks stored and no tensors of 2+ dimensions")
@@ -235,7 +313,6 @@ def assemble(run: Run, rounds: list[RoundSums], options: Options,
     labels, rule = options.blocks.resolve(prunable)
     warnings = options.blocks.warnings(prunable, labels, [int(np.prod(shapes[n], dtype=np.int64))
                                                           for n in prunable])
-    run.notes.extend(w for w in warnings if w not in run.notes)
     blocks = list(dict.fromkeys(labels))
     member = np.array([[lab == b for b in blocks] for lab in labels], dtype=np.int64)  # T x B
     block_flow = flow.compute_flow([rs.index for rs in rounds], n_params @ member,
@@ -243,14 +320,27 @@ def assemble(run: Run, rounds: list[RoundSums], options: Options,
     source = mask_source(prunable, inferred)
     metrics = [(rs.index, name, float(value)) for rs, rnd in zip(rounds, run.rounds)
                for name, value in {**rs.metrics, **rnd.metrics}.items()]
-    # survival of round n's kept weights into round n+1, per tensor, then per block
-    steps = [r for r in range(len(rounds) - 1) if rounds[r + 1].index == rounds[r].index + 1]
-    per_tensor = np.array([[survival_steps[rounds[r].index][name] for name in prunable] for r in steps],
+    # survival of round n's kept weights into the next round, per tensor, then per block
+    per_tensor = np.array([[survival_steps[rs.index][name] for name in prunable] for rs in rounds[:-1]],
                           dtype=np.int64)
-    survival = np.einsum("stk,tb->sbk", per_tensor.reshape(len(steps), len(prunable), 3), member)
+    survival = np.einsum("stk,tb->sbk", per_tensor.reshape(len(rounds) - 1, len(prunable), 3), member)
+    never = never_pruned(prunable, rounds)
+    if never:
+        run.notes.append(f"never pruned (a stored mask of all ones in every round): {', '.join(never)}")
+    warnings = run.completeness_warnings() + warnings
+    run.notes.extend(w for w in warnings if w not in run.notes)
     return RunResult(run, None, prunable, labels, blocks, rule, source, block_flow,
                      {q: flow.eigen_summary(block_flow, q) for q in ("M", "P")}, metrics, survival,
-                     warnings)
+                     warnings, never, [int(v) for v in n_params])
+
+
+def never_pruned(prunable: list[str], rounds: list[RoundSums]) -> list[str]:
+    """Prunable tensors whose stored mask keeps every entry in every round of a run that prunes
+    (open_lth's `pruning_layers_to_ignore`): their block's share grows only because others shrink."""
+    if len(rounds) < 2:
+        return []
+    return [n for n in prunable if all(n in rs.tensors and rs.tensors[n].masked
+                                       and rs.tensors[n].n_unpruned == rs.tensors[n].n_params for rs in rounds)]
 
 
 @dataclass(frozen=True)
@@ -258,6 +348,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     masked: bool
     path: str
+    kind: str = "f"
 
 
 @dataclass
@@ -284,7 +375,8 @@ def inspect_run(run: Run, options: Options) -> Inspection:
         listing = []
         for rnd in run.rounds:
             refs, _metrics, _notes = open_tensors(rnd, options.names)
-            listing.append({r.name: TensorInfo(r.shape, r.mask is not None, str(r.path)) for r in refs})
+            listing.append({r.name: TensorInfo(r.shape, r.mask is not None, str(r.path), dtype_kind(r.weight))
+                            for r in refs})
         prunable, inferred = prunable_set(run, listing, options.infer_masks)
     except ScanError as exc:
         return Inspection(run, str(exc))

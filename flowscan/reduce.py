@@ -32,6 +32,7 @@ class TensorSums:
     n_nonzero: int        # nonzero weights when no mask is stored (for inferred masks), else n_unpruned
     abs_sum: float        # sum |m * w|
     path: str             # file of the weight, for messages
+    kind: str = "f"       # numpy dtype kind of the weight ("f", "i", ...): constant over a run's rounds
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,19 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     sums = TensorSums(shape=tuple(int(s) for s in ref.shape), n_params=int(n), masked=mask is not None,
                       n_unpruned=int(n_unpruned if mask is not None else n),
                       n_nonzero=int(n_unpruned if mask is not None else n_nonzero),
-                      abs_sum=abs_sum, path=str(ref.path))
+                      abs_sum=abs_sum, path=str(ref.path), kind=dtype_kind(ref.weight))
     return sums, bits
+
+
+def dtype_kind(array: Any) -> str:
+    """numpy's dtype kind of a (lazy) array; bfloat16 is floating point."""
+    dtype = getattr(array, "dtype", None)
+    if dtype is None:
+        return "?"
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:
+        return "f" if str(dtype) == "bfloat16" else "?"
 
 
 def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -30,22 +31,27 @@ CORE_TABLES = TABLES[:5]  # what every flowscan version writes; survival came la
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "runs": {"run": pl.String, "path": pl.String, "format": pl.String, "n_rounds": pl.Int64,
              "n_prunable_tensors": pl.Int64, "n_prunable_params": pl.Int64, "status": pl.String,
-             "error": pl.String, "blocks": pl.String, "mask_source": pl.String, "notes": pl.String},
+             "error": pl.String, "blocks": pl.String, "mask_source": pl.String, "notes": pl.String,
+             # the completeness of the run in its layout: rounds analysed, rounds absent inside the
+             # run, rounds after the last complete one that are still being written
+             "complete_rounds": pl.List(pl.Int64), "missing_rounds": pl.List(pl.Int64),
+             "incomplete_rounds": pl.List(pl.Int64), "never_pruned": pl.List(pl.String)},
     "rounds": {"run": pl.String, "round": pl.Int64, "block": pl.String, "n_params": pl.Int64,
                "n_unpruned": pl.Int64, "abs_sum": pl.Float64, "M": pl.Float64, "P": pl.Float64,
                "density": pl.Float64, "global_density": pl.Float64},
     "steps": {"run": pl.String, "block": pl.String, "quantity": pl.String, "round": pl.Int64,
               "lambda": pl.Float64, "c": pl.Float64, "x": pl.Float64, "sigma": pl.Float64,
-              "valid": pl.Boolean},
+              "valid": pl.Boolean, "span": pl.Int64},
     "eigen": {"run": pl.String, "block": pl.String, "quantity": pl.String, "n_pairs": pl.Int64,
               "lambda_mean": pl.Float64, "lambda_sem": pl.Float64, "sigma_mean": pl.Float64,
               "sigma_sem": pl.Float64, "sigma_fit": pl.Float64, "sigma_fit_se": pl.Float64,
               "r2": pl.Float64, "eigen_ok": pl.Boolean, "sigma_trend": pl.Float64, "sigma_trend_p": pl.Float64,
-              "exponential_ok": pl.Boolean, "relevance": pl.String},
+              "exponential_ok": pl.Boolean, "relevance": pl.String, "never_pruned_share": pl.Float64},
     "metrics": {"run": pl.String, "round": pl.Int64, "name": pl.String, "value": pl.Float64},
     # of the weights kept in round n, the share still kept in round n+1 (and those revived there)
     "survival": {"run": pl.String, "block": pl.String, "round": pl.Int64, "n_survivors": pl.Int64,
-                 "n_still_surviving": pl.Int64, "n_revived": pl.Int64, "survival": pl.Float64},
+                 "n_still_surviving": pl.Int64, "n_revived": pl.Int64, "survival": pl.Float64,
+                 "span": pl.Int64},
 }
 
 
@@ -54,51 +60,77 @@ def _frame(name: str, columns: Mapping[str, Sequence]) -> pl.DataFrame:
 
 
 def build_tables(results: Sequence[RunResult]) -> dict[str, pl.DataFrame]:
+    """The tables of every run; a run whose rows cannot be built becomes an error row of its own."""
     cols: dict[str, dict[str, list]] = {t: {k: [] for k in SCHEMAS[t]} for t in TABLES}
+    for res in results:
+        try:
+            rows = _run_rows(res)
+        except Exception as exc:  # noqa: BLE001 - one run's failure costs only that run
+            res = replace(res, error=printable(f"{res.run.path}: building its tables failed: "
+                                               f"{type(exc).__name__}: {exc}"), flow=None)
+            rows = _run_rows(res)
+        for table, table_rows in rows.items():
+            for row in table_rows:
+                for key, values in cols[table].items():
+                    values.append(row[key])
+    return {t: _frame(t, cols[t]) for t in TABLES}
+
+
+def _run_rows(res: RunResult) -> dict[str, list[dict]]:
+    """Rows of every table for one run."""
+    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
 
     def add(table: str, **row) -> None:
-        for key, values in cols[table].items():
-            values.append(row[key])
+        rows[table].append(row)
 
-    for res in results:
-        run, f = res.run, res.flow
-        add("runs", run=run.name, path=printable(str(run.path)), format=run.format, n_rounds=len(run.rounds),
-            n_prunable_tensors=len(res.tensors), n_prunable_params=res.n_prunable_params,
-            status="ok" if res.ok else "error", error=printable(res.error) if res.error else None, blocks=res.blocks_rule or None,
-            mask_source=res.mask_source or None, notes=printable("; ".join(run.notes)) or None)
-        if f is None:
-            continue
-        for r, index in enumerate(f.rounds):
-            for b, block in enumerate(res.blocks):
-                add("rounds", run=run.name, round=int(index), block=block, n_params=int(f.n_params[b]),
-                    n_unpruned=int(f.n_unpruned[r, b]), abs_sum=float(f.abs_sum[r, b]),
-                    M=float(f.M[r, b]), P=float(f.P[r, b]), density=float(f.block_density[r, b]),
-                    global_density=float(f.density[r]))
-        for quantity, (lam, sigma, valid) in f.steps.items():
-            for b, block in enumerate(res.blocks):
-                for s, index in enumerate(f.step_rounds):
-                    add("steps", run=run.name, block=block, quantity=quantity, round=int(index),
-                        **{"lambda": float(lam[s, b])}, c=float(f.c[s]), x=float(f.x[s]),
-                        sigma=float(sigma[s, b]), valid=bool(valid[s, b]))
-            e = res.eigen[quantity]
-            ok, trend_p, exponential = e.eigen_ok, e.trend_p, e.exponential_ok
-            for b, block in enumerate(res.blocks):
-                fit = e.fits[b]
-                add("eigen", run=run.name, block=block, quantity=quantity, n_pairs=int(e.n_pairs[b]),
-                    lambda_mean=float(e.lambda_mean[b]), lambda_sem=float(e.lambda_sem[b]),
-                    sigma_mean=float(e.sigma_mean[b]), sigma_sem=float(e.sigma_sem[b]),
-                    sigma_fit=float(fit.slope), sigma_fit_se=float(fit.slope_se), r2=float(fit.r2),
-                    eigen_ok=bool(ok[b]), sigma_trend=float(e.trends[b].slope), sigma_trend_p=float(trend_p[b]),
-                    exponential_ok=bool(exponential[b]), relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]))
-        for index, name, value in res.metrics:
-            add("metrics", run=run.name, round=index, name=name, value=value)
-        for s, index in enumerate(f.step_rounds):
-            for b, block in enumerate(res.blocks):
-                before, both, after = (int(v) for v in res.survival[s, b])
-                add("survival", run=run.name, block=block, round=int(index), n_survivors=before,
-                    n_still_surviving=both, n_revived=after - both,
-                    survival=both / before if before else float("nan"))
-    return {t: _frame(t, cols[t]) for t in TABLES}
+    run, f = res.run, res.flow
+    ok = res.ok and f is not None
+    add("runs", run=run.name, path=printable(str(run.path)), format=run.format, n_rounds=len(run.rounds),
+        n_prunable_tensors=len(res.tensors) if ok else 0, n_prunable_params=res.n_prunable_params if ok else 0,
+        status="ok" if ok else "error", error=printable(res.error) if res.error else None,
+        blocks=res.blocks_rule or None, mask_source=res.mask_source or None,
+        notes=printable("; ".join(run.notes)) or None, complete_rounds=run.complete_rounds,
+        missing_rounds=run.missing_rounds, incomplete_rounds=run.unfinished_rounds,
+        never_pruned=list(res.never_pruned))
+    if not ok:
+        return rows
+    never = set(res.never_pruned)
+    n_never = {b: 0 for b in res.blocks}
+    for name, label in zip(res.tensors, res.labels):
+        if name in never:
+            n_never[label] += res.tensor_params[name]
+    for r, index in enumerate(f.rounds):
+        for b, block in enumerate(res.blocks):
+            add("rounds", run=run.name, round=int(index), block=block, n_params=int(f.n_params[b]),
+                n_unpruned=int(f.n_unpruned[r, b]), abs_sum=float(f.abs_sum[r, b]),
+                M=float(f.M[r, b]), P=float(f.P[r, b]), density=float(f.block_density[r, b]),
+                global_density=float(f.density[r]))
+    for quantity, (lam, sigma, valid) in f.steps.items():
+        for b, block in enumerate(res.blocks):
+            for s, index in enumerate(f.step_rounds):
+                add("steps", run=run.name, block=block, quantity=quantity, round=int(index),
+                    **{"lambda": float(lam[s, b])}, c=float(f.c[s]), x=float(f.x[s]),
+                    sigma=float(sigma[s, b]), valid=bool(valid[s, b]), span=int(f.step_span[s]))
+        e = res.eigen[quantity]
+        eigen_ok, trend_p, exponential = e.eigen_ok, e.trend_p, e.exponential_ok
+        for b, block in enumerate(res.blocks):
+            fit = e.fits[b]
+            add("eigen", run=run.name, block=block, quantity=quantity, n_pairs=int(e.n_pairs[b]),
+                lambda_mean=float(e.lambda_mean[b]), lambda_sem=float(e.lambda_sem[b]),
+                sigma_mean=float(e.sigma_mean[b]), sigma_sem=float(e.sigma_sem[b]),
+                sigma_fit=float(fit.slope), sigma_fit_se=float(fit.slope_se), r2=float(fit.r2),
+                eigen_ok=bool(eigen_ok[b]), sigma_trend=float(e.trends[b].slope), sigma_trend_p=float(trend_p[b]),
+                exponential_ok=bool(exponential[b]), relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]),
+                never_pruned_share=n_never[block] / float(f.n_params[b]) if f.n_params[b] else 0.0)
+    for index, name, value in res.metrics:
+        add("metrics", run=run.name, round=index, name=name, value=value)
+    for s, index in enumerate(f.step_rounds):
+        for b, block in enumerate(res.blocks):
+            before, both, after = (int(v) for v in res.survival[s, b])
+            add("survival", run=run.name, block=block, round=int(index), n_survivors=before,
+                n_still_surviving=both, n_revived=after - both,
+                survival=both / before if before else float("nan"), span=int(f.step_span[s]))
+    return rows
 
 
 def metadata(command: str, blocks: str, *, analysis_id: str = "", source: str = "") -> dict[str, str]:

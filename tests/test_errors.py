@@ -85,7 +85,7 @@ def test_shape_changes_between_rounds(tmp_path, copy_fixture):
     t["rest.weight_mask"] = t["rest.weight_mask"].reshape(25, 75)
     save_file(t, str(target))
     _assert_one_failure(root, tmp_path / "out", str(target), "'rest.weight'", "shape changes between rounds",
-                        "(75, 25) in round 0", "(25, 75) in round 3")
+                        "(75, 25) in round 2", "(25, 75) in round 3")
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

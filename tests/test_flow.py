@@ -66,19 +66,23 @@ def test_fit_exponents_recovers_sigma_under_a_varying_c():
 
 
 def test_compute_flow_hand_example_with_a_missing_round():
-    # rounds 0, 1, 3: the step 1 -> 3 is not a step
+    # rounds 0, 1, 3: the step 1 -> 3 spans two rounds, its c measured from the masks (0.8 / 0.5)
     f = flow.compute_flow(rounds=[0, 1, 3], n_params=[10, 30],
                           n_unpruned=[[10, 30], [8, 24], [5, 15]],
                           abs_sum=[[5.0, 15.0], [4.0, 16.0], [1.0, 3.0]])
     assert f.density.tolist() == pytest.approx([1.0, 0.8, 0.5])
-    assert f.step_rounds.tolist() == [0]
-    assert f.c.tolist() == pytest.approx([1.25])
+    assert f.step_rounds.tolist() == [0, 1]
+    assert f.step_span.tolist() == [1, 2]
+    assert f.c.tolist() == pytest.approx([1.25, 1.6])
     lam, sigma, valid = f.steps["M"]
     assert lam[0].tolist() == pytest.approx([0.2 / 0.25, 0.8 / 0.75])
+    assert lam[1].tolist() == pytest.approx([0.25 / 0.2, 0.75 / 0.8])
     assert sigma[0, 0] == pytest.approx(math.log(0.8) / math.log(1.25))
+    assert sigma[1, 0] == pytest.approx(math.log(1.25) / math.log(1.6))
     assert f.P[:, 0].tolist() == pytest.approx([0.25, 0.25, 0.25])
     e = flow.eigen_summary(f, "M")
-    assert e.n_pairs.tolist() == [1, 1]
+    assert e.n_pairs.tolist() == [2, 2]
+    assert e.sigma_mean[0] == pytest.approx((math.log(0.8) / math.log(1.25) + math.log(1.25) / math.log(1.6)) / 2)
     # the fit uses every round at once, gap included: s = ln(1/D)
     expected = stats.linregress(np.log(1 / np.array([1.0, 0.8, 0.5])), np.log([0.25, 0.2, 0.25])).slope
     assert e.fits[0].slope == pytest.approx(expected, rel=1e-12)
@@ -86,7 +90,8 @@ def test_compute_flow_hand_example_with_a_missing_round():
 
 @pytest.mark.parametrize("mean, sem, expected", [
     (0.2, 0.05, "relevant"), (-0.2, 0.05, "irrelevant"), (0.05, 0.05, "marginal"),
-    (0.1, float("nan"), "relevant"), (float("nan"), 0.1, "undetermined")])
+    (0.1, float("nan"), "undetermined"), (float("nan"), 0.1, "undetermined"),
+    (-3.0, float("nan"), "undetermined")])
 def test_relevance_accounts_for_the_sem(mean, sem, expected):
     assert flow.relevance(mean, sem) == expected
 

@@ -89,8 +89,10 @@ def test_unfinished_saves_are_skipped(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ORBAX / "closed-form", run)
     shutil.copytree(run / "4", run / "5.orbax-checkpoint-tmp-1700000000")
-    rounds, _ = orbax.OrbaxReader().rounds(run)
-    assert len(rounds) == 5
+    opened = orbax.OrbaxReader().open_run(run)
+    assert opened.complete_rounds == [0, 1, 2, 3, 4]
+    assert opened.unfinished_rounds == [5] and "has not finished this save" in opened.incomplete[5]
+    assert "round 5 is incomplete" in opened.completeness_warnings()[0]
 
 
 def broken_metadata(case: str, folder):

@@ -67,7 +67,8 @@ class StorageFile(Frozen):
         """Where storage `key` lies; `crc` covers its bytes and the `crc_prefix` bytes before."""
         size = len(self._mm) if self._mm is not None else 0
         if offset < crc_prefix or nbytes < 0 or (nbytes and offset + nbytes > size):
-            raise ScanError(self.path, f"storage {key} extends past the end of the file (truncated?)")
+            raise ScanError(self.path, f"storage {key} extends past the end of the file (truncated?)",
+                            truncated=True)
         if key in self._regions:
             raise ScanError(self.path, f"storage {key} appears twice in the file")
         self._regions[key] = (offset, nbytes)

@@ -88,7 +88,8 @@ def open_weights(path) -> tuple[Any, dict | None]:
             raw.close()
         if isinstance(exc, ScanError):
             raise
-        raise ScanError(path, f"not a readable HDF5 file (truncated or corrupt?): {type(exc).__name__}: {exc}") \
+        raise ScanError(path, f"not a readable HDF5 file (truncated or corrupt?): {type(exc).__name__}: {exc}",
+                        truncated=True) \
             from None
 
 

@@ -39,7 +39,7 @@ def load(path: Path) -> dict[str, StoredArray | LoadedArray]:
     except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError, OSError ...
         raw.close()
         raise ScanError(path, f"not a readable .npz archive (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from None
+                              f"{type(exc).__name__}: {exc}", truncated=True) from None
     with raw, zf:
         members = list(unique_members(path, zf).values())
         odd = [i.filename for i in members if not i.filename.endswith(".npy")]

@@ -48,7 +48,7 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
             size = path.stat().st_size
             if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise ScanError(path, f"header of {n} bytes does not fit in a {size}-byte file "
-                                      f"(truncated, not safetensors, or over {MAX_HEADER_BYTES} bytes)")
+                                      f"(truncated, not safetensors, or over {MAX_HEADER_BYTES} bytes)", truncated=True)
             header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
     except ScanError:
         raise
@@ -87,7 +87,8 @@ def _entry(path: Path, name: str, info, data_size: int) -> tuple[object, tuple[i
         raise ScanError(path, f"byte range {begin}..{end} does not match shape {tuple(shape)} of {code}",
                         tensor=name)
     if end > data_size:
-        raise ScanError(path, "data extends past the end of the file (truncated?)", tensor=name)
+        raise ScanError(path, "data extends past the end of the file (truncated?)", tensor=name,
+                        truncated=True)
     return dtype, tuple(shape), begin, end
 
 

@@ -200,7 +200,7 @@ def load(path: Path, notes: list[str] | None = None) -> Any:
         raise ScanError(path, "needs more memory than this machine has (refused)") from None
     except Exception as exc:  # noqa: BLE001 - whatever else breaks, it is this file's fault
         raise ScanError(path, f"not a readable torch checkpoint (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from None
+                              f"{type(exc).__name__}: {exc}", truncated=True) from None
     if notes is not None and loaded.note():
         notes.append(f"{path.parent.name}/{path.name}: {loaded.note()}")
     return loaded.value
@@ -277,7 +277,7 @@ def _load_legacy(path: Path):
             magic = None
         if magic != _LEGACY_MAGIC:
             raise ScanError(path, "not a torch checkpoint (neither a zip archive nor a legacy "
-                                  "torch file; truncated or corrupt?)")
+                                  "torch file; truncated or corrupt?)", truncated=True)
         safe_load(f, str(path))  # protocol version
         safe_load(f, str(path))  # sys_info
 
@@ -315,14 +315,16 @@ def _load_legacy(path: Path):
         for key in keys:
             header = read_at(f, 8, offset)
             if len(header) < 8:
-                raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)")
+                raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)",
+                                truncated=True)
             numel = struct.unpack("<q", header)[0]
             storage = made.get(key)
             if storage is None or numel != storage.numel:
                 raise ScanError(path, f"storage {key} holds {numel} elements, but the pickle declares "
                                       f"{storage.numel if storage else 'no such storage'}")
             if offset + 8 + storage.nbytes > size:
-                raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)")
+                raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)",
+                                truncated=True)
             storages.set_region(key, offset + 8, storage.nbytes)
             offset += 8 + storage.nbytes
     missing = sorted(set(made) - set(keys))

@@ -32,6 +32,8 @@ class Round:
     files: tuple[Path, ...]                   # every file the round reads
     spec: tuple = ()                          # reader-specific locator, e.g. (weights, masks)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # why the round is not complete in its layout (still being written, a partial copy); "" = complete
+    incomplete: str = ""
 
 
 @dataclass
@@ -44,6 +46,41 @@ class Run:
     name: str = "."
     notes: list[str] = field(default_factory=list)
     error: str | None = None                  # the layout itself could not be read
+    incomplete: dict[int, str] = field(default_factory=dict)   # round -> why it is not analysed
+
+    @property
+    def complete_rounds(self) -> list[int]:
+        return [r.index for r in self.rounds]
+
+    @property
+    def missing_rounds(self) -> list[int]:
+        """Round numbers absent (or incomplete) between the first and the last complete round."""
+        done = self.complete_rounds
+        return [n for n in range(done[0], done[-1] + 1) if n not in set(done)] if done else []
+
+    @property
+    def unfinished_rounds(self) -> list[int]:
+        """Incomplete rounds after the last complete one: still being written, or a partial copy."""
+        last = max(self.complete_rounds, default=-1)
+        return sorted(n for n in self.incomplete if n > last)
+
+    def completeness_warnings(self) -> list[str]:
+        """What the user must know about rounds that are not analysed (docs/definitions.md, Gaps)."""
+        out = []
+        for n in self.unfinished_rounds:
+            out.append(f"round {n} is incomplete (still being written?): {self.incomplete[n]}; "
+                       f"analysed up to round {max(self.complete_rounds, default=-1)}")
+        if self.missing_rounds:
+            why = "; ".join(f"round {n}: {self.incomplete[n]}" for n in self.missing_rounds if n in self.incomplete)
+            out.append(f"round(s) {', '.join(map(str, self.missing_rounds))} missing inside the run"
+                       + (f" ({why})" if why else "") + ": the step across each gap spans several rounds, "
+                       "its c measured from the masks")
+        return out
+
+    def drop_unfinished(self, index: int, why: str) -> None:
+        """Move the last round to `incomplete` (found unreadable as a partial file when read)."""
+        self.rounds = [r for r in self.rounds if r.index != index]
+        self.incomplete[index] = why
 
 
 @dataclass
@@ -93,7 +130,8 @@ class Reader(ABC):
 
     def open_run(self, folder: Path) -> Run:
         rounds, notes = self.rounds(folder)
-        return Run(path=folder, format=self.name, rounds=rounds, notes=notes)
+        return Run(path=folder, format=self.name, rounds=[r for r in rounds if not r.incomplete], notes=notes,
+                   incomplete={r.index: r.incomplete for r in rounds if r.incomplete})
 
 
 class FilePerRoundReader(Reader):

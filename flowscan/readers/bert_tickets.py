@@ -69,11 +69,17 @@ class BertTicketsReader(Reader):
             index = k - 1
             model = ckpt / "model.pt"
             if not model.is_file():
-                notes.append(f"{ckpt.name}: mask.pt only (round {index + 1}'s mask, no weights); not a round")
+                if k < len(folders):   # the last folder holds only the final mask: that is no round
+                    rounds.append(Round(index, self.name, (), incomplete=f"{ckpt}: no model.pt"))
+                else:
+                    notes.append(f"{ckpt.name}: mask.pt only (round {index + 1}'s mask, no weights); not a round")
                 continue
             # round n's mask is mask.pt of folder n (1-based); round 0 is dense
             mask = folders[index - 1] / "mask.pt" if index >= 1 else None
-            files = (model,) + ((mask,) if mask is not None and mask.is_file() else ())
+            if mask is not None and not mask.is_file():
+                rounds.append(Round(index, self.name, (model,), incomplete=f"{mask}: missing (round {index}'s mask)"))
+                continue
+            files = (model,) + ((mask,) if mask is not None else ())
             metrics = dict(run_results[index]) if index < len(run_results) else {}
             if (ckpt / "result.pt").is_file():
                 metrics.update(_results(ckpt / "result.pt")[-1])

@@ -34,10 +34,11 @@ class FlowscanReader(Reader):
             masks = sub / layout.MASKS
             files = (sub / layout.WEIGHTS,) + ((masks,) if masks.exists() else ())
             rounds.append(Round(index, self.name, files, (), metrics))
-        partial = [p.name for p in folder.glob("round_*") if p.is_dir() and not (p / layout.ROUND_MANIFEST).exists()]
-        if partial:
-            notes.append(f"incomplete round folders skipped: {', '.join(sorted(partial))}")
-        return rounds, notes
+        for sub in folder.glob("round_*"):   # the manifest is written last: without it the round is unfinished
+            index = layout.round_index(sub)
+            if index is not None and sub.is_dir() and not (sub / layout.ROUND_MANIFEST).exists():
+                rounds.append(Round(index, self.name, (sub,), incomplete=f"{sub}: no {layout.ROUND_MANIFEST} yet"))
+        return sorted(rounds, key=lambda r: r.index), notes
 
     def open_round(self, round: Round) -> RawRound:
         weights, _ = safetensors_file.load(round.files[0])

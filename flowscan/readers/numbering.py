@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -13,6 +14,15 @@ _SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".tar", ".npz", ".bin", 
              ".weights.h5", ".h5", ".hdf5", ".keras")
 # HF Trainer folders count optimizer steps, not rounds: their order gives the round.
 _STEP_NAMED = re.compile(r"^checkpoint-\d+$")
+# Folders that name a run (a seed, a replicate, a setting), never a round, in any layout whose rounds
+# are folders: `seed_0/`, `replicate_1/`, `lr_0.1/`, `run3/`.
+_RUN_NAMED = re.compile(r"^(seed|seeds|replicate|rep|run|trial|lr|wd|exp|experiment|task|fold|sweep|job|"
+                        r"config|cfg|variant|version|width|depth)[_\-=]?[-+]?[\d.e]+$", re.IGNORECASE)
+
+
+def is_run_name(name: str) -> bool:
+    """True for folder names that number runs (seeds, replicates, settings), not rounds."""
+    return bool(_RUN_NAMED.match(name))
 
 
 def stem(name: str) -> str:
@@ -74,8 +84,23 @@ def rounds_of_numbered_files(files: list[Path], reader: str, folder: Path, what:
     others = sorted(set(groups) - {chosen})
     if others:
         notes.append("ignored: " + ", ".join(o.replace("{n}", "{round}") for o in others))
-    if [n for n, _ in numbered] != list(range(len(numbered))):
-        notes.append(f"round = rank of the numbered files ({', '.join(str(n) for n, _ in numbered[:6])}"
-                     f"{', ...' if len(numbered) > 6 else ''} are steps)")
-        numbered = [(rank, p) for rank, (_, p) in enumerate(numbered)]
+    numbered, note = numbers_or_ranks(numbered)
+    if note:
+        notes.append(note)
     return [Round(n, reader, (p,)) for n, p in numbered], notes
+
+
+def numbers_or_ranks(numbered: list[tuple[int, Path]]) -> tuple[list[tuple[int, Path]], str | None]:
+    """Round numbers of files numbered 0, 1, 2, ... are the numbers; numbers that count steps
+    (1000, 2000, ...: a common factor, or a run that starts above 0 without holes) become ranks.
+    Numbers with holes and no common factor (0, 1, 3) are rounds with a round missing: they keep
+    their numbers, so the gap is seen, never closed up silently."""
+    numbers = [n for n, _ in numbered]
+    if not numbers or numbers == list(range(len(numbers))):
+        return numbered, None
+    factor = math.gcd(*numbers)
+    if factor > 1 or numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        shown = ", ".join(str(n) for n in numbers[:6]) + (", ..." if len(numbers) > 6 else "")
+        return [(rank, p) for rank, (_, p) in enumerate(numbered)], \
+            f"round = rank of the numbered files ({shown} are steps)"
+    return numbered, None

@@ -1,8 +1,11 @@
 """open_lth (Frankle et al.) and its forks (ElasticLTH, lth_diet).
 
 A run is one `replicate_<r>/` folder; round L is `level_<L>/main/`, with `mask.pth` (0/1 int32
-per prunable weight) and the trained weights in the highest-step `model_ep{E}_it{I}.pth`
-(lth_diet: `model_final.pt` + `mask.pt`; fallback: the resume `checkpoint.pth`). Sibling
+per prunable weight) and the trained weights in `model_ep{E}_it{I}.pth` at the training's final
+step, which open_lth saves at the same step in every level; a level without that file (or without
+its mask) is still training or was copied partly, and is an incomplete round, never read from its
+rewind weights (lth_diet: `model_final.pt` + `mask.pt`; fallback where no level has model_ep files:
+the resume `checkpoint.pth`). Sibling
 branches (`lottery_branch_*`) and `level_pretrain` are not trunk rounds. Saved end weights are
 not guaranteed to be zero where pruned, so the mask is always applied. Metrics come from the
 headerless `logger` CSV (`name,iteration,value`), the value at the last iteration.
@@ -31,14 +34,14 @@ def _levels(folder: Path) -> list[tuple[int, Path]]:
     return [(n, level / "main") for n, level in unique_rounds(found, "level")]
 
 
-def _weights_file(main: Path) -> Path | None:
-    steps = [(tuple(map(int, m.groups())), p) for p in main.iterdir() if (m := _MODEL.match(p.name))]
-    if steps:
-        return max(steps)[1]
-    for name in ("model_final.pt", "checkpoint.pth"):
-        if (main / name).is_file():
-            return main / name
-    return None
+def _model_steps(main: Path) -> list[tuple[tuple[int, int], Path]]:
+    """(epoch, iteration) and file of each `model_ep{E}_it{I}.pth`, in step order."""
+    return sorted((tuple(map(int, m.groups())), p) for p in main.iterdir() if (m := _MODEL.match(p.name)))
+
+
+def _fallback_weights(main: Path) -> Path | None:
+    """lth_diet's `model_final.pt`, else the resume `checkpoint.pth`."""
+    return next((main / name for name in ("model_final.pt", "checkpoint.pth") if (main / name).is_file()), None)
 
 
 def read_logger(path: Path) -> dict[str, float]:
@@ -68,18 +71,31 @@ class OpenLTHReader(Reader):
         return bool(_levels(folder))
 
     def rounds(self, folder: Path):
+        """A level is complete when it holds the model at the training's final step, the same step
+        for every level (the highest step any level saved), and its mask (from level 1 on)."""
+        levels = [(level, main, _model_steps(main)) for level, main in _levels(folder)]
+        final = max((steps[-1][0] for _, _, steps in levels if steps), default=None)
         rounds, notes = [], []
-        for level, main in _levels(folder):
-            weights = _weights_file(main)
-            if weights is None:
-                notes.append(f"level_{level}: no trained weights (model_ep*_it*.pth) yet; skipped")
-                continue
+        for level, main, steps in levels:
             mask = next((main / m for m in _MASK_FILES if (main / m).is_file()), None)
-            files = (weights,) + ((mask,) if mask else ())
-            metrics = read_logger(main / "logger") if (main / "logger").is_file() else {}
-            rounds.append(Round(level, self.name, files, (), metrics))
-        if rounds:
-            notes.append(f"weights: {rounds[-1].files[0].name} (highest step) per level")
+            if steps:
+                weights = steps[-1][1] if steps[-1][0] == final else None
+                missing = f"model_ep{final[0]}_it{final[1]}.pth"
+            else:  # model_final.pt (lth_diet) or the resume checkpoint, where no level has model_ep files
+                weights = _fallback_weights(main) if final is None else None
+                missing = "model_ep*_it*.pth" if final is None else f"model_ep{final[0]}_it{final[1]}.pth"
+            why = ""
+            if weights is None:
+                why = f"{main}: no {missing} (the trained weights) yet"
+            elif mask is None and level > 0:
+                why = f"{main}: no mask.pth yet"
+            files = ((weights,) if weights else ()) + ((mask,) if mask else ())
+            metrics = read_logger(main / "logger") if not why and (main / "logger").is_file() else {}
+            rounds.append(Round(level, self.name, files, (), metrics, incomplete=why))
+        if final is not None:
+            notes.append(f"weights: model_ep{final[0]}_it{final[1]}.pth (the final step, the same for every level)")
+        elif rounds:
+            notes.append(f"weights: {rounds[-1].files[0].name} per level" if rounds[-1].files else "no weights")
         return rounds, notes
 
     def open_round(self, round: Round) -> RawRound:

@@ -9,7 +9,11 @@ weights, masks and names follow the Flax rules (`flax_msgpack.split`): the `para
 parallel `masks`/`mask` tree beside it or in the optimizer state. Items of a step are merged
 (`default` and `state` at the top, others under their names), so a `params` item with a `masks`
 item works too. Rounds are the step numbers when they are 0, 1, 2, ..., else their rank.
-Unfinished saves (`*.orbax-checkpoint-tmp-*`) are skipped.
+A step is complete when orbax committed it: its `commit_success.txt` marker (written by orbax on
+every save, on local file systems too) where the run's steps carry markers at all; unfinished saves
+(`*.orbax-checkpoint-tmp-*`) and steps without the marker are incomplete rounds. Folders that name
+runs (`seed_0/`, `replicate_1/`) are never steps, and neither is a folder whose items are step folders
+(`seed_0/{0,1,2}/` is a run of its own).
 """
 
 from __future__ import annotations
@@ -21,22 +25,32 @@ from flowscan.errors import ScanError
 from flowscan.io import orbax_store
 from flowscan.readers.base import RawRound, Reader, Round
 from flowscan.readers.flax_msgpack import split
-from flowscan.readers.numbering import rounds_of_numbered_files
+from flowscan.readers.numbering import is_run_name, rounds_of_numbered_files
 from flowscan.readers.registry import register
 
 _STEP = re.compile(r"^(?:[A-Za-z][\w\-]*_)?\d+$")
+_UNFINISHED = re.compile(r"^((?:[A-Za-z][\w\-]*_)?\d+)\.orbax-checkpoint-tmp-\d*$")
+COMMIT_MARKER = "commit_success.txt"
 TOP_ITEMS = ("default", "state")
 
 
 def _items(step: Path) -> list[Path]:
-    """The folders of a step that hold an Orbax tree (the step itself, or its items)."""
+    """The folders of a step that hold an Orbax tree (the step itself, or its items, which are
+    never step folders themselves: those would make `step` a run)."""
     if (step / orbax_store.METADATA).is_file():
         return [step]
-    return sorted(c for c in step.iterdir() if c.is_dir() and (c / orbax_store.METADATA).is_file())
+    return sorted(c for c in step.iterdir() if c.is_dir() and not _STEP.match(c.name)
+                  and (c / orbax_store.METADATA).is_file())
 
 
 def _steps(folder: Path) -> list[Path]:
-    return sorted(c for c in folder.iterdir() if _STEP.match(c.name) and c.is_dir() and _items(c))
+    return sorted(c for c in folder.iterdir()
+                  if _STEP.match(c.name) and not is_run_name(c.name) and c.is_dir() and _items(c))
+
+
+def _unfinished(folder: Path) -> list[Path]:
+    """Saves orbax has not finished (its temporary folders), named as their step would be."""
+    return [c for c in folder.iterdir() if _UNFINISHED.match(c.name) and c.is_dir()]
 
 
 def _files(item: Path) -> tuple[Path, ...]:
@@ -56,13 +70,22 @@ class OrbaxReader(Reader):
 
     def rounds(self, folder: Path):
         steps = _steps(folder)
-        rounds, notes = rounds_of_numbered_files(steps, self.name, folder, "Orbax step")
+        unfinished = {folder / _UNFINISHED.match(c.name).group(1): c for c in _unfinished(folder)}
+        candidates = steps + [s for s in unfinished if s not in set(steps)]
+        rounds, notes = rounds_of_numbered_files(candidates, self.name, folder, "Orbax step")
+        marked = any((s / COMMIT_MARKER).is_file() for s in steps)
         out = []
         for rnd in rounds:
             step = rnd.files[0]
+            if step in unfinished and step not in set(steps):
+                out.append(Round(rnd.index, self.name, (unfinished[step],),
+                                 incomplete=f"{unfinished[step]}: orbax has not finished this save"))
+                continue
             items = _items(step)
             files = tuple(f for item in items for f in _files(item))
-            out.append(Round(rnd.index, self.name, files, spec=tuple(items)))
+            why = f"{step}: no {COMMIT_MARKER} (orbax has not committed this step)" \
+                if marked and not (step / COMMIT_MARKER).is_file() else ""
+            out.append(Round(rnd.index, self.name, files, spec=tuple(items), incomplete=why))
         return out, notes
 
     def open_round(self, round: Round) -> RawRound:

@@ -17,7 +17,7 @@ from pathlib import Path
 from flowscan.errors import ScanError
 from flowscan.io import npz_file, safetensors_file
 from flowscan.readers.base import RawRound, Reader, Round
-from flowscan.readers.numbering import as_rounds, numbered_groups, pattern_and_number, unique_rounds
+from flowscan.readers.numbering import is_run_name, as_rounds, numbered_groups, pattern_and_number, unique_rounds
 from flowscan.readers.registry import register
 
 _EXTS = (".safetensors", ".npz")
@@ -62,10 +62,11 @@ def _shards(index: Path) -> tuple[Path, ...]:
 def _round_folders(folder: Path) -> list[Path]:
     """Numbered subfolders holding one round's weights: no folders of their own, and weight files
     without round numbers (model.safetensors, or shards listed by an index). A subfolder of
-    numbered files (seed_0/round_0.safetensors, ...) is a run of its own, not a round."""
+    numbered files (seed_0/round_0.safetensors, ...) is a run of its own, not a round, and so is a
+    folder named like a run (seed_0/model.safetensors)."""
     found = []
     for c in folder.iterdir():
-        if c.is_dir() and pattern_and_number(c.name):
+        if c.is_dir() and pattern_and_number(c.name) and not is_run_name(c.name):
             children = list(c.iterdir())
             weights = [p for p in children if _is_array_file(p) and not _is_mask_file(p)]
             if any(p.is_dir() for p in children) or not weights:
