@@ -28,13 +28,17 @@ def analysis_summary(results: Sequence[RunResult]) -> str:
         f = res.flow
         lines.append(f"run {run.name}  [{run.format}, {len(f.rounds)} rounds, density "
                      f"{f.density[0]:.3f} -> {f.density[-1]:.3f}, blocks: {res.blocks_rule}]")
+        if run.missing_rounds or run.unfinished_rounds:
+            lines.append(f"  rounds: {completeness_text(run)}")
         e = res.eigen["M"]
         width = max([len(b) for b in res.blocks] + [5])
+        never = _never_pruned_blocks(res)
         lines.append(f"  {'block':<{width}}  {'sigma (M), mean ± SEM':>22}  {'sigma_fit':>9}  pairs  class")
         for b, block in enumerate(res.blocks):
             lines.append(f"  {block:<{width}}  {_pm(e.sigma_mean[b], e.sigma_sem[b]):>22}  "
                          f"{e.fits[b].slope:>+9.4f}  {int(e.n_pairs[b]):>5}  "
-                         f"{relevance(e.sigma_mean[b], e.sigma_sem[b])}")
+                         f"{relevance(e.sigma_mean[b], e.sigma_sem[b])}"
+                         + ("  (never pruned)" if block in never else ""))
         classes = {}
         for b, block in enumerate(res.blocks):
             classes.setdefault(relevance(e.sigma_mean[b], e.sigma_sem[b]), []).append(block)
@@ -44,6 +48,27 @@ def analysis_summary(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def _never_pruned_blocks(res: RunResult) -> set[str]:
+    """Blocks holding a tensor that is never pruned (its share grows only as the others shrink)."""
+    never = set(res.never_pruned)
+    return {label for name, label in zip(res.tensors, res.labels) if name in never}
+
+
+def completeness_text(run) -> str:
+    """`complete 0-3, 5; missing 4; being written 6` for a run's rounds."""
+    parts = [f"complete {_rounds_text(run.complete_rounds)}"]
+    if run.missing_rounds:
+        parts.append(f"missing {_rounds_text(run.missing_rounds)}")
+    if run.unfinished_rounds:
+        parts.append(f"being written {_rounds_text(run.unfinished_rounds)}")
+    return "; ".join(parts)
+
+
+def completeness_data(run) -> dict:
+    return {"complete_rounds": run.complete_rounds, "missing_rounds": run.missing_rounds,
+            "incomplete_rounds": run.unfinished_rounds, "incomplete": {str(k): v for k, v in run.incomplete.items()}}
+
+
 def inspection_data(items: Sequence[Inspection]) -> list[dict]:
     """`inspection_text` as data (for --json)."""
     out = []
@@ -51,7 +76,8 @@ def inspection_data(items: Sequence[Inspection]) -> list[dict]:
         run = item.run
         entry = {"run": run.name, "path": str(run.path), "format": run.format, "notes": list(run.notes),
                  "error": item.error, "rounds": [{"round": r.index, "files": [str(f) for f in r.files],
-                                                   "metrics": dict(r.metrics)} for r in run.rounds]}
+                                                   "metrics": dict(r.metrics)} for r in run.rounds],
+                 **completeness_data(run)}
         if not item.error:
             entry.update(mask_source=item.mask_source, blocks_rule=item.blocks_rule, prunable=[
                 {"tensor": n, "shape": list(item.tensors[n].shape), "block": label}
@@ -65,7 +91,8 @@ def analysis_data(results: Sequence[RunResult]) -> list[dict]:
     out = []
     for res in results:
         item = {"run": res.run.name, "format": res.run.format, "status": "ok" if res.ok else "error",
-                "error": res.error, "notes": list(res.run.notes), "warnings": list(res.warnings)}
+                "error": res.error, "notes": list(res.run.notes), "warnings": list(res.warnings),
+                "never_pruned": list(res.never_pruned), **completeness_data(res.run)}
         if res.ok:
             e = res.eigen["M"]
             item.update(rounds=[int(r) for r in res.flow.rounds], blocks_rule=res.blocks_rule, blocks=[
@@ -94,11 +121,14 @@ def inspection_text(items: Sequence[Inspection]) -> str:
         if item.error:
             lines.append(f"  ERROR: {item.error}")
             continue
-        lines.append(f"  rounds: {_rounds_text([r.index for r in run.rounds])}")
+        lines.append(f"  rounds: {completeness_text(run)}")
         for rnd in run.rounds:
             metrics = " ".join(f"{k}={v:.4g}" for k, v in rnd.metrics.items())
             files = ", ".join(str(p) for p in rnd.files)
             lines.append(f"    {rnd.index:>3}  {files}" + (f"  [{metrics}]" if metrics else ""))
+        for index, why in sorted(run.incomplete.items()):
+            state = "being written" if index in run.unfinished_rounds else "missing"
+            lines.append(f"    {index:>3}  ({state}) {why}")
         n_params = sum(int(np.prod(item.tensors[n].shape)) for n in item.prunable)
         lines.append(f"  masks: {item.mask_source}; blocks: {item.blocks_rule}")
         lines.append(f"  prunable tensors: {len(item.prunable)} ({n_params:,} parameters)")

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -66,8 +65,9 @@ def build_tables(results: Sequence[RunResult]) -> dict[str, pl.DataFrame]:
         try:
             rows = _run_rows(res)
         except Exception as exc:  # noqa: BLE001 - one run's failure costs only that run
-            res = replace(res, error=printable(f"{res.run.path}: building its tables failed: "
-                                               f"{type(exc).__name__}: {exc}"), flow=None)
+            # the run becomes an error for every later reader of `results` too (summary, exit code)
+            res.error = printable(f"{res.run.path}: building its tables failed: {type(exc).__name__}: {exc}")
+            res.flow = None
             rows = _run_rows(res)
         for table, table_rows in rows.items():
             for row in table_rows:

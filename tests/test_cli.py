@@ -9,7 +9,7 @@ from flowscan.tables import read_metadata
 def test_analyze_prints_sigma_per_block_and_writes_five_tables(tmp_path):
     result = run_cli("analyze", FIXTURES / "closed-form" / "flowscan", "-o", tmp_path, "--blocks", "a=^a\\.")
     lines = result.output.splitlines()
-    assert "run .  [flowscan, 5 rounds, density 1.000 -> 0.410, blocks: a=^a\\.]" in lines
+    assert "run flowscan  [flowscan, 5 rounds, density 1.000 -> 0.410, blocks: a=^a\\.]" in lines
     assert "  a              +0.5000 ± 0.0000    +0.5000      4  relevant" in lines
     assert "  irrelevant: (other); relevant: a" in lines
     assert "1 run(s) analysed, 0 failed." in lines
@@ -24,8 +24,8 @@ def test_analyze_prints_sigma_per_block_and_writes_five_tables(tmp_path):
 def test_inspect_lists_runs_rounds_tensors_and_blocks_without_writing(tmp_path):
     result = run_cli("inspect", FIXTURES / "closed-form" / "flowscan", "--blocks", r"^(a|b)\.")
     out = result.output
-    assert out.startswith("run .  [format flowscan]  ")
-    assert "  rounds: 0-4\n" in out
+    assert out.startswith("run flowscan  [format flowscan]  ")
+    assert "  rounds: complete 0-4\n" in out
     assert "[test_accuracy=0.9]" in out
     assert "  masks: stored; blocks: ^(a|b)\\.\n" in out
     assert "  prunable tensors: 4 (3,750 parameters)\n" in out

@@ -283,8 +283,8 @@ def test_flat_safetensors_with_separate_mask_files(tmp_path):
         save_file(weights, str(tmp_path / f"round_{n}.safetensors"))
         save_file({k: v.astype(np.uint8) for k, v in masks.items()}, str(tmp_path / f"round_{n}.masks.safetensors"))
     tables = analyze(tmp_path, tmp_path / "out", *CLOSED_BLOCKS)
-    assert _eigen(tables, ".", "a")["sigma_mean"] == pytest.approx(0.5, abs=1e-9)
-    assert _eigen(tables, ".", "b")["sigma_mean"] == pytest.approx(-1.0, abs=1e-9)
+    assert _eigen(tables, tmp_path.name, "a")["sigma_mean"] == pytest.approx(0.5, abs=1e-9)
+    assert _eigen(tables, tmp_path.name, "b")["sigma_mean"] == pytest.approx(-1.0, abs=1e-9)
 
 
 def test_step_numbered_checkpoint_folders_are_rounds_by_rank(tmp_path):
@@ -296,4 +296,4 @@ def test_step_numbered_checkpoint_folders_are_rounds_by_rank(tmp_path):
     tables = analyze(tmp_path, tmp_path / "out", *CLOSED_BLOCKS)
     assert sorted(tables["rounds"]["round"].unique().to_list()) == [0, 1, 2, 3, 4]
     assert "rank" in tables["runs"]["notes"][0]
-    assert _eigen(tables, ".", "b")["sigma_fit"] == pytest.approx(-1.0, abs=1e-9)
+    assert _eigen(tables, tmp_path.name, "b")["sigma_fit"] == pytest.approx(-1.0, abs=1e-9)

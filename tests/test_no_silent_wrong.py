@@ -38,7 +38,7 @@ def test_two_files_for_one_round_are_an_error_naming_both(tmp_path, fixture, ori
     result = run_cli("analyze", run, "-o", tmp_path / "out", "-q", expect=1)
     error = read_tables(tmp_path / "out")["runs"]["error"][0]
     assert original in error and duplicate in error and "which one is meant" in error, error
-    assert "error: run ." in result.output
+    assert "error: run run:" in result.output
 
 
 def test_open_lth_duplicate_levels_are_an_error(tmp_path):
@@ -76,7 +76,7 @@ def test_a_misspelt_preset_is_an_error_with_a_suggestion(tmp_path):
 def test_rules_that_match_nothing_are_warned_about_and_noted(tmp_path):
     result = run_cli("analyze", FIXTURES / "closed-form" / "safetensors", "-o", tmp_path / "out", "-q",
                      "--blocks", "resnet-stages")
-    assert "warning: run .: block rule 'resnet-stages' matches no prunable tensor" in result.output
+    assert "warning: run safetensors: block rule 'resnet-stages' matches no prunable tensor" in result.output
     assert "100% of the prunable parameters match no block rule" in result.output
     notes = read_tables(tmp_path / "out")["runs"]["notes"][0]
     assert "matches no prunable tensor" in notes and "(other)" in notes

@@ -29,6 +29,9 @@ def inspect(path: Path, scan: dict, app) -> None:
     items = [pipeline.inspect_run(run, options) for run in runs]
     app.result(summary.inspection_text(items))
     app.data(summary.inspection_data(items))
+    for item in items:
+        for warning in item.run.completeness_warnings():
+            app.warn(f"run {item.run.name}: {warning}")
     if any(item.error for item in items):
         sys.exit(1)
 

@@ -58,5 +58,8 @@ def _look_at(folder: Path, readers: list[Reader]) -> tuple[Run | None, list[Path
 
 
 def _relative(root: Path, folder: Path) -> str:
+    """The run's name: its folder relative to PATH, or the folder's own name when PATH is the run."""
     rel = folder.relative_to(root).as_posix()   # a PurePosixPath for store folders too
-    return "." if rel == "." else printable(rel)
+    if rel == ".":
+        return printable(root.name or root.resolve().name or ".")
+    return printable(rel)

@@ -9,11 +9,15 @@ DataParallel `module.` prefix, an optional `model.` prefix, and a `select` prefi
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from flowscan.errors import ScanError
+from flowscan.io.arrays import LoadedArray
 from flowscan.io.torch_file import UnreadableTensor
 from flowscan.readers.base import NameOptions, RawRound, TensorRef
 
@@ -88,6 +92,11 @@ def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
             refs.append(TensorRef(name, weight, None, raw.path))
             continue
         mask_raw, mask, mask_path = mask_entry
+        if is_packed_mask(mask, weight):
+            mask = unpacked(mask, weight)
+            note = "packed masks (jaxpruner's use_packed_masks: uint8, 8 entries a byte) unpacked, big-endian bits"
+            if note not in raw.notes:
+                raw.notes.append(note)
         if tuple(mask.shape) != tuple(weight.shape):
             raise ScanError(mask_path, f"mask {mask_raw!r} has shape {tuple(mask.shape)} but its weight "
                                        f"{raw_name!r} in {raw.path} has shape {tuple(weight.shape)}",
@@ -99,3 +108,20 @@ def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
                                    f"({len(masks)} unmatched mask(s); wrong --select or prefix?)",
                         tensor=name)
     return refs
+
+
+def is_packed_mask(mask: Any, weight: Any) -> bool:
+    """A mask stored as `jnp.packbits(mask)`: uint8 of ceil(n/8) entries beside a weight of n > 1."""
+    n = math.prod(tuple(weight.shape))
+    return (str(mask.dtype) == "uint8" and len(tuple(mask.shape)) == 1 and n > 1
+            and tuple(mask.shape) != tuple(weight.shape) and mask.shape[0] == (n + 7) // 8)
+
+
+def unpacked(mask: Any, weight: Any) -> LoadedArray:
+    """The 0/1 mask of `weight`'s shape, `np.unpackbits(packed)[:n]` (jaxpruner's bit order), read lazily."""
+    shape = tuple(int(d) for d in weight.shape)
+    n = math.prod(shape)
+
+    def load() -> np.ndarray:
+        return np.unpackbits(np.asarray(mask, dtype=np.uint8), count=n).reshape(shape)
+    return LoadedArray(shape, np.dtype(np.uint8), load)
