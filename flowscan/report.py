@@ -181,3 +181,17 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
 
 def figure_ids(page: str) -> list[str]:
     return re.findall(r'<figure id="fig-([^"]+)">', page)
+
+
+def write_report(out, command: str, grouping=None, bootstrap: int = 100, output=None) -> tuple[object, list[str]]:
+    """Render OUT's tables into `output` (default OUT/report.html): (the file, warnings)."""
+    from pathlib import Path
+
+    from flowscan.io.atomic import write_text
+    from flowscan.stats.groups import Grouping
+    from flowscan.stats.loading import load_analysis
+
+    analysis = load_analysis(out, grouping or Grouping(), bootstrap)
+    output = Path(output) if output else Path(out) / "report.html"
+    write_text(output, render(analysis, command))
+    return output, list(analysis.warnings)

@@ -359,3 +359,62 @@ def test_python_api_names_a_run_given_as_path(tmp_path):
     assert [r.run.name for r in results] == ["npz"]
     assert tables.build_tables(results)["runs"]["run"].to_list() == ["npz"]
     assert math.isfinite(results[0].eigen["M"].sigma_mean[0])
+
+
+# -- watching a run in progress ------------------------------------------------------------------
+def test_watch_follows_produce_and_ends_with_130_on_ctrl_c(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpts, out = tmp_path / "ckpts", tmp_path / "out"
+    ckpts.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    watcher = subprocess.Popen([sys.executable, "-m", "flowscan", "analyze", str(ckpts), "-o", str(out),
+                                "--watch", "--interval", "0.3"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        subprocess.run([sys.executable, "-m", "flowscan", "produce", "--model", "mlp", "--data", "digits",
+                        "--epochs", "2", "--batch-size", "64", "--lr", "0.05", "-q", "--rounds", "3",
+                        "-o", str(ckpts)], check=True, capture_output=True, env=env)
+        made = set(range(len(list((ckpts / "seed_0").glob("round_*")))))
+        assert len(made) >= 3
+        deadline = time.time() + 120
+        while time.time() < deadline:   # until a scan has seen every round of the finished archive
+            if (out / "rounds.parquet").exists() and set(pl.read_parquet(out / "rounds.parquet")["round"]) == made:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        stdout, stderr = watcher.communicate(timeout=60)
+    assert watcher.returncode == 130, stderr
+    assert "stopped watching" in stderr
+    frames = read_tables(out)
+    assert frames["runs"]["complete_rounds"][0].to_list() == sorted(made)
+    assert frames["runs"]["status"].to_list() == ["ok"]
+    # the tables equal a plain analysis of the finished archive
+    final = analyze(ckpts, tmp_path / "again")
+    assert frames["eigen"].equals(final["eigen"])
+    # it printed what changed along the way (new rounds, or the run when it first appeared)
+    assert "new round(s)" in stdout or "run seed_0: new" in stdout or "run seed_0" in stdout
+
+
+def test_watch_changes_lists_new_rounds_moved_sigmas_and_verdicts():
+    from flowscan import watch
+
+    run = FIXTURES / "closed-form" / "safetensors"
+    opts = pipeline.Options(blocks=__import__("flowscan.blocks", fromlist=["BlockRules"]).BlockRules.parse(
+        [r"^(a|b)\."]))
+    runs = pipeline.find_runs(run, opts)
+    full = pipeline.analyze_runs(runs, opts)
+    short_runs = pipeline.find_runs(run, opts)
+    short_runs[0].rounds = short_runs[0].rounds[:2]          # one step: undetermined verdicts
+    short = pipeline.analyze_runs(short_runs, opts)
+    lines = watch.changes(short, full)
+    assert "run safetensors: new round(s) 2, 3, 4" in lines
+    assert "run safetensors: a undetermined -> relevant" in lines
+    assert any(line.startswith("run safetensors: sigma((other))") for line in lines)
+    assert watch.changes(full, full) == []

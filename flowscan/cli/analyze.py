@@ -29,16 +29,36 @@ from flowscan.cli.options import ARCHIVE, command_line, scan_options
 @click.option("--verify", is_flag=True,
               help="Check the CRC-32 of every torch zip and .npz member read, so a flipped byte fails its run "
                    "(about halves the warm throughput of torch zip archives).")
+@click.option("--watch", is_flag=True,
+              help="Keep watching PATH: re-scan every --interval seconds, read only new complete rounds, "
+                   "rewrite the tables and print what changed; Ctrl-C ends it (exit 130, tables intact).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True, metavar="SECONDS",
+              help="Seconds between scans with --watch.")
 @app_options(json_output=True)
 def analyze(path: Path, out: Path, scan: dict, jobs: int | None, engine: str, scheduler: str | None, strict: bool,
-            no_cache: bool, verify: bool, app) -> None:
+            no_cache: bool, verify: bool, watch: bool, interval: float, app) -> None:
     """Compute M, P, lambda and sigma per block for every IMP run below PATH."""
-    from flowscan import engines, pipeline, summary, tables
-    from flowscan.errors import FlowscanError
+    from flowscan import engines, pipeline
 
+    if watch and no_cache:
+        raise click.UsageError("--watch reads only new rounds through the cache: drop --no-cache")
     options = pipeline.Options(**scan, jobs=jobs or engines.default_jobs(),
                                engine="dask" if scheduler else engine, scheduler=scheduler, strict=strict,
                                verify=verify, cache_dir=None if no_cache else out / ".cache")
+    if watch:
+        _watch(path, out, options, interval, app)
+        return
+    results = _scan(path, out, options, app)
+    _show(results, app)
+    if any(not r.ok for r in results):
+        sys.exit(1)
+
+
+def _scan(path: Path, out: Path, options, app):
+    """Discover, reduce and assemble every run, then write the tables (atomically)."""
+    from flowscan import pipeline, tables
+    from flowscan.errors import FlowscanError
+
     try:
         runs = pipeline.find_runs(path, options, exclude=out)
         n_rounds = sum(len(r.rounds) for r in runs if not r.error)
@@ -56,13 +76,57 @@ def analyze(path: Path, out: Path, scan: dict, jobs: int | None, engine: str, sc
     written = tables.write_tables(frames, out, tables.metadata(command_line(), str(options.blocks),
                                                                analysis_id=identity["analysis_id"]))
     tables.write_manifest(out, identity)
+    app.wrote(written)
+    return results
+
+
+def _show(results, app) -> None:
+    from flowscan import summary
+
     app.result(summary.analysis_summary(results))
     app.data(summary.analysis_data(results))
-    app.wrote(written)
     for res in results:
         for warning in res.warnings:
             app.warn(f"run {res.run.name}: {warning}")
         if not res.ok:
             app.error(f"run {res.run.name}: {res.error}")
-    if any(not r.ok for r in results):
-        sys.exit(1)
+
+
+def _watch(path: Path, out: Path, options, interval: float, app) -> None:
+    """Scan, then re-scan every `interval` seconds printing what changed, until Ctrl-C (exit 130)."""
+    import time
+
+    from flowscan import watch
+    from flowscan.errors import FlowscanError
+    from flowscan.report import write_report
+
+    previous = None
+    try:
+        while True:
+            try:
+                results = _scan(path, out, options, app)
+            except click.ClickException as exc:   # e.g. no runs yet: the first round is still coming
+                app.note(f"{exc.message}; looking again in {interval:g} s")
+                results = None
+            if results is not None:
+                if previous is None:
+                    _show(results, app)
+                else:
+                    for line in watch.changes(previous, results) or ["no change"]:
+                        app.result(f"{time.strftime('%H:%M:%S')} {line}")
+                    seen = {(p.run.name, w) for p in previous for w in p.warnings}
+                    for res in results:
+                        for warning in res.warnings:
+                            if (res.run.name, warning) not in seen:
+                                app.warn(f"run {res.run.name}: {warning}")
+                if previous is not None and (out / "report.html").exists():
+                    try:
+                        written, _warnings = write_report(out, command_line())
+                        app.wrote([written])
+                    except FlowscanError as exc:
+                        app.warn(f"report.html not refreshed: {exc}")
+                previous = results
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped watching; the tables in {out} are those of the last complete scan", err=True)
+        sys.exit(130)

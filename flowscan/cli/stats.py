@@ -199,16 +199,12 @@ def plot(out, output, formats, pairs, grouping, app) -> None:
 def report(out, output, bootstrap, grouping, app) -> None:
     """One self-contained HTML page: figures, tables, command and versions."""
     from flowscan.errors import FlowscanError
-    from flowscan.io.atomic import write_text
-    from flowscan.report import render
-    from flowscan.stats.loading import load_analysis
+    from flowscan.report import write_report
 
     try:
-        a = load_analysis(out, grouping, bootstrap)
+        written, warnings = write_report(out, command_line(), grouping, bootstrap, output)
     except FlowscanError as exc:
         raise _fail(exc) from None
-    for warning in a.warnings:
+    for warning in warnings:
         app.warn(warning)
-    output = output or out / "report.html"
-    write_text(output, render(a, command_line()))
-    app.wrote([output])
+    app.wrote([written])
