@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import Checksum
+from flowscan.io.arrays import Checksum, ChunkedArray
 from flowscan.readers import names, registry
 from flowscan.readers.base import NameOptions, Round, TensorRef
 
@@ -74,6 +74,9 @@ class _Buffers:
 
 
 def _flat(array: Any) -> np.ndarray:
+    """The array flattened; an array read in slices stays lazy (its slices are read per chunk)."""
+    if isinstance(array, ChunkedArray):   # indexes as its flattened form already
+        return array
     arr = np.asarray(array)
     return arr.reshape(-1)
 

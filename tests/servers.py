@@ -27,8 +27,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.server.sent += len(data)
         outputfile.write(data)
 
+    def do_HEAD(self):
+        self.server.paths.append(self.path)
+        return super().do_HEAD()
+
     def do_GET(self):
         self.server.requests += 1
+        self.server.paths.append(self.path)
         match = _RANGE.match(self.headers.get("Range", ""))
         path = Path(self.translate_path(self.path))
         if not self.server.ranges or match is None or not path.is_file():
@@ -63,6 +68,7 @@ class FileServer(http.server.ThreadingHTTPServer):
     def __init__(self, root: Path, ranges: bool, short_ranges: bool = False):
         super().__init__(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
         self.ranges, self.short_ranges = ranges, short_ranges
+        self.paths: list[str] = []   # every path asked for (GET and HEAD), in order
 
     @property
     def url(self) -> str:

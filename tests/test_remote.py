@@ -226,3 +226,13 @@ def test_remote_orbax_inspect_reads_metadata_and_manifests_only(tmp_path):
         assert server.sent < 64 << 10, server.sent   # measured: 5,116 of 19,175,831 bytes
         local = analyze(run, tmp_path / "local")
         same_tables(analyze(f"{server.url}/orbax/", tmp_path / "remote"), local)
+
+
+@pytest.mark.parametrize("archive", ["closed-form/safetensors", "open_lth/lottery_0123456789abcdef0123456789abcdef",
+                                     "keras/closed-form-h5"])
+def test_remote_scans_never_ask_above_the_url_given(tmp_path, archive):
+    with file_server(FIXTURES) as server:
+        run_cli("analyze", f"{server.url}/{archive}/", "-o", tmp_path / "out", "-q")
+        run_cli("inspect", f"{server.url}/{archive}", "-q")
+    above = [p for p in server.paths if not p.startswith(f"/{archive}/") and p != f"/{archive}"]
+    assert server.paths and not above, above

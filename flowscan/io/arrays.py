@@ -335,3 +335,51 @@ def _as_requested(arr: np.ndarray, dtype, copy) -> np.ndarray:
     if dtype is not None and np.dtype(dtype) != arr.dtype:
         return arr.astype(dtype)
     return arr.copy() if copy else arr
+
+
+ROW_LIMIT = 1 << 18   # elements of a row read whole when a flat range is asked for (one reduce chunk)
+
+
+class ChunkedArray(Frozen):
+    """An array read in slices on demand (HDF5 datasets). It indexes as its own flattened form:
+    `a[start:stop]` reads that range of the flattened array, at most two partial rows more, so the reducer's memory stays bounded whatever
+    the declared size; `np.asarray()` reads it whole. `read(index)` reads an N-d numpy index."""
+
+    __slots__ = ("shape", "dtype", "_read")
+
+    def __init__(self, shape, dtype, read):
+        self._init(shape=tuple(shape), dtype=np.dtype(dtype), _read=read)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __getitem__(self, flat: slice) -> np.ndarray:
+        start, stop, step = flat.indices(self.size)
+        if step != 1:
+            raise ValueError("ChunkedArray reads contiguous flat ranges only")
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        if not self.shape:
+            return np.asarray(self._read(()), dtype=self.dtype).reshape(-1)[start:stop]
+        return self._flat(tuple(), self.shape, start, stop)
+
+    def _flat(self, prefix: tuple, shape: tuple, start: int, stop: int) -> np.ndarray:
+        if len(shape) == 1:
+            return np.asarray(self._read(prefix + (slice(start, stop),))).reshape(-1)
+        inner = math.prod(shape[1:])
+        first, last = start // inner, -(-stop // inner)
+        if inner <= ROW_LIMIT:   # whole rows, cut to the range
+            rows = np.asarray(self._read(prefix + (slice(first, last),))).reshape(-1)
+            return rows[start - first * inner:stop - first * inner]
+        return np.concatenate([self._flat(prefix + (r,), shape[1:], max(start, r * inner) - r * inner,
+                                          min(stop, (r + 1) * inner) - r * inner) for r in range(first, last)])
+
+    def __array__(self, dtype=None, copy=None):
+        return _as_requested(np.asarray(self._read(())).reshape(self.shape), dtype, copy)
+
+    def release(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"ChunkedArray(shape={self.shape}, dtype={self.dtype})"

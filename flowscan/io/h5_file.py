@@ -3,9 +3,14 @@
 A `.keras` file is a zip whose `model.weights.h5` member Keras stores uncompressed: h5py reads it
 in place through a window onto the archive (no copy); a compressed member is inflated into memory
 within the npz budget. The file is opened once per round and its datasets are read when reduced
-(h5py serializes calls into libhdf5, so the threads of a round may share it). A dataset whose declared size exceeds half of this
-machine's memory is refused before it is read: HDF5 can declare any shape over a fill value.
-Needs `pip install 'flowscan[keras]'` (h5py).
+(h5py serializes calls into libhdf5, so the threads of a round may share it).
+
+Nothing outside the file is read: before any dataset is touched, every link of the file is
+checked, and external links (to another file), user-defined links, datasets with external raw
+storage and virtual datasets (whose data lives in other files) are refused by name; soft links
+stay inside the file. Datasets are reduced in slices (`ChunkedArray`), so memory stays bounded
+whatever a dataset declares; one that declares far more than it stores (a fill value, or more than
+deflate can compress) is refused before it is read. Needs `pip install 'flowscan[keras]'` (h5py).
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import LoadedArray
+from flowscan.io.arrays import ChunkedArray
 from flowscan.io.location import is_remote, location
 from flowscan.io.npz_file import inflate_budget
 from flowscan.io.zip_members import data_offset, unique_members
 
 KERAS_WEIGHTS = "model.weights.h5"
 MAX_CONFIG_BYTES = 64 << 20
+# Declared bytes per stored byte beyond which a dataset is refused: deflate, the strongest filter
+# Keras files use, cannot exceed about 1032:1, so more means unallocated chunks over a fill value.
+MAX_EXPANSION = 2048
+SMALL_DATASET = 64 << 20   # datasets up to this size are read whatever they store
 
 
 def _h5py():
@@ -79,10 +88,17 @@ def open_weights(path) -> tuple[Any, dict | None]:
     raw = None
     try:
         if not is_keras_zip(path):   # local files through libhdf5's own driver; remote ones through fsspec
-            return h5py.File(path.open("rb") if is_remote(path) else str(path), "r"), None
-        raw = path.open("rb")
-        source, config = _keras_zip(path, raw)
-        return h5py.File(source, "r"), config
+            f, config = h5py.File(path.open("rb") if is_remote(path) else str(path), "r"), None
+        else:
+            raw = path.open("rb")
+            source, config = _keras_zip(path, raw)
+            f = h5py.File(source, "r")
+        try:
+            check_self_contained(f, path)
+        except BaseException:
+            f.close()
+            raise
+        return f, config
     except Exception as exc:  # noqa: BLE001 - libhdf5 damage surfaces as OSError, RuntimeError, KeyError ...
         if raw is not None:
             raw.close()
@@ -123,26 +139,53 @@ def _config(path, zf: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> dict | N
     return config if isinstance(config, dict) else None
 
 
+def check_self_contained(f, path) -> None:
+    """Refuse, by name, every link or dataset of an open HDF5 file whose bytes lie in another file."""
+    h5py = _h5py()
+    problems: list[str] = []
+
+    def link(name, info):
+        if isinstance(info, h5py.ExternalLink):
+            problems.append(f"{name} is an external link to {info.filename}:{info.path}")
+        elif not isinstance(info, (h5py.HardLink, h5py.SoftLink)):
+            problems.append(f"{name} is a {type(info).__name__} (a user-defined link)")
+
+    def item(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            if obj.is_virtual:
+                sources = sorted({m.file_name for m in obj.virtual_sources()})
+                problems.append(f"dataset {name} is virtual, its data in {', '.join(sources)}")
+            elif obj.external:
+                problems.append(f"dataset {name} keeps its data outside the file, in "
+                                f"{', '.join(str(e[0]) for e in obj.external)}")
+
+    f.visititems_links(link)
+    if not problems:
+        f.visititems(item)
+    if problems:
+        raise ScanError(path, f"{problems[0]} (refused: flowscan reads nothing outside the checkpoint"
+                              + (f"; {len(problems) - 1} more" if len(problems) > 1 else "") + ")")
+
+
 def is_numeric(dataset) -> bool:
     dtype = getattr(dataset, "dtype", None)
     return dtype is not None and dtype.kind in "biuf" and dtype.itemsize > 0
 
 
-def lazy(path, name: str, dataset) -> LoadedArray:
-    """A dataset read when reduced (through the round's open file, which it keeps open)."""
+def lazy(path, name: str, dataset) -> ChunkedArray:
+    """A dataset read slice by slice when reduced (through the round's open file, which it keeps open)."""
     shape, dtype = tuple(int(n) for n in dataset.shape), dataset.dtype.newbyteorder("=")
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if nbytes > inflate_budget():
-        raise ScanError(path, f"dataset declares {nbytes} bytes, more than half of this machine's memory "
-                              "(refused)", tensor=name)
+    if nbytes > SMALL_DATASET:
+        stored = int(dataset.id.get_storage_size())
+        if nbytes > MAX_EXPANSION * max(stored, 1):
+            raise ScanError(path, f"dataset declares {nbytes} bytes but stores {stored} (a fill value or "
+                                  f"an expansion beyond {MAX_EXPANSION}:1; refused)", tensor=name)
 
-    def load() -> np.ndarray:
+    def read(index) -> np.ndarray:
         try:
-            data = np.asarray(dataset[()])
+            return np.asarray(dataset[index]).astype(dtype, copy=False)
         except Exception as exc:  # noqa: BLE001 - as in open_weights
             raise ScanError(path, f"cannot read dataset {dataset.name}: {type(exc).__name__}: {exc}",
                             tensor=name) from None
-        if data.shape != shape:
-            raise ScanError(path, f"dataset {dataset.name} read as shape {data.shape}, declared {shape}", tensor=name)
-        return data.astype(dtype, copy=False)
-    return LoadedArray(shape, dtype, load)
+    return ChunkedArray(shape, dtype, read)

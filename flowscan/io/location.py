@@ -235,10 +235,12 @@ def _store(url: str) -> tuple[Store, str]:
 class RemotePath:
     """A file or folder in an fsspec store, with the slice of `pathlib.Path` readers use."""
 
-    __slots__ = ("store", "path", "_entry")
+    __slots__ = ("store", "path", "_entry", "top")
 
-    def __init__(self, store: Store, path: str, entry: dict | None = None):
+    def __init__(self, store: Store, path: str, entry: dict | None = None, top: str | None = None):
         self.store, self.path, self._entry = store, _strip(path), entry
+        # the URL the user gave: nothing above it is ever listed or read
+        self.top = _strip(top) if top is not None else self.path
 
     @classmethod
     def from_url(cls, url: str) -> "RemotePath":
@@ -246,7 +248,7 @@ class RemotePath:
         return cls(store, path)
 
     def __reduce__(self):
-        return (RemotePath, (self.store, self.path, self._entry))
+        return (RemotePath, (self.store, self.path, self._entry, self.top))
 
     # -- names ----------------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -270,7 +272,7 @@ class RemotePath:
         return self.path < other.path
 
     def __truediv__(self, name: str) -> "RemotePath":
-        return RemotePath(self.store, f"{self.path}/{str(name).strip('/')}")
+        return RemotePath(self.store, f"{self.path}/{str(name).strip('/')}", top=self.top)
 
     @property
     def name(self) -> str:
@@ -278,7 +280,7 @@ class RemotePath:
 
     @property
     def parent(self) -> "RemotePath":
-        return RemotePath(self.store, posixpath.dirname(self.path))
+        return RemotePath(self.store, posixpath.dirname(self.path), top=self.top)
 
     def resolve(self) -> "RemotePath":
         return self
@@ -290,10 +292,17 @@ class RemotePath:
 
     # -- what is there ---------------------------------------------------------------------------
     def entry(self) -> dict | None:
-        """The store's listing entry (type, size, ...), from the parent folder's listing."""
-        if self._entry is None and not self._is_top():
+        """The store's listing entry (type, size, ...), from the parent folder's listing; never for
+        the URL given or anything above it (that would list folders the user did not name)."""
+        if self._entry is None and not self._is_top() and self._below_top():
             self._entry = self.store.listing(self.parent.path).get(self.name)
         return self._entry
+
+    def _below_top(self) -> bool:
+        return self.path.startswith(self.top.rstrip("/") + "/")
+
+    def _within_top(self) -> bool:
+        return self.path == self.top or self._below_top()
 
     def _is_top(self) -> bool:
         """A bucket or a web server's root: nothing above it can be listed."""
@@ -303,8 +312,8 @@ class RemotePath:
 
     def is_dir(self) -> bool:
         entry = self.entry()
-        if entry is None:  # a store root or a folder its parent cannot list (HTTP roots)
-            return bool(self.store.listing(self.path))
+        if entry is None:  # the URL given, a store root, or a folder its parent cannot list (HTTP roots)
+            return self._within_top() and bool(self.store.listing(self.path))
         return entry.get("type") == "directory"
 
     def is_file(self) -> bool:
@@ -315,8 +324,10 @@ class RemotePath:
         return self.entry() is not None or self.is_dir()
 
     def iterdir(self) -> Iterator["RemotePath"]:
+        if not self._within_top():
+            return
         for name, entry in self.store.listing(self.path).items():
-            yield RemotePath(self.store, f"{self.path}/{name}", entry)
+            yield RemotePath(self.store, f"{self.path}/{name}", entry, self.top)
 
     def glob(self, pattern: str) -> Iterator["RemotePath"]:
         return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))

@@ -64,6 +64,16 @@ HOSTILE_NAMES = frozenset({
     ("torch", "from_file"), ("numpy", "load"), ("numpy", "fromfile"), ("numpy", "save"),
     ("numpy", "loadtxt"), ("numpy", "genfromtxt"), ("numpy.lib.npyio", "load"),
     ("codecs", "open"), ("codecs", "lookup"), ("pathlib", "Path.write_text"),
+    ("torch.storage", "_load_from_bytes"),   # a torch.load wrapper
+})
+# Plain data types that live in modules of the families above (enums, named tuples, namespaces):
+# creating them runs no code, so they are kept as inert records like any other class, not refused.
+BENIGN_NAMES = frozenset({
+    ("http", "HTTPStatus"), ("http", "HTTPMethod"), ("types", "SimpleNamespace"), ("signal", "Signals"),
+    ("signal", "Handlers"), ("signal", "Sigmasks"), ("socket", "AddressFamily"), ("socket", "SocketKind"),
+    ("ssl", "Purpose"), ("ssl", "TLSVersion"), ("ssl", "VerifyMode"), ("platform", "uname_result"),
+    ("os", "stat_result"), ("os", "terminal_size"), ("posix", "stat_result"), ("sys", "version_info"),
+    ("inspect", "_ParameterKind"), ("multiprocessing.process", "AuthenticationString"),
 })
 _HOSTILE_COMPONENTS = frozenset(m for m in HOSTILE_MODULES if "." not in m) | frozenset(
     n for _m, n in HOSTILE_NAMES if _m == "builtins")
@@ -74,6 +84,9 @@ MAX_STACK_DEPTH = 5_000        # nesting; a pickled BERT module reaches a few do
 
 
 def is_hostile(module: str, name: str) -> bool:
+    """A name that can run code, load a pickle or touch files (refused); benign data types are not."""
+    if (module, name) in BENIGN_NAMES:
+        return False
     if (module, name) in HOSTILE_NAMES:
         return True
     if any(module == m or module.startswith(m + ".") for m in HOSTILE_MODULES):

@@ -62,6 +62,9 @@ _UNSUPPORTED_REBUILDS = {
     "_rebuild_mtia_tensor": "MTIA tensors", "_rebuild_device_tensor_from_cpu_tensor": "device tensors",
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# element sizes of the storage types flowscan cannot read, so a legacy file's other storages still are
+_UNSUPPORTED_STORAGE_BYTES = {"QInt8Storage": 1, "QUInt8Storage": 1, "QInt32Storage": 4, "QUInt4x2Storage": 1,
+                              "QUInt2x4Storage": 1, "ComplexHalfStorage": 4}
 
 
 class UnreadableTensor(Stub):
@@ -104,6 +107,8 @@ class _FileReader:
             ("torch._tensor", "_rebuild_from_type"): _rebuild_from_type,
             ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
             ("torch", "Size"): lambda *a: tuple(*a),
+            # how torch pickles a layout (torch.sparse_coo ...): its name; the sparse rebuild is refused by kind
+            ("torch.serialization", "_get_layout"): lambda name: str(name),
             ("torch", "device"): lambda *a: ":".join(str(x) for x in a),
         }
         for key, fn in functions.items():
@@ -213,6 +218,9 @@ def _load_zip(path: Path, raw):
         pkl = [n for n in names if n.endswith("data.pkl")]
         if not pkl:
             raise ScanError(path, "zip archive without data.pkl: not a torch.save file")
+        if len(pkl) > 1:   # a scanner may check one and a loader read the other
+            raise ScanError(path, f"zip archive holds {len(pkl)} data.pkl members ({pkl[0]}, {pkl[1]}): "
+                                  "which one is meant? (refused)")
         prefix = pkl[0][: -len("data.pkl")]
         byteorder = prefix + "byteorder"
         if byteorder in names and zf.read(byteorder).strip() == b"big":
@@ -256,8 +264,12 @@ def _load_zip(path: Path, raw):
                                   "outside the pickle, so a real one is far smaller)")
         with zf.open(info) as f:
             data = f.read()   # zipfile checks its CRC-32 on this full read
-        return safe_load(io.BytesIO(data), str(path), allowed=reader.allowed(),
-                         persistent_load=persistent_load)
+        stream = io.BytesIO(data)
+        loaded = safe_load(stream, str(path), allowed=reader.allowed(), persistent_load=persistent_load)
+        if stream.tell() != len(data):   # torch writes one pickle; more after it is hidden from a reader
+            raise ScanError(path, f"data.pkl holds {len(data) - stream.tell()} bytes after its pickle (a second "
+                                  "pickle stream?): refused")
+        return loaded
 
 
 def _short(obj) -> str:
@@ -270,6 +282,7 @@ def _load_legacy(path: Path):
     storages = StorageFile(path, map_file(path))
     reader = _FileReader(path, storages)
     made: dict[str, Storage] = {}
+    unsupported: dict[str, tuple[str, Any]] = {}   # storages of types flowscan cannot read: skipped
     with path.open("rb") as f:
         try:
             magic = safe_load(f, str(path), max_bytes=64).value
@@ -290,6 +303,7 @@ def _load_legacy(path: Path):
             root_key = str(root_key)
             dtype = reader.storage_dtype(storage_type)
             if dtype is None:
+                unsupported[root_key] = (_type_name(storage_type), numel)
                 return _unreadable(f"storage type {_type_name(storage_type)} is not supported")
             root = made.get(root_key)
             if root is None:
@@ -318,6 +332,13 @@ def _load_legacy(path: Path):
                 raise ScanError(path, f"storage {key} extends past the end of the file (truncated?)",
                                 truncated=True)
             numel = struct.unpack("<q", header)[0]
+            if key in unsupported:   # skip its bytes; a tensor over it is refused by name if it is used
+                kind, declared = unsupported[key]
+                item = _UNSUPPORTED_STORAGE_BYTES.get(kind.rsplit(".", 1)[-1])
+                if item is None or numel != declared or numel < 0:
+                    raise ScanError(path, f"storage {key} is a {kind}, which flowscan cannot read (unsupported)")
+                offset += 8 + numel * item
+                continue
             storage = made.get(key)
             if storage is None or numel != storage.numel:
                 raise ScanError(path, f"storage {key} holds {numel} elements, but the pickle declares "

@@ -6,6 +6,7 @@ name that is not UTF-8) becomes that run's error; the walk goes on to the other 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flowscan.errors import FlowscanError, ScanError, printable
@@ -21,18 +22,43 @@ def discover(root: Path, format: str | None = None, exclude: Path | None = None)
         raise FlowscanError(f"{printable(str(root))}: not a folder (flowscan analyzes folders of checkpoints)")
     readers = [registry.get(format)] if format else registry.all_readers()
     exclude = exclude.resolve() if exclude else None
+    local = isinstance(root, Path)
+    inside = root.resolve() if local else None
     runs: list[Run] = []
+    seen: set = set()
     stack = [root]
     while stack:  # depth first, in name order, without recursion (any depth of folders)
         folder = stack.pop()
-        if exclude is not None and folder.resolve() == exclude:
-            continue
+        real = folder.resolve()
+        if (exclude is not None and real == exclude) or (local and real in seen):
+            continue   # the output folder, or a folder reached again through a link (no loops)
+        seen.add(real)
         run, children = _look_at(folder, readers)
         if run is not None:
             run.name = _relative(root, folder)
+            if local and not run.error:
+                run.error = outside_link(run, inside)
             runs.append(run)
         stack.extend(reversed(children))
     return runs
+
+
+def outside_link(run: Run, inside: Path) -> str | None:
+    """The refusal of a run that reaches, through a symbolic link, a file outside the scanned folder
+    `inside` (None when every file it would read lies below it): flowscan reads nothing else."""
+    def leaves(path: Path) -> bool:
+        real = path.resolve()
+        return real != inside and inside not in real.parents
+
+    candidates = [run.path] + [f for r in run.rounds for f in r.files]
+    for rnd in run.rounds:   # folders a reader hands to a library whole (Orbax items): everything in them
+        for item in (v for v in rnd.spec if isinstance(v, Path) and v.is_dir()):
+            candidates += [Path(top) / name for top, dirs, files in os.walk(item) for name in dirs + files]
+    for path in candidates:
+        if leaves(path):
+            return printable(f"{path}: a symbolic link to {path.resolve()}, outside {inside} (refused: flowscan "
+                             "reads only the files below the folder it was given)")
+    return None
 
 
 def _look_at(folder: Path, readers: list[Reader]) -> tuple[Run | None, list[Path]]:
