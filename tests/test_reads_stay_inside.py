@@ -300,3 +300,42 @@ def test_second_pickle_stream_in_data_pkl_is_refused(tmp_path):
     path.write_bytes(buf.getvalue())
     with pytest.raises(ScanError, match="after its pickle"):
         torch_file.load(path)
+
+
+# -- Orbax: kvstore paths and chunk counts ----------------------------------------------------
+def test_orbax_keys_that_would_leave_the_folder_are_refused(tmp_path):
+    import json
+
+    from test_orbax import hand_made
+
+    folder = hand_made(tmp_path / "run", 0, {"params.w": np.ones((2, 2), np.float32)})
+    meta = json.loads((folder / "_METADATA").read_text())
+    entry = next(iter(meta["tree_metadata"].values()))
+    for bad in ("../../etc", "a/b", "..\\x"):
+        entry["key_metadata"][-1]["key"] = bad
+        meta["tree_metadata"] = {"x": entry}
+        (folder / "_METADATA").write_text(json.dumps(meta))
+        from flowscan.io import orbax_store
+        with pytest.raises(ScanError, match="malformed key"):
+            orbax_store.tree(folder)
+
+
+def test_orbax_array_of_millions_of_chunks_is_refused_before_reading(tmp_path):
+    import json
+
+    import tensorstore as ts
+
+    from flowscan.io import orbax_store
+
+    folder = tmp_path / "run" / "0"
+    folder.mkdir(parents=True)
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(folder / "params.w") + "/"},
+            "metadata": {"shape": [4_000_000], "chunks": [1], "dtype": "<f4"}}
+    ts.open(spec, create=True).result()   # metadata only: every chunk is the fill value
+    meta = {"tree_metadata": {"('params', 'w')": {
+        "key_metadata": [{"key": "params", "key_type": 2}, {"key": "w", "key_type": 2}],
+        "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}},
+        "use_ocdbt": False, "use_zarr3": False}
+    (folder / "_METADATA").write_text(json.dumps(meta))
+    with pytest.raises(ScanError, match="4000000 chunks"):
+        orbax_store.tree(folder)

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import LoadedArray
+from flowscan.io.arrays import ChunkedArray
 from flowscan.io.location import is_remote, location
 from flowscan.io.npz_file import inflate_budget
 
 METADATA = "_METADATA"
 MAX_METADATA_BYTES = 256 << 20
 CACHE_BYTES = 32 << 20        # tensorstore's cache of one checkpoint's metadata (and recent chunks)
+MAX_CHUNKS = 1 << 20          # chunks of one array: real checkpoints have a few per array
 _ARRAY_TYPES = ("np.ndarray", "jax.Array", "scalar")   # stored as zarr arrays
 _KEY_TYPES = {1: "index", 2: "key"}
 
@@ -92,7 +93,9 @@ def _keys(entry: Any, where, raw_key: str) -> list:
     out = []
     for k in keys:
         key = k["key"]
-        if not isinstance(key, (str, int)) or isinstance(key, bool) or str(key) in ("", ".") or "." in str(key):
+        # keys become kvstore paths: no dots (`..`), no separators, so none leaves the checkpoint folder
+        if not isinstance(key, (str, int)) or isinstance(key, bool) or str(key) == "" \
+                or any(c in str(key) for c in "./\\\0"):
             raise ScanError(where, f"entry {raw_key!r} has a malformed key {key!r}")
         out.append(str(key))
     return out
@@ -127,10 +130,13 @@ def tree(folder) -> dict:
     return root
 
 
-def _lazy(opening, folder, name: str) -> LoadedArray:
+def _lazy(opening, folder, name: str) -> ChunkedArray:
+    """An array read in slices when reduced (bounded memory), after its declared size and chunk
+    count are checked: a few bytes of metadata can declare billions of chunks over a fill value."""
     try:
         store = opening.result()
         shape, dtype = tuple(int(n) for n in store.shape), np.dtype(store.dtype.numpy_dtype)
+        chunk = tuple(int(c) for c in store.chunk_layout.read_chunk.shape or shape)
     except Exception as exc:  # noqa: BLE001 - tensorstore reports damage as ValueError, RuntimeError ...
         raise ScanError(folder, f"array {name!r} cannot be opened: {_short(exc)}") from None
     widen = dtype.name == "bfloat16"
@@ -141,14 +147,17 @@ def _lazy(opening, folder, name: str) -> LoadedArray:
     if nbytes > inflate_budget():
         raise ScanError(folder, f"array {name!r} declares {nbytes} bytes, more than half of this machine's "
                                 "memory (refused)")
+    chunks = int(np.prod([-(-n // max(c, 1)) for n, c in zip(shape, chunk)], dtype=object)) if shape else 1
+    if chunks > MAX_CHUNKS:
+        raise ScanError(folder, f"array {name!r} declares {chunks} chunks (more than {MAX_CHUNKS}; refused)")
 
-    def load() -> np.ndarray:
+    def read(index) -> np.ndarray:
         try:
-            data = np.asarray(store.read().result())
+            data = np.asarray(store[index].read().result())
         except Exception as exc:  # noqa: BLE001 - as above
             raise ScanError(folder, f"array {name!r} cannot be read: {_short(exc)}") from None
         return data.astype(out_dtype, copy=False)
-    return LoadedArray(shape, out_dtype, load)
+    return ChunkedArray(shape, out_dtype, read)
 
 
 def _short(exc: Exception) -> str:
@@ -157,4 +166,4 @@ def _short(exc: Exception) -> str:
 
 
 def is_array(value: Any) -> bool:
-    return isinstance(value, LoadedArray)
+    return isinstance(value, ChunkedArray)
