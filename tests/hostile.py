@@ -63,6 +63,13 @@ class Raw:
         self.data = data
 
 
+class MemoGlobal:
+    """STACK_GLOBAL whose module and name come from the memo (BINGET), not from the stream beside it."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+
 class Persist:
     """BINPERSID with this persistent id."""
 
@@ -107,11 +114,20 @@ class Writer(pickle._Pickler):
     def save_raw(self, obj):
         self.write(obj.data)
 
+    def save_memo_global(self, obj):
+        for text in (obj.module, obj.name):   # each string memoized, then popped off the stack
+            self.save(text)
+            self.write(pickle.POP)
+        for text in (obj.module, obj.name):
+            self.write(self.get(self.memo[id(text)][0]))
+        self.write(pickle.STACK_GLOBAL)
+
     dispatch[Global] = save_global_ref
     dispatch[Call] = save_call
     dispatch[New] = save_new
     dispatch[Build] = save_build
     dispatch[Raw] = save_raw
+    dispatch[MemoGlobal] = save_memo_global
 
 
 def dumps(obj, protocol: int = 2) -> bytes:
@@ -250,6 +266,30 @@ def payloads(canary: Path, t: Tensors) -> dict[str, object]:
         "OBJ subprocess.Popen": lambda: Raw(b"(csubprocess\nPopen\nS'true'\no"),
         "NEWOBJ subprocess.Popen": lambda: New(Global("subprocess", "Popen"), "true"),
         "NEWOBJ_EX subprocess.Popen": lambda: New(Global("subprocess", "Popen"), "true", kwargs={"shell": True}),
+        # 2024-2026 bypasses of pickle scanners: trampolines, indirection, nesting
+        "pkgutil.resolve_name": lambda: Call(Call(Global("pkgutil", "resolve_name"), "os:system"), f"touch {c}"),
+        "importlib.util.spec_from_file_location": lambda: Call(Global("importlib.util", "spec_from_file_location"),
+                                                               "x", str(c)),
+        "importlib._bootstrap._gcd_import": lambda: Call(Global("importlib._bootstrap", "_gcd_import"), "os"),
+        "operator.attrgetter trampoline": lambda: Call(Call(Global("operator", "attrgetter"), "system"),
+                                                       Call(Global("builtins", "__import__"), "os")),
+        "operator.methodcaller trampoline": lambda: Call(Call(Global("_operator", "methodcaller"), "system",
+                                                              f"touch {c}"), Global("os", "path")),
+        "functools.partial trampoline (STACK_GLOBAL)": lambda: Call(Call(
+            Global("functools", "partial", "STACK_GLOBAL"), Global("os", "system"), f"touch {c}")),
+        "memo-indirected os.system": lambda: Call(MemoGlobal("os", "system"), f"touch {c}"),
+        "memo-indirected dotted builtins.eval": lambda: Call(MemoGlobal("builtins", "eval"), "1"),
+        "dotted name pathlib+os.system": lambda: _canary_call("pathlib", "os.system", c),
+        "dotted name collections+os.system (STACK_GLOBAL)": lambda: _canary_call("collections", "os.system", c,
+                                                                                 opcode="STACK_GLOBAL"),
+        "nested pickle.loads of os.system": lambda: Call(Global("pickle", "loads"), dumps(_canary_call("os", "system", c))),
+        "nested _pickle.loads (protocol 0)": lambda: Call(Global("_pickle", "loads"),
+                                                          b"cos\nsystem\n(S'touch " + str(c).encode() + b"'\ntR."),
+        "nested marshal.loads of code": lambda: Call(Global("marshal", "loads"), b"\xe3" + b"\x00" * 32),
+        "torch.storage._load_from_bytes": lambda: Call(Global("torch.storage", "_load_from_bytes"), b"\x80\x02N."),
+        "numpy object array with a callable": lambda: Build(
+            Call(Global("numpy.core.multiarray", "_reconstruct"), Global("numpy", "ndarray"), (0,), b"b"),
+            (1, (2,), Call(Global("numpy", "dtype"), "O", False, True), False, [Global("os", "system"), 1])),
         # changing the allow-list's stand-ins: nothing a file does may survive it
         "BUILD on a storage type": lambda: Build(Global("torch", "FloatStorage"), (None, {"_value": "int64"})),
         "BUILD dict on a storage type": lambda: Build(Global("torch", "FloatStorage"), {"dtype": "int64"}),
@@ -317,7 +357,10 @@ STATE_DICT_ONLY = {
 }
 # file-level damage of zip checkpoints
 ZIP_ONLY = ("flipped tensor bytes (CRC-32)", "zip bomb data.pkl", "compressed storage",
-            "member listed twice")
+            "member listed twice", "zip flag 0x1 (encrypted)", "zip flag 0x20 (patched)",
+            "zip flag 0x40 (strong encryption)", "local header names another member",
+            "second pickle stream in data.pkl", "two data.pkl members", "protocol-0 pickle without magic",
+            "protocol-1 pickle without magic", "7z-wrapped checkpoint", "broken pickle after a hostile global")
 
 
 # -- planting ----------------------------------------------------------------------------------
@@ -369,7 +412,18 @@ def bert_result_run(dest: Path, payload_fn) -> Path:
     return target
 
 
-def zip_damage(kind: str, dest: Path) -> Path:
+def _patch_entries(path: Path, signature: bytes, name_at: int, name_len_at: int, patch) -> None:
+    """Call patch(raw, offset, name) on each zip header with this signature, then write the file back."""
+    raw = bytearray(path.read_bytes())
+    pos = raw.find(signature)
+    while pos >= 0:
+        n = int.from_bytes(raw[pos + name_len_at:pos + name_len_at + 2], "little")
+        patch(raw, pos, bytes(raw[pos + name_at:pos + name_at + n]))
+        pos = raw.find(signature, pos + 4)
+    path.write_bytes(bytes(raw))
+
+
+def zip_damage(kind: str, dest: Path, canary: Path = Path("/nonexistent")) -> Path:
     shutil.copytree(FIXTURES / "closed-form" / "prune-style", dest)
     target = dest / "1checkpoint.pth.tar"
     t = Tensors()
@@ -389,6 +443,26 @@ def zip_damage(kind: str, dest: Path) -> Path:
             zf.writestr("archive/data.pkl", data)
             for key, (_n, raw) in t.storages.items():
                 zf.writestr(f"archive/data/{key}", raw, compress_type=zipfile.ZIP_DEFLATED)
+    elif kind.startswith("zip flag"):
+        write_zip(target, data, t.storages)
+        flag = int(kind.split()[2], 16)
+        _patch_entries(target, b"PK\x01\x02", 46, 28, lambda raw, pos, name: raw.__setitem__(
+            pos + 8, raw[pos + 8] | flag) if name.endswith(b"/data/0") else None)
+    elif kind == "local header names another member":
+        write_zip(target, data, t.storages)
+        _patch_entries(target, b"PK\x03\x04", 30, 26, lambda raw, pos, name: raw.__setitem__(
+            pos + 30 + len(name) - 1, ord("1")) if name.endswith(b"/data/0") else None)
+    elif kind == "second pickle stream in data.pkl":
+        write_zip(target, data + dumps(_canary_call("os", "system", canary)), t.storages)
+    elif kind == "two data.pkl members":
+        write_zip(target, data, t.storages, extra=[("other/data.pkl", dumps(_canary_call("os", "system", canary)),
+                                                    zipfile.ZIP_STORED)])
+    elif kind.startswith("protocol-"):
+        target.write_bytes(dumps(_canary_call("os", "system", canary), protocol=int(kind[9])))
+    elif kind == "7z-wrapped checkpoint":
+        target.write_bytes(b"7z\xbc\xaf\x27\x1c\x00\x04" + b"\x00" * 24 + data)
+    elif kind == "broken pickle after a hostile global":
+        target.write_bytes(b"\x80\x02cos\nsystem\nq\x00X\x05\x00\x00\x00touch")
     elif kind == "member listed twice":
         with warnings.catch_warnings():   # zipfile warns, rightly
             warnings.simplefilter("ignore")
@@ -409,7 +483,7 @@ def plant(kind: str, container: str, dest: Path, canary: Path) -> Path:
         return payloads(canary, t)[kind]()
 
     if kind in ZIP_ONLY:
-        return zip_damage(kind, dest)
+        return zip_damage(kind, dest, canary)
     if container in ("zip", "legacy"):
         def replace_weight(t, sd):
             sd[PLANTED_AT] = payload(t)

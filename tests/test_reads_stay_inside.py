@@ -339,3 +339,20 @@ def test_orbax_array_of_millions_of_chunks_is_refused_before_reading(tmp_path):
     (folder / "_METADATA").write_text(json.dumps(meta))
     with pytest.raises(ScanError, match="4000000 chunks"):
         orbax_store.tree(folder)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_plain_pickles_under_torch_names_are_named_hostile(tmp_path, suffix, protocol):
+    import hostile
+
+    canary = tmp_path / "CANARY"
+    path = tmp_path / f"round_1{suffix}"
+    path.write_bytes(hostile.dumps(hostile._canary_call("os", "system", canary), protocol=protocol))
+    assert torch_file.is_torch_file(path)
+    with pytest.raises(ScanError, match="names os.system, which can run code"):
+        torch_file.load(path)
+    assert not canary.exists()
+    path.write_bytes(hostile.dumps({"w": 1}, protocol=protocol))   # harmless, but still no torch file
+    with pytest.raises(ScanError, match="a plain pickle, not a torch checkpoint"):
+        torch_file.load(path)

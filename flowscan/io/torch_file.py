@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from flowscan.errors import ScanError
+from flowscan.errors import ScanError, UnsafePickleError
 from flowscan.io.location import location, map_file, read_at
 from flowscan.io.zip_members import data_offsets, unique_members
 from flowscan.io.arrays import BFLOAT16, Frozen, Storage, StorageFile, StoredArray
@@ -289,6 +289,7 @@ def _load_legacy(path: Path):
         except ScanError:
             magic = None
         if magic != _LEGACY_MAGIC:
+            _refuse_plain_pickle(f, path)
             raise ScanError(path, "not a torch checkpoint (neither a zip archive nor a legacy "
                                   "torch file; truncated or corrupt?)", truncated=True)
         safe_load(f, str(path))  # protocol version
@@ -352,6 +353,20 @@ def _load_legacy(path: Path):
     if missing:
         raise ScanError(path, f"storage {missing[0]} is used but has no data in the file")
     return loaded
+
+
+def _refuse_plain_pickle(f, path: Path) -> None:
+    """A file that is a plain pickle (no torch magic, e.g. protocol 0/1 under a .pt name): read it
+    through the restricted unpickler only to name what it would have run, if anything."""
+    f.seek(0)
+    try:
+        safe_load(f, str(path))
+    except UnsafePickleError:
+        raise
+    except ScanError:
+        return   # not a pickle at all: the caller says what it is not
+    raise ScanError(path, "a plain pickle, not a torch checkpoint (refused: torch files carry a zip "
+                          "archive or the legacy magic number)")
 
 
 class _LegacyView(Frozen):
