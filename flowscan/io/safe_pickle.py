@@ -14,8 +14,9 @@ calls whatever they name, so a checkpoint can run any code. Here every name is o
 
 A stub keeps its pickled state in one private slot, never as attributes: no pickled key can
 become `shape`, `dtype`, `__array_interface__` or anything else that numpy, Python or flowscan
-would honour. Before unpickling, the opcode stream is checked (`prescan`) for resource attacks:
-absurd memo indices and sizes past the stream's end.
+would honour. Before unpickling, the opcode stream is checked (`prescan`, one tight loop over a
+table derived from pickletools) for resource attacks: absurd memo indices, gets of entries never
+stored, nesting past a limit, and sizes past the stream's end.
 """
 
 from __future__ import annotations
@@ -374,78 +375,138 @@ class Unpickled:
         return f"not executed (kept as inert records): {names}"
 
 
-class _Clamped:
-    """A read-only file view that never hands out more than `limit` bytes in all."""
+def _opcode_table() -> dict[int, tuple]:
+    """Per opcode byte, derived from pickletools' own descriptions: (name, how its argument is laid
+    out, its size, items it pops, where a MARK sits among them, items it pushes, pushes a MARK)."""
+    widths = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
+              pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
+    table = {}
+    for op in pickletools.opcodes:
+        arg = op.arg
+        if arg is None:
+            layout, n = "none", 0
+        elif arg.n >= 0:
+            layout, n = "fixed", arg.n
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            layout, n = ("lines", 2) if arg.name == "stringnl_noescape_pair" else ("lines", 1)
+        else:   # a length prefix (signed for int4), then that many bytes
+            layout, n = ("signed" if arg.n == pickletools.TAKEN_FROM_ARGUMENT4 else "sized"), widths[arg.n]
+        before, after = op.stack_before, op.stack_after
+        mark = before.index(pickletools.markobject) if pickletools.markobject in before else -1
+        table[op.code.encode("latin-1")[0]] = (op.name, layout, n, len(before), mark, len(after),
+                                               pickletools.markobject in after)
+    return table
 
-    def __init__(self, file, limit: int):
-        self._file, self._left = file, limit
 
-    def read(self, n: int = -1) -> bytes:
-        n = self._left if n is None or n < 0 else min(n, self._left)
-        data = self._file.read(n)
-        self._left -= len(data)
-        return data
-
-    def readline(self) -> bytes:
-        line = self._file.readline(self._left)
-        self._left -= len(line)
-        return line
-
-    def tell(self) -> int:
-        return self._file.tell()
+_OPCODES = _opcode_table()
+_PUTS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_GETS = {"GET", "BINGET", "LONG_BINGET"}
+_FIRST_READ = 1 << 16
 
 
-def prescan(file, path: str, max_bytes: int = MAX_PICKLE_BYTES) -> None:
-    """Walk one pickle's opcodes (up to STOP) and refuse memory-exhaustion tricks before
-    anything is built: a stream larger than `max_bytes`, memo indices out of order."""
-    puts, depth, marks = 0, 0, []
-    try:
-        for op, arg, _pos in pickletools.genops(_Clamped(file, max_bytes)):
-            depth = _stack_depth(op, depth, marks)
-            if depth > MAX_STACK_DEPTH or len(marks) > MAX_STACK_DEPTH:
-                raise ScanError(path, f"pickle nests more than {MAX_STACK_DEPTH} levels deep "
-                                      "(a resource attack; refused)")
-            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-                index = puts if op.name == "MEMOIZE" else arg
-                if not isinstance(index, int) or index > puts or index > MAX_MEMO_INDEX:
+class _NeedMore(Exception):
+    """The buffer ends inside the pickle."""
+
+
+def _scan(data: bytes, path: str) -> int:
+    """Walk one pickle's opcodes in `data` (which may hold more after it) and return the offset after
+    its STOP; refuse memory-exhaustion tricks (memo indices out of order, gets of entries never
+    stored, nesting past MAX_STACK_DEPTH). One tight loop over a table: no objects are built."""
+    pos, size, depth, puts, marks = 0, len(data), 0, 0, []
+    table = _OPCODES
+    while True:
+        if pos >= size:
+            raise _NeedMore
+        entry = table.get(data[pos])
+        if entry is None:
+            raise ValueError(f"unknown opcode {data[pos]:#04x} at byte {pos}")
+        name, layout, n, n_before, mark, n_after, pushes_mark = entry
+        pos += 1
+        arg_at = pos
+        if layout == "fixed":
+            pos += n
+        elif layout == "sized" or layout == "signed":
+            if pos + n > size:
+                raise _NeedMore
+            length = int.from_bytes(data[pos:pos + n], "little", signed=layout == "signed")
+            if length < 0:
+                raise ValueError(f"{name} of negative length at byte {arg_at}")
+            pos += n + length
+        elif layout == "lines":
+            for _ in range(n):
+                end = data.find(b"\n", pos)
+                if end < 0:
+                    raise _NeedMore
+                pos = end + 1
+        if pos > size:
+            raise _NeedMore
+        # the stack, as the unpickler will see it
+        if mark >= 0:
+            if not marks:
+                raise ValueError(f"{name} without a MARK")
+            depth = marks.pop() - mark
+        else:
+            depth -= n_before
+        if pushes_mark:
+            marks.append(depth)
+        else:
+            if depth < 0:
+                raise ValueError(f"{name} on an empty stack")
+            depth += n_after
+        if depth > MAX_STACK_DEPTH or len(marks) > MAX_STACK_DEPTH:
+            raise ScanError(path, f"pickle nests more than {MAX_STACK_DEPTH} levels deep "
+                                  "(a resource attack; refused)")
+        if name in _PUTS or name in _GETS:
+            index = puts if name == "MEMOIZE" else _memo_index(name, data, arg_at, pos)
+            if name in _GETS:
+                if index >= puts:
+                    raise ScanError(path, f"pickle refers to memo entry {index} that was never stored")
+            else:
+                if index > puts or index > MAX_MEMO_INDEX:
                     raise ScanError(path, f"pickle memo index {index} is out of order "
                                           "(a memory-exhaustion trick; refused)")
                 puts += 1
-            elif op.name in ("GET", "BINGET", "LONG_BINGET") and (not isinstance(arg, int) or arg >= puts):
-                raise ScanError(path, f"pickle refers to memo entry {arg} that was never stored")
-    except ScanError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and friends
-        raise ScanError(path, f"malformed pickle (or one over {max_bytes} bytes): "
-                              f"{type(exc).__name__}: {exc}") from None
+        elif name == "STOP":
+            return pos
 
 
-def _stack_depth(op, depth: int, marks: list[int]) -> int:
-    """The unpickler's stack depth after `op` (from pickletools' stack effects)."""
-    before, after = op.stack_before, op.stack_after
-    if pickletools.markobject in before:
-        if not marks:
-            raise ValueError(f"{op.name} without a MARK")
-        depth = marks.pop() - before.index(pickletools.markobject)
-    else:
-        depth -= len(before)
-    if pickletools.markobject in after:
-        marks.append(depth)
-        return depth
-    if depth < 0:
-        raise ValueError(f"{op.name} on an empty stack")
-    return depth + len(after)
+def _memo_index(name: str, data: bytes, start: int, end: int) -> int:
+    if name in ("PUT", "GET"):   # a decimal line
+        return int(data[start:end - 1])
+    return int.from_bytes(data[start:end], "little")
+
+
+def prescan(file, path: str, max_bytes: int = MAX_PICKLE_BYTES) -> bytes:
+    """Check one pickle of a seekable file before anything is built (see `_scan`), and return its
+    bytes, leaving the file just after it. A pickle larger than `max_bytes` is refused."""
+    start, want = file.tell(), _FIRST_READ
+    while True:
+        file.seek(start)
+        data = file.read(min(want, max_bytes + 1))
+        try:
+            end = _scan(data, path)
+        except _NeedMore:
+            if len(data) > max_bytes:
+                raise ScanError(path, f"malformed pickle (or one over {max_bytes} bytes): no STOP "
+                                      f"in its first {max_bytes} bytes") from None
+            if len(data) < min(want, max_bytes + 1):
+                raise ScanError(path, "malformed pickle: it ends before its STOP (truncated?)") from None
+            want *= 8
+            continue
+        except ScanError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a malformed opcode stream
+            raise ScanError(path, f"malformed pickle (or one over {max_bytes} bytes): "
+                                  f"{type(exc).__name__}: {exc}") from None
+        file.seek(start + end)
+        return data[:end]
 
 
 def safe_load(file, path: str = "<pickle>", *, max_bytes: int = MAX_PICKLE_BYTES, **kwargs) -> Unpickled:
     """Unpickle the next object of a seekable binary file, never running what it names.
 
     The file is left just after the pickle (legacy torch files hold several in a row)."""
-    start = file.tell()
-    prescan(file, path, max_bytes)
-    end = file.tell()
-    file.seek(start)
-    data = file.read(end - start)
+    data = prescan(file, path, max_bytes)
     unpickler = RestrictedUnpickler(io.BytesIO(data), encoding="latin1", **kwargs)
     try:
         value = unpickler.load()
