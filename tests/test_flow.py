@@ -114,3 +114,12 @@ def test_exponential_ok_fails_when_sigma_drifts_and_holds_for_a_true_exponential
     bad = fl.eigen_summary(fl.compute_flow(rounds, n_params, n_unpruned, drifting), "M")
     assert not bad.exponential_ok[0] and bad.trend_p[0] < 0.05 and abs(bad.drift[0]) > 0.25 * abs(bad.sigma_mean[0])
     assert bad.eigen_ok[0] == (bad.lambda_sem[0] / bad.lambda_mean[0] < 0.05)   # the paper's test, unchanged
+
+
+def test_trend_p_value_equals_scipy_stats_linregress():
+    rng = np.random.default_rng(3)
+    for n in (3, 5, 12):
+        x = np.arange(n, dtype=float)
+        y = 0.1 * x + rng.normal(size=n)
+        ref = stats.linregress(x, y)
+        assert flow.slope_p_value(flow.fit_line(x, y)) == pytest.approx(ref.pvalue, rel=1e-12)
