@@ -18,7 +18,7 @@ and prints GB/s (archive bytes / wall seconds), peak RSS in MiB (VmHWM; with pro
 the parent's only: workers hold one round each) and the ratios the targets are stated in.
 `--cold` drops the page cache before every measurement (root only; it says when it cannot).
 
-    python benchmarks/bench_scan.py --many 5000     # discovery + inspect over 5,000 small files
+    python benchmarks/bench_scan.py --many 5000     # analyze, --verify and inspect of 5,000 small files vs the naive loop
 
 builds 5,000 small checkpoint files (1,000 runs x 5 rounds of a small MLP, safetensors and
 prune-style) and times `flowscan inspect` over them (headers only), in checkpoints per second.
@@ -29,6 +29,7 @@ prune-style) and times `flowscan inspect` over them (headers only), in checkpoin
 from __future__ import annotations
 
 import argparse
+import shutil
 import importlib.util
 import json
 import resource
@@ -183,41 +184,39 @@ def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 5, cold: boo
 
 
 def build_many(folder: Path, n_files: int) -> None:
-    """`n_files` small checkpoints: runs of 5 rounds, half safetensors, half prune-style."""
+    """`n_files` small prune-style checkpoints (torch.nn.utils.prune state dicts of a 3-layer MLP):
+    runs of 10 rounds, as Chen et al.'s code writes them."""
     import torch
-    from safetensors.numpy import save_file
 
     marker = folder / f"built-{n_files}.json"
     if marker.exists():
         return
     rng = np.random.default_rng(0)
     shapes = {"fc1.weight": (64, 196), "fc2.weight": (32, 64), "fc3.weight": (10, 32)}
-    for r in range(n_files // 5):
-        run = folder / ("st" if r % 2 else "ps") / f"run_{r:05d}"
+    for r in range(max(1, n_files // 10)):
+        run = folder / f"run_{r:05d}"
         run.mkdir(parents=True, exist_ok=True)
-        for n in range(5):
-            weights = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
-            masks = {k: (rng.random(s) < 0.8 ** n).astype(np.uint8) for k, s in shapes.items()}
-            if r % 2:
-                save_file({**weights, **{f"{k}_mask": m for k, m in masks.items()}}, str(run / f"round_{n}.safetensors"))
-            else:
-                state = {f"{k}_orig": torch.from_numpy(w) for k, w in weights.items()}
-                state.update({f"{k}_mask": torch.from_numpy(masks[k].astype(np.float32)) for k in shapes})
-                torch.save({"state_dict": state}, run / f"{n}checkpoint.pth.tar")
+        for n in range(10):
+            state = {f"{k}_orig": torch.from_numpy(rng.standard_normal(s, dtype=np.float32)) for k, s in shapes.items()}
+            state.update({f"{k}_mask": torch.from_numpy((rng.random(s) < 0.8 ** n).astype(np.float32))
+                          for k, s in shapes.items()})
+            torch.save({"state_dict": state}, run / f"{n}checkpoint.pth.tar")
     marker.write_text(json.dumps({"files": n_files}))
 
 
-def child_inspect(folder: Path, jobs: int) -> None:
-    from flowscan import pipeline
+def naive_many(folder: Path) -> tuple[int, float]:
+    """The loop a user writes: torch.load(weights_only=True) of each file, sum |w*m| per tensor."""
+    import torch
 
+    files = sorted(folder.rglob("*.pth.tar"))
     start = time.perf_counter()
-    options = pipeline.Options(jobs=jobs)
-    runs = pipeline.find_runs(folder, options)
-    items = [pipeline.inspect_run(run, options) for run in runs]
-    seconds = time.perf_counter() - start
-    assert all(item.error is None for item in items), [i.error for i in items if i.error][:3]
-    files = sum(len(r.rounds) for r in runs)
-    print(json.dumps({"seconds": seconds, "files": files, "maxrss_mib": peak_rss_mib()}))
+    for path in files:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        total = 0.0
+        for key, value in state.items():
+            if key.endswith("_orig"):
+                total += float((value * state[key[:-len("_orig")] + "_mask"]).abs().sum())
+    return len(files), time.perf_counter() - start
 
 
 def inner_loop(n: int = 25_000_000) -> None:
@@ -282,14 +281,23 @@ def inner_loop(n: int = 25_000_000) -> None:
 
 
 def many(data: Path, n_files: int, jobs: int) -> None:
+    """analyze and inspect of many small files through the CLI (start-up included), beside the naive
+    loop, in files/s; analyze into a fresh folder, so its per-round cache is written as a user's is."""
     folder = data / f"many-{n_files}"
     build_many(folder, n_files)
     method_plain_read_tree(folder)   # warm
-    out = subprocess.run([sys.executable, __file__, "--child", "inspect", "--folder", str(folder)],
-                         check=True, capture_output=True, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
-    print(f"inspect: {r['files']} checkpoint files in {r['seconds']:.2f} s = "
-          f"{r['files'] / r['seconds']:.0f} files/s, peak RSS {r['maxrss_mib']:.0f} MiB", flush=True)
+    files, seconds = naive_many(folder)
+    naive = files / seconds
+    print(f"naive loop: {files} files in {seconds:.2f} s = {naive:.0f} files/s", flush=True)
+    for label, args in (("analyze", ["analyze", str(folder), "-o", str(data / "many-out"), "-q"]),
+                        ("analyze --verify", ["analyze", str(folder), "-o", str(data / "many-out"), "-q", "--verify"]),
+                        ("inspect", ["inspect", str(folder), "-q"])):
+        shutil.rmtree(data / "many-out", ignore_errors=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "flowscan", *args], check=True, capture_output=True)
+        seconds = time.perf_counter() - start
+        print(f"{label:<17} {files / seconds:6.0f} files/s ({seconds:.2f} s) = {files / seconds / naive:.2f} x naive",
+              flush=True)
 
 
 def method_plain_read_tree(folder: Path) -> None:
@@ -311,8 +319,6 @@ def main() -> None:
     parser.add_argument("--inner-loop", action="store_true", help="time the chunk reduction against candidates")
     parser.add_argument("--cores", type=int, default=None, help="jobs for the all-cores runs (default: all)")
     args = parser.parse_args()
-    if args.child == "inspect":
-        child_inspect(args.folder, args.jobs)
         return
     if args.child:
         child(args.child, args.folder, args.jobs)

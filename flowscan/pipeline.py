@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,14 +17,14 @@ import numpy as np
 from flowscan import __version__, engines, flow
 from flowscan.blocks import OTHER, BlockRules
 from flowscan.errors import FlowscanError, ScanError, printable
-from flowscan.io.atomic import atomic_path, write_text
+from flowscan.io import round_cache
 from flowscan.io.location import location
 from flowscan.readers import registry
 from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
 from flowscan.reduce import RoundSums, TensorSums, dtype_kind, open_tensors, reduce_round, survival_counts
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -228,20 +228,14 @@ def _reduce_all(tasks, options: Options, progress, reduce_task=None):
 def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = False) -> RoundSums | RoundError:
     """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
     try:
-        cached = cache_dir / f"{_cache_key(rnd, names, verify)}.json" if cache_dir else None
-        if cached is not None and cached.is_file() and cached.with_suffix(".npz").is_file():
-            try:
-                with np.load(cached.with_suffix(".npz"), allow_pickle=False) as bits:
-                    return replace(RoundSums.from_json(json.loads(cached.read_text())),
-                                   bits={k: bits[k] for k in bits.files})
-            except (ValueError, KeyError, TypeError, OSError):
-                pass  # a damaged cache entry is recomputed
+        cached = cache_dir / f"{_cache_key(rnd, names, verify)}.round" if cache_dir else None
+        if cached is not None:
+            hit = round_cache.load(cached)
+            if hit is not None:
+                return hit
         result = reduce_round(rnd, names, verify)
-        if cached is not None:  # bits first: the json marks the entry complete
-            with atomic_path(cached.with_suffix(".npz")) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **result.bits)
-            write_text(cached, json.dumps(result.to_json()))
+        if cached is not None:
+            round_cache.store(cached, result)
         return result
     except ScanError as exc:
         return RoundError(str(exc), exc.truncated)
@@ -256,7 +250,7 @@ def _cache_key(rnd: Round, names: NameOptions, verify: bool) -> str:
         st = f.stat()
         files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     payload = json.dumps([CACHE_VERSION, __version__, rnd.reader, rnd.index, files,
-                          [str(s) for s in rnd.spec], asdict(names), verify], sort_keys=True)
+                          [str(s) for s in rnd.spec], vars(names), verify], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

@@ -8,7 +8,7 @@ are applied afterwards, so results can be cached per round and regrouped without
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ class RoundSums:
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "metrics": self.metrics, "notes": list(self.notes),
-                "tensors": [{"name": k, **asdict(v)} for k, v in self.tensors.items()]}
+                "tensors": [{"name": k, **vars(v)} for k, v in self.tensors.items()]}   # flat fields only
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RoundSums":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -18,9 +19,11 @@ from flowscan.cli.options import ARCHIVE, command_line, scan_options
 @scan_options
 @click.option("-j", "--jobs", type=click.IntRange(1), default=None,
               help="Rounds reduced at once (default: the cores this process may use).")
-@click.option("--engine", type=click.Choice(["threads", "processes", "dask"]), default="threads", show_default=True,
-              help="threads: in this process (fastest); processes: a crash costs only its round; dask: "
-                   "a dask.distributed cluster (--scheduler, else a local one; pip install 'flowscan[dask]').")
+@click.option("--engine", type=click.Choice(["auto", "threads", "processes", "dask"]), default="auto",
+              show_default=True,
+              help="threads: in this process (fastest for large checkpoints); processes: a crash costs only its "
+                   "round (faster for many small files); auto: processes for many small files, else threads; "
+                   "dask: a dask.distributed cluster (--scheduler, else a local one; pip install 'flowscan[dask]').")
 @click.option("--scheduler", metavar="ADDRESS",
               help="A dask scheduler, e.g. tcp://10.0.0.5:8786 (implies --engine dask; the workers must see "
                    "PATH and OUT at the same absolute paths).")
@@ -63,6 +66,12 @@ def _scan(path: Path, out: Path, options, app):
         runs = pipeline.find_runs(path, options, exclude=out)
         n_rounds = sum(len(r.rounds) for r in runs if not r.error)
         app.detail(f"{len(runs)} run(s), {n_rounds} round(s) below {path}")
+        if options.engine == "auto":
+            from flowscan import engines
+
+            engine, why = engines.choose((r for run in runs if not run.error for r in run.rounds), options.jobs)
+            options = replace(options, engine=engine)
+            app.detail(f"engine: {why}")
         with app.progress(n_rounds, "reading rounds") as step:
             results = pipeline.analyze_runs(runs, options, progress=step)
     except FlowscanError as exc:

@@ -3,8 +3,9 @@
 Pickled checkpoints name the classes and functions that rebuild them; plain `pickle` imports and
 calls whatever they name, so a checkpoint can run any code. Here every name is one of three kinds:
 
-* **allowed**: tensor rebuilders, containers and numpy reconstructors resolve to stand-ins made
-  afresh for each file and immutable, so nothing one file does can change how another is read;
+* **allowed**: tensor rebuilders, containers and numpy reconstructors resolve to immutable
+  stand-ins (the ones bound to a file's storages are made for that file), so nothing one file
+  does can change how another is read;
 * **hostile**: names of the code-execution families that pickle scanners flag (`os`,
   `subprocess`, `builtins.eval`, `functools.partial`, `torch.hub`, ... see `HOSTILE_MODULES` and
   `HOSTILE_NAMES`) refuse the whole file with `UnsafePickleError`, naming the global;
@@ -175,7 +176,7 @@ def _stub_class(module: str, name: str, calls: Counter) -> type:
 
 
 class Allowed:
-    """An allow-listed callable: immutable, made afresh for each file."""
+    """An allow-listed callable: immutable (a pickle's BUILD or SETATTR on it is refused)."""
 
     __slots__ = ("_name", "_fn")
 
@@ -290,7 +291,17 @@ def _defaultdict(*args):
 
 
 def base_allowed() -> dict[tuple[str, str], Any]:
-    """The allow-list, made afresh: names a pickle may refer to, and their stand-ins."""
+    """The allow-list: names a pickle may refer to, and their stand-ins. The stand-ins refuse every
+    attribute change (slots, no __setstate__), so one set serves every file; the dict is a copy."""
+    if not _BASE_ALLOWED:
+        _BASE_ALLOWED.update(_make_base_allowed())
+    return dict(_BASE_ALLOWED)
+
+
+_BASE_ALLOWED: dict[tuple[str, str], Any] = {}
+
+
+def _make_base_allowed() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,   # immutable C types
         ("builtins", "set"): set,

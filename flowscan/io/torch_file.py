@@ -93,33 +93,13 @@ class _FileReader:
         self.path, self.storages, self.n_tensors = path, storages, 0
 
     def allowed(self) -> dict[tuple[str, str], Any]:
-        allowed: dict[tuple[str, str], Any] = {}
-        for module in ("torch._utils", "torch._tensor"):
-            for name, reason in _UNSUPPORTED_REBUILDS.items():
-                allowed[(module, name)] = Allowed(f"{module}.{name}", _refuse_kind(reason))
-        functions = {
-            ("torch._utils", "_rebuild_tensor"): self.rebuild,
-            ("torch._utils", "_rebuild_tensor_v2"): self.rebuild,
-            ("torch._utils", "_rebuild_tensor_v3"): self.rebuild_v3,
-            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-            ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-            ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-            ("torch._tensor", "_rebuild_from_type"): _rebuild_from_type,
-            ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
-            ("torch", "Size"): lambda *a: tuple(*a),
-            # how torch pickles a layout (torch.sparse_coo ...): its name; the sparse rebuild is refused by kind
-            ("torch.serialization", "_get_layout"): lambda name: str(name),
-            ("torch", "device"): lambda *a: ":".join(str(x) for x in a),
-        }
-        for key, fn in functions.items():
+        """The names a torch pickle may use: the immutable ones shared by every file, and the
+        rebuilders bound to this file's storages."""
+        allowed = dict(_shared_allowed())
+        for key, fn in {("torch._utils", "_rebuild_tensor"): self.rebuild,
+                        ("torch._utils", "_rebuild_tensor_v2"): self.rebuild,
+                        ("torch._utils", "_rebuild_tensor_v3"): self.rebuild_v3}.items():
             allowed[key] = Allowed(".".join(key), fn)
-        for name, dtype in _STORAGE_DTYPES.items():
-            allowed[("torch", name)] = Token(f"torch.{name}", dtype)
-            allowed[("torch.storage", name)] = Token(f"torch.storage.{name}", dtype)
-        for name, dtype in _TORCH_DTYPES.items():
-            allowed[("torch", name)] = Token(f"torch.{name}", dtype)
-        for name in _UNSUPPORTED_DTYPES:
-            allowed[("torch", name)] = Token(f"torch.{name}", None)
         return allowed
 
     def _count(self) -> None:
@@ -149,6 +129,41 @@ class _FileReader:
         if isinstance(storage_type, Token) and storage_type.value is not None:
             return storage_type.value
         return None
+
+
+_SHARED_ALLOWED: dict[tuple[str, str], Any] = {}
+
+
+def _shared_allowed() -> dict[tuple[str, str], Any]:
+    """Torch's allow-listed names that do not depend on the file (immutable stand-ins), built once."""
+    if _SHARED_ALLOWED:
+        return _SHARED_ALLOWED
+    allowed: dict[tuple[str, str], Any] = {}
+    for module in ("torch._utils", "torch._tensor"):
+        for name, reason in _UNSUPPORTED_REBUILDS.items():
+            allowed[(module, name)] = Allowed(f"{module}.{name}", _refuse_kind(reason))
+    functions = {
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch._tensor", "_rebuild_from_type"): _rebuild_from_type,
+        ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
+        ("torch", "Size"): lambda *a: tuple(*a),
+        ("torch", "device"): lambda *a: ":".join(str(x) for x in a),
+        # how torch pickles a layout (torch.sparse_coo ...): its name; the sparse rebuild is refused by kind
+        ("torch.serialization", "_get_layout"): lambda name: str(name),
+    }
+    for key, fn in functions.items():
+        allowed[key] = Allowed(".".join(key), fn)
+    for name, dtype in _STORAGE_DTYPES.items():
+        allowed[("torch", name)] = Token(f"torch.{name}", dtype)
+        allowed[("torch.storage", name)] = Token(f"torch.storage.{name}", dtype)
+    for name, dtype in _TORCH_DTYPES.items():
+        allowed[("torch", name)] = Token(f"torch.{name}", dtype)
+    for name in _UNSUPPORTED_DTYPES:
+        allowed[("torch", name)] = Token(f"torch.{name}", None)
+    _SHARED_ALLOWED.update(allowed)
+    return _SHARED_ALLOWED
 
 
 def _type_name(obj) -> str:
