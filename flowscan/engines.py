@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+from flowscan import extras
 from flowscan.errors import FlowscanError, printable
 
 ENGINES = ("threads", "processes", "dask")
@@ -154,11 +155,8 @@ def _absolute(rnd):
 
 
 def _dask(work, options, progress, reduce_task):
-    try:
-        from distributed import Client, LocalCluster
-        from distributed import as_completed as dask_completed
-    except ImportError:
-        raise FlowscanError("--engine dask needs dask.distributed: pip install 'flowscan[dask]'") from None
+    distributed = extras.require("distributed", "--engine dask")
+    Client, LocalCluster, dask_completed = distributed.Client, distributed.LocalCluster, distributed.as_completed
     if not work:
         return
     remote = options.scheduler is not None

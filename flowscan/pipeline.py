@@ -83,8 +83,32 @@ def find_runs(root: Path, options: Options = Options(), exclude: Path | None = N
     runs = discover(location(root), options.format, exclude)
     if not runs:
         formats = options.format or ", ".join(registry.names())
-        raise FlowscanError(f"{root}: no IMP runs found (looked for: {formats})")
+        raise FlowscanError(f"{root}: no IMP runs found; {describe_folder(location(root))} (looked for: "
+                            f"{formats}). `flowscan formats` lists the layouts flowscan reads; "
+                            "`flowscan inspect` shows what it finds in a folder.")
     return runs
+
+
+def describe_folder(root, limit: int = 10_000) -> str:
+    """What a folder holds, for a user told that no run is in it: file kinds and counts."""
+    kinds: dict[str, int] = {}
+    folders, seen, stack = 0, 0, [root]
+    while stack and seen < limit:
+        for child in stack.pop().iterdir():
+            seen += 1
+            if child.is_dir():
+                folders += 1
+                stack.append(child)
+            else:
+                parts = child.name.lower().split(".")[1:]
+                kind = "." + ".".join(parts[-2:] if parts[-1:] == ["tar"] else parts[-1:]) if parts else "(no extension)"
+                kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds and not folders:
+        return "it is empty"
+    top = sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{n} {kind}" for kind, n in top[:6]) + (", ..." if len(top) > 6 else "")
+    return (f"it holds {sum(kinds.values())} file(s) ({shown or 'none'}) in {folders} subfolder(s)"
+            + (" (first 10,000 entries)" if seen >= limit else ""))
 
 
 def analyze(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[RunResult]:

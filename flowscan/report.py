@@ -26,7 +26,7 @@ STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;font-size:.82em;margin:.5em 0 1.5em;display:block;overflow-x:auto}
+div.scroll{overflow-x:auto;max-width:100%;margin:.5em 0 1.5em}table{border-collapse:collapse;font-size:.82em}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;white-space:nowrap}
 th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 caption{text-align:left;font-weight:600;padding:.3em 0;white-space:nowrap}figure{margin:1em 0 2em}figure svg{max-width:100%;height:auto}figcaption{font-size:.9em;color:#555}
@@ -59,8 +59,9 @@ def html_table(frame: pl.DataFrame, table_id: str, columns: Sequence[str] | None
         f'<td class="n">{_cell(v)}</td>' if isinstance(v, (int, float)) and not isinstance(v, bool)
         else f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in frame.head(max_rows).iter_rows())
     more = f"<p>{frame.height - max_rows} more rows in the parquet file.</p>" if frame.height > max_rows else ""
-    return (f'<table id="table-{table_id}">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
-            f'</table>{more}')
+    # the wrapper scrolls sideways, so a wide table is never clipped at the page's edge
+    return (f'<div class="scroll"><table id="table-{table_id}">{caption}<thead><tr>{head}</tr></thead>'
+            f'<tbody>{body}</tbody></table></div>{more}')
 
 
 def svg_of(fig) -> str:

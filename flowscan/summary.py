@@ -179,10 +179,22 @@ def scaling_text(scaling) -> str:
     width = max([len("name"), *map(len, names)])
     lines = [f"{'level':<10} {'name':<{width}} {'status':<12} {'gamma':>18} {'95% CI':>18} {'eps_np':>7} "
              f"{'eps_dag':>7} {'p':>8} {'points':>6}"]
+    if scaling.height and "ok" not in set(scaling["status"]):
+        counts = scaling.group_by("status").len().sort("status")
+        reasons = list(dict.fromkeys(r for r in scaling["error"].to_list() if r))
+        return (f"No fit identifies gamma: of {scaling.height} fit(s), "
+                + ", ".join(f"{n} {status}" for status, n in counts.iter_rows())
+                + f" ({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})."
+                + " The error probably never follows Eq. 15's power law over the densities reached (it stays "
+                  "near the dense error, or the sparsest rounds are missing): prune further, or see "
+                  "scaling.parquet for each fit's reason.")
     for r in scaling.iter_rows(named=True):
         head = f"{r['level']:<10} {str(r['name']):<{width}} {r['status']:<12}"
         if r["status"] == "error":
             lines.append(f"{head} not fitted: {r['error']}")
+            continue
+        if r["status"] != "ok":   # no number that is not a measurement
+            lines.append(f"{head} gamma not identified: {r['error'] or r['status']}")
             continue
         ci = f"[{r['gamma_ci_low']:.3f}, {r['gamma_ci_high']:.3f}]" if math.isfinite(r["gamma_ci_low"]) else "n/a"
         lines.append(f"{head} {_pm(r['gamma'], r['gamma_se']):>18} {ci:>18} {r['epsilon_np']:>7.4f} "
@@ -198,6 +210,9 @@ def compare_text(pairs, classes: dict) -> str:
         by_class.setdefault(c, []).append(unit)
     for c, units in sorted(by_class.items()):
         lines.append(f"  {c}: {', '.join(units)}")
+    if not pairs.height:
+        lines.append("pairs: none (one unit alone: nothing to compare)")
+        return "\n".join(lines)
     lines.append("pairs (RMS sigma distance over shared blocks; relevance agreement):")
     unshared = pairs.filter(pl.col("n_shared_blocks") == 0)
     for r in pairs.filter(pl.col("n_shared_blocks") > 0).sort("rms", nulls_last=True).iter_rows(named=True):
@@ -210,3 +225,26 @@ def compare_text(pairs, classes: dict) -> str:
                      f"{', '.join(units[:8])}{', ...' if len(units) > 8 else ''}); "
                      "use the same --blocks rules for all")
     return "\n".join(lines)
+
+
+def landscape_text(frames: dict) -> str:
+    """The results of `lmc` and `sharpness` for stdout: one line per round (and per probed fraction)."""
+    lines = []
+    lmc = frames.get("lmc_summary")
+    if lmc is not None:
+        for r in lmc.iter_rows(named=True):
+            lines.append(f"{r['run']}: rounds {r['round']}->{r['next_round']}: barrier {r['barrier']:+.4f}, "
+                         f"instability {r['instability']:+.4f}, error {r['error_start']:.4f} -> {r['error_end']:.4f}"
+                         f" ({'matching' if r['matching'] else 'not matching'})")
+    sharp = frames.get("sharpness")
+    if sharp is not None:
+        for r in sharp.iter_rows(named=True):
+            lines.append(f"{r['run']}: round {r['round']}: density {r['density']:.4f}, lambda_max "
+                         f"{r['lambda_max']:.4g} ({r['iterations']} iterations"
+                         f"{'' if r['converged'] else ', not converged'})")
+    probe = frames.get("fraction_probe")
+    if probe is not None:
+        for r in probe.iter_rows(named=True):
+            lines.append(f"{r['run']}: round {r['round']}: fraction {r['fraction']:.3f}: error {r['error']:.4f} "
+                         f"({'matching' if r['matching'] else 'not matching'})")
+    return "\n".join(lines) if lines else "no rounds to evaluate"

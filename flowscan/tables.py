@@ -143,9 +143,11 @@ def metadata(command: str, blocks: str, *, analysis_id: str = "", source: str = 
 
 # -- one output folder describes one analysis ---------------------------------------------------
 ANALYSIS_MANIFEST = "flowscan-analysis.json"
-# tables computed from the scan tables or from the archive, by later commands
-DERIVED_TABLES = ("experiments", "experiment_runs", "scaling", "compare", "lmc", "lmc_summary",
-                  "sharpness", "fraction_probe")
+# tables computed from the scan tables (statistics) or from the archive (landscape), by later
+# commands: the one list that setting stale tables aside, `report` and `plot` share
+STATS_TABLES = ("experiments", "experiment_runs", "scaling", "compare", "compare_tree")
+LANDSCAPE_TABLES = ("lmc", "lmc_summary", "sharpness", "fraction_probe")
+DERIVED_TABLES = STATS_TABLES + LANDSCAPE_TABLES
 DERIVED_FILES = ("figures", "report.html")
 
 

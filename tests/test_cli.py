@@ -90,4 +90,5 @@ def test_inspect_exits_non_zero_when_a_run_cannot_be_read(tmp_path, copy_fixture
 
 def test_forced_format_that_finds_nothing_says_what_it_looked_for(tmp_path):
     result = run_cli("analyze", FIXTURES / "closed-form" / "flowscan", "-o", tmp_path, "--format", "open_lth", expect=1)
-    assert "no IMP runs found (looked for: open_lth)" in result.output
+    assert "no IMP runs found; it holds" in result.output and "(looked for: open_lth)" in result.output
+    assert "flowscan formats" in result.output

@@ -144,15 +144,9 @@ def test_masks_of_a_variables_dict_and_none_leaves(tmp_path):
 
 
 def test_without_msgpack_the_error_says_what_to_install(tmp_path, monkeypatch):
-    import builtins
+    import sys
 
-    real_import = builtins.__import__
-
-    def no_msgpack(name, *args, **kwargs):
-        if name == "msgpack":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_msgpack)
+    monkeypatch.setitem(sys.modules, "msgpack", None)   # import msgpack now raises ImportError
     with pytest.raises(ScanError, match=r"pip install 'flowscan\[flax\]'"):
         msgpack_file.load(FLAX / "imp-mlp" / "checkpoint_150")
 

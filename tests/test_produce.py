@@ -37,7 +37,11 @@ def _archive(run: Path) -> dict:
 
 def test_produce_writes_rounds_that_analyze_reads(tmp_path):
     result = run_cli("produce", *FAST, "--rounds", "3", "--seeds", "2", "-o", tmp_path / "ckpts")
-    assert result.output.splitlines()[0].startswith("seed 0 round  0: density 1.0000  test acc 0.")
+    first = result.output.splitlines()[0]
+    assert first.startswith("[seed 1/2, round 1 of 3] seed 0 round  0: density 1.0000  test acc 0.")
+    assert "elapsed" in first and "ETA" in first
+    assert result.output.splitlines()[-1].startswith("made 6 round(s) in ")   # 2 seeds x rounds 0-2
+    assert "images/s" in result.output.splitlines()[-1]
     tables = analyze(tmp_path / "ckpts", tmp_path / "out")
     assert tables["runs"]["run"].to_list() == ["seed_0", "seed_1"]
     assert tables["runs"]["format"].to_list() == ["flowscan", "flowscan"]

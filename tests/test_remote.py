@@ -145,9 +145,9 @@ def test_formats_lists_the_stores_and_a_missing_store_package_is_named(tmp_path,
     stores = json.loads(run_cli("formats", "--json").output)["stores"]
     assert stores["s3://"].endswith("ready") and stores["https://"].endswith("ready")
     if find_spec("gcsfs") is None:
-        assert "pip install 'flowscan[remote]' gcsfs" in stores["gs://"]
+        assert "needs gcsfs (pip install gcsfs)" in stores["gs://"]
         result = run_cli("analyze", "gs://bucket/x", "-o", tmp_path / "o", expect=2)
-        assert "gs:// needs gcsfs: pip install 'flowscan[remote]' gcsfs" in result.output
+        assert "gs:// needs gcsfs: pip install gcsfs" in result.output
 
 
 def test_a_server_error_costs_only_its_run(tmp_path, monkeypatch):

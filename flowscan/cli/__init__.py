@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from flowscan import __version__
@@ -26,6 +28,8 @@ class FlowscanGroup(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             hint = RESUME_HINTS.get(ctx.invoked_subcommand or "")
+            if hint and "--no-cache" in sys.argv:   # nothing was cached: say so rather than promise it
+                hint = "run the same command again (with --no-cache every round is read again)"
             click.echo("\ninterrupted" + (f"; {hint}" if hint else ""), err=True)
             ctx.exit(130)
 

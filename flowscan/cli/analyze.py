@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from flowscan.cli.app import app_options
-from flowscan.cli.options import ARCHIVE, command_line, scan_options
+from flowscan.cli.options import ARCHIVE, command_line, scan_options, writable_output
 
 
 @click.command()
@@ -45,6 +45,7 @@ def analyze(path: Path, out: Path, scan: dict, jobs: int | None, engine: str, sc
 
     if watch and no_cache:
         raise click.UsageError("--watch reads only new rounds through the cache: drop --no-cache")
+    writable_output(out)
     options = pipeline.Options(**scan, jobs=jobs or engines.default_jobs(),
                                engine="dask" if scheduler else engine, scheduler=scheduler, strict=strict,
                                verify=verify, cache_dir=None if no_cache else out / ".cache")
@@ -78,6 +79,11 @@ def _scan(path: Path, out: Path, options, app):
         raise click.ClickException(str(exc)) from None
     frames = tables.build_tables(results)
     identity = tables.analysis_identity(path, options.identity())
+    old = tables.read_manifest(out)
+    if old is not None and old["analysis_id"] != identity["analysis_id"]:
+        app.warn(f"replacing the analysis in {out} (of {old.get('source', '?')}, "
+                 f"{'other options' if old.get('source') == identity['source'] else 'another archive'}; "
+                 f"id {old['analysis_id']})")
     aside, moved = tables.set_aside_stale(out, identity)
     if moved:
         app.warn(f"moved {', '.join(moved)} of an earlier analysis of another archive or with other "

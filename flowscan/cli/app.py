@@ -47,7 +47,9 @@ class App:
         click.echo(f"error: {text}", err=True)
 
     def wrote(self, paths: Iterable[Path | str]) -> None:
-        """Every file a command wrote, one per line (also with -q: they are its output)."""
+        """Every file a command wrote, one per line on stderr (not with -q: results and errors only)."""
+        if self.quiet and not self.as_json:
+            return
         for path in paths:
             click.echo(f"wrote {path}", err=True)
 

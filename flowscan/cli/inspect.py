@@ -44,12 +44,21 @@ def formats(app) -> None:
     from flowscan.io.location import store_status
     from flowscan.readers import registry
 
+    readers = {r.name: (r.description, reader_status(r)) for r in registry.all_readers()}
     lines = ["formats (auto-detected in this order; force one with --format):"]
-    lines += [f"  {reader.name:<14} {reader.description}" for reader in registry.all_readers()]
+    lines += [f"  {name:<14} {description} [{status}]" for name, (description, status) in readers.items()]
     lines.append("stores (PATH may be a local folder or a URL):")
     lines += [f"  {scheme:<14} {status}" for scheme, status in store_status().items()]
     lines.append("block presets (--blocks NAME):")
     lines += [f"  {preset.name:<22} {preset.description}" for preset in PRESETS.values()]
     app.result("\n".join(lines))
-    app.data({"formats": {r.name: r.description for r in registry.all_readers()},
+    app.data({"formats": {name: {"description": d, "status": st} for name, (d, st) in readers.items()},
               "stores": store_status(), "presets": {p.name: p.description for p in PRESETS.values()}})
+
+
+def reader_status(reader) -> str:
+    """`ready` on this machine, or the packages it still needs and how to install them."""
+    from flowscan import extras
+
+    missing = [m for m in reader.needs if not extras.ready(m)]
+    return "ready" if not missing else "; ".join(f"needs {m}: {extras.install_hint(m)}" for m in missing)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from flowscan.cli.app import app_options, device_option
-from flowscan.cli.options import command_line
+from flowscan.cli.options import command_line, requires, writable_output
 
 
 def model_options(command):
@@ -24,6 +24,7 @@ def model_options(command):
     @click.option("--format", "format_", metavar="NAME", help="Force a reader instead of auto-detecting.")
     @functools.wraps(command)
     def wrapper(path, out, model, data_spec, device, select, strip_model_prefix, format_, **kwargs):
+        writable_output(out)
         from flowscan.landscape.analysis import Setup
         from flowscan.produce.runner import resolve_device
         from flowscan.readers.base import NameOptions
@@ -35,9 +36,12 @@ def model_options(command):
 
 
 def _write(frames: dict, figures: dict, out: Path, source: Path, app) -> None:
-    """The tables (tagged with the archive they come from), then the figures; lists every file."""
-    from flowscan import tables
+    """The results on stdout, the tables (tagged with the archive they come from), then the
+    figures; lists every file."""
+    from flowscan import summary, tables
     from flowscan.plot import save
+
+    app.result(summary.landscape_text(frames))
 
     app.wrote(tables.write_tables(frames, out, tables.metadata(command_line(), "",
                                                                source=str(Path(source).resolve()))))
@@ -46,6 +50,7 @@ def _write(frames: dict, figures: dict, out: Path, source: Path, app) -> None:
 
 
 @click.command()
+@requires("torch")
 @model_options
 @click.option("--points", type=click.IntRange(2), default=11, show_default=True, help="Points on [0, 1].")
 @click.option("--tolerance", type=click.FloatRange(0), default=0.01, show_default=True,
@@ -76,6 +81,7 @@ def lmc(path, out, setup, points, tolerance, bn_batches, path_kind, app) -> None
 
 
 @click.command()
+@requires("torch")
 @model_options
 @click.option("--subset", type=click.IntRange(1), default=512, show_default=True,
               help="Training examples the Hessian is taken over (fixed).")

@@ -73,3 +73,47 @@ def scan_options(command):
                     format=format_, infer_masks=infer_masks)
         return command(*args, scan=scan, **kwargs)
     return wrapper
+
+
+def requires(*modules: str):
+    """Check a command's optional packages before anything else runs: a missing one is a named
+    error with the `pip install` to run (flowscan/extras.py), never an import traceback."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            from flowscan import extras
+            from flowscan.errors import FlowscanError
+
+            for module in modules:
+                try:
+                    extras.require(module, f"flowscan {click.get_current_context().info_name}")
+                except FlowscanError as exc:
+                    raise click.ClickException(str(exc)) from None
+            return command(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def writable_output(folder, keep: bool = True) -> None:
+    """Check, before any reading, that the output folder takes files (creating it; with keep=False
+    the folders made for the check are removed again): a bad -o is an error up front, not a
+    traceback after the whole archive was read."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".flowscan-write-test-"):
+            pass
+    except OSError as exc:
+        raise click.ClickException(f"{folder}: cannot write the output here: {exc.strerror or exc}") from None
+    finally:
+        if not keep:
+            for path in made:   # deepest first
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    break

@@ -7,9 +7,11 @@ from pathlib import Path
 import click
 
 from flowscan.cli.app import TrainingBars, app_options, device_option
+from flowscan.cli.options import requires, writable_output
 
 
 @click.command()
+@requires("torch")
 @click.option("--model", required=True, help="cifar-resnet14/20/32/44/56, resnet18, resnet50, lenet, mlp, bert-small.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the archive: one seed_N folder per seed (resumes what is there).")
@@ -83,15 +85,18 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
                     match_tolerance=match_tolerance, barrier_tolerance=barrier_tolerance, growth=growth,
                     max_fraction=max_fraction, mask_from=mask_from, init_from=init_from,
                     fill_unmatched=fill_unmatched)
+    writable_output(out, keep=False)   # produce makes it once the arguments are known to work
     on_gpu = resolve_device(device).type == "cuda"
     parallel = parallel or (min(seeds, 4) if on_gpu else 1)
     bars = TrainingBars(app)
+    clock = Progress(seeds * rounds)
 
     def on_round(report):
         bars.close()  # finish the round's bar before its summary line
         for line in report.notes:
             app.note(f"seed {report.seed}: {line}")
-        app.result(round_line(report))
+        app.result(f"[seed {report.seed - first_seed + 1}/{seeds}, round {report.round + 1} of {rounds}] "
+                   f"{round_line(report)}  ({clock.tick(report.metrics.get('train_images', 0))})")
 
     try:
         with bars.stack:
@@ -103,4 +108,28 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
 
     for line in stop_reason(cfg, reports):
         app.note(line)
+    if clock.done:
+        app.result(clock.total())
     app.note(f"done: {out} (analyse with: flowscan analyze {out} -o OUT)")
+
+
+class Progress:
+    """Elapsed time and ETA over the rounds a produce call makes, and the total at the end."""
+
+    def __init__(self, planned: int):
+        import time
+
+        self._now, self.planned, self.done, self.images = time.monotonic, planned, 0, 0.0
+        self.start = self._now()
+
+    def tick(self, images: float) -> str:
+        self.done += 1
+        self.images += float(images)
+        elapsed = self._now() - self.start
+        left = max(self.planned - self.done, 0) * elapsed / self.done
+        return f"elapsed {elapsed:.0f} s, ETA {left:.0f} s" if left else f"elapsed {elapsed:.0f} s"
+
+    def total(self) -> str:
+        elapsed = self._now() - self.start
+        rate = f", {self.images / elapsed:.0f} images/s" if self.images and elapsed > 0 else ""
+        return f"made {self.done} round(s) in {elapsed:.1f} s{rate}"

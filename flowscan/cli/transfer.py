@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from flowscan.cli.app import TrainingBars, app_options, device_option
-from flowscan.cli.options import BLOCKS_HELP, command_line
+from flowscan.cli.options import BLOCKS_HELP, command_line, requires
 
 
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
@@ -23,6 +23,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 
 @click.command()
+@requires("torch")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("target")
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),

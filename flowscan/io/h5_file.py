@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from flowscan import extras
 from flowscan.errors import ScanError
 from flowscan.io.arrays import ChunkedArray
 from flowscan.io.location import is_remote, location
@@ -37,11 +38,7 @@ SMALL_DATASET = 64 << 20   # datasets up to this size are read whatever they sto
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise ScanError(None, "reading Keras .h5/.keras files needs h5py: pip install 'flowscan[keras]'") from None
-    return h5py
+    return extras.require("h5py", "reading Keras .h5/.keras files")
 
 
 class _Window(io.RawIOBase):

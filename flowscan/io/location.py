@@ -42,21 +42,17 @@ PROTOCOLS = {"s3": ("s3fs", "S3 and S3-compatible servers"), "gs": ("gcsfs", "Go
              "https": ("aiohttp", "web servers (Range requests, else whole files)"),
              "s3a": ("s3fs", None), "gcs": ("gcsfs", None), "http": ("aiohttp", None),
              "az": ("adlfs", None), "abfs": ("adlfs", None)}
-_IN_REMOTE_EXTRA = ("s3fs", "aiohttp")
-
-
-def _install_hint(package: str) -> str:
-    return "pip install 'flowscan[remote]'" + ("" if package in _IN_REMOTE_EXTRA else f" {package}")
 
 
 def store_status() -> dict[str, str]:
     """Each store URL scheme and whether this installation can read it (fsspec + its package)."""
-    from importlib.util import find_spec
+    from flowscan import extras
 
-    have_fsspec = find_spec("fsspec") is not None
-    return {f"{protocol}://": f"{what}: " + ("ready" if have_fsspec and find_spec(package) else
-                                             f"needs {_install_hint(package)}")
-            for protocol, (package, what) in PROTOCOLS.items() if what}
+    def status(package: str) -> str:
+        missing = [m for m in ("fsspec", package) if not extras.ready(m)]
+        return "ready" if not missing else "needs " + " and ".join(
+            f"{m} ({extras.install_hint(m)})" for m in missing)
+    return {f"{protocol}://": f"{what}: {status(package)}" for protocol, (package, what) in PROTOCOLS.items() if what}
 
 
 def is_url(text: object) -> bool:
@@ -214,17 +210,15 @@ _STORES: dict[tuple, Store] = {}
 
 
 def _store(url: str) -> tuple[Store, str]:
-    try:
-        import fsspec
-    except ImportError:
-        raise FlowscanError(f"{url}: reading remote archives needs fsspec: pip install 'flowscan[remote]'") \
-            from None
+    from flowscan import extras
+
+    fsspec = extras.require("fsspec", f"{url}: reading remote archives")
     protocol = _URL.match(url).group(1).lower()
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as exc:
         package = PROTOCOLS.get(protocol, ("its fsspec implementation", None))[0]
-        raise FlowscanError(f"{url}: {protocol}:// needs {package}: {_install_hint(package)} ({exc})") from None
+        raise FlowscanError(f"{url}: {protocol}:// needs {package}: {extras.install_hint(package)} ({exc})") from None
     except ValueError as exc:
         raise FlowscanError(f"{url}: {exc}") from None
     key = (protocol, getattr(fs, "_fs_token", id(fs)))

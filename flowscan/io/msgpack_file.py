@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from flowscan import extras
 from flowscan.errors import ScanError
 from flowscan.io.location import location
 
@@ -35,12 +36,7 @@ class _Bad(Exception):
 
 
 def _msgpack():
-    try:
-        import msgpack
-    except ImportError:
-        raise ScanError(None, "reading Flax msgpack checkpoints needs msgpack: pip install 'flowscan[flax]'") \
-            from None
-    return msgpack
+    return extras.require("msgpack", "reading Flax msgpack checkpoints")
 
 
 def load(path: Path) -> Any:

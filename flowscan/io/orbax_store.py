@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flowscan import extras
 from flowscan.errors import ScanError
 from flowscan.io.arrays import ChunkedArray
 from flowscan.io.location import is_remote, location
@@ -30,12 +31,7 @@ _KEY_TYPES = {1: "index", 2: "key"}
 
 
 def _tensorstore():
-    try:
-        import tensorstore
-    except ImportError:
-        raise ScanError(None, "reading Orbax checkpoints needs tensorstore: pip install 'flowscan[orbax]'") \
-            from None
-    return tensorstore
+    return extras.require("tensorstore", "reading Orbax checkpoints")
 
 
 def read_metadata(folder) -> dict:

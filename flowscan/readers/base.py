@@ -115,6 +115,7 @@ class Reader(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()     # optional packages it imports (flowscan/extras.py)
 
     @abstractmethod
     def guess_can_open(self, folder: Path) -> bool:

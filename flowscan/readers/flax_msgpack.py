@@ -95,7 +95,8 @@ def split(tree: Any, path: Path, is_array=lambda v: isinstance(v, np.ndarray)) -
 class FlaxReader(FilePerRoundReader):
     name = "flax"
     description = ("Flax msgpack checkpoints per round: checkpoint_<step> or *N*.msgpack, masks as a parallel "
-                   "tree (needs msgpack: pip install 'flowscan[flax]')")
+                   "tree")
+    needs = ("msgpack",)
     file_pattern = re.compile(r"^(checkpoint_\d+|.*\d.*\.msgpack)$")
     what = "Flax checkpoint"
 

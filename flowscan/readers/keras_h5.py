@@ -206,7 +206,8 @@ def read(path) -> tuple[dict, dict]:
 class KerasReader(FilePerRoundReader):
     name = "keras"
     description = ("Keras weights per round: *N*.h5, *N*.weights.h5 or *N*.keras, TF-MOT prune_low_magnitude "
-                   "masks (needs h5py: pip install 'flowscan[keras]')")
+                   "masks")
+    needs = ("h5py",)
     file_pattern = re.compile(r"^.*\d.*\.(h5|hdf5|keras)$", re.IGNORECASE)
     what = "Keras weight"
 

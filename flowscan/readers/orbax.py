@@ -62,8 +62,8 @@ def _files(item: Path) -> tuple[Path, ...]:
 @register
 class OrbaxReader(Reader):
     name = "orbax"
-    description = ("Orbax step folders (StandardCheckpointer, CheckpointManager), masks as a parallel tree "
-                   "(needs tensorstore: pip install 'flowscan[orbax]')")
+    description = "Orbax step folders (StandardCheckpointer, CheckpointManager), masks as a parallel tree"
+    needs = ("tensorstore",)
 
     def guess_can_open(self, folder: Path) -> bool:
         return bool(_steps(folder))

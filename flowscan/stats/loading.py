@@ -56,7 +56,6 @@ class Analysis:
     transfer: dict[str, pl.DataFrame] = field(default_factory=dict)   # transfer*, if `transfer` ran here
 
 
-LANDSCAPE_TABLES = ("lmc", "lmc_summary", "sharpness", "fraction_probe")
 # from `flowscan transfer`: they join pairs of archives, so they belong to no one analysis
 TRANSFER_TABLES = ("transfer", "transfer_summary", "transfer_overlap", "transfer_pairs", "transfer_correlation")
 
@@ -67,7 +66,7 @@ def load_analysis(out: Path, grouping: Grouping = Grouping(), bootstrap: int = 1
     from flowscan.errors import FlowscanError
     from flowscan.stats.compare import compare
     from flowscan.stats.critical import error_points, fit_scaling
-    from flowscan.tables import read_derived, read_metadata, read_tables
+    from flowscan.tables import LANDSCAPE_TABLES, read_derived, read_metadata, read_tables
 
     out = Path(out)
     grouping = grouping.for_folder(out)
