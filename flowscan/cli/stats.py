@@ -80,7 +80,8 @@ def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, g
             points = error_points(t["metrics"], t["rounds"], metric, metric_is_error)
     except FlowscanError as exc:
         raise _fail(exc) from None
-    scaling = fit_scaling(points, grouping.for_folder(out), n_bootstrap=bootstrap, np_tolerance=np_tolerance)
+    scaling = fit_scaling(points, grouping.for_folder(out), progress=app.note, n_bootstrap=bootstrap,
+                          np_tolerance=np_tolerance)
     written = tables.write_tables({"scaling": scaling}, out,
                                   tables.metadata(command_line(), "", analysis_id=tables.current_id(out)))
     app.result(summary.scaling_text(scaling))

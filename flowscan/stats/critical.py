@@ -222,14 +222,18 @@ def read_points_csv(path) -> pl.DataFrame:
             .select(list(POINTS_SCHEMA)).cast(POINTS_SCHEMA))
 
 
-def fit_scaling(points: pl.DataFrame, grouping: Grouping = Grouping(), **fit_options) -> pl.DataFrame:
-    """scaling table: one fit per run and one per experiment (its replicates pooled)."""
+def fit_scaling(points: pl.DataFrame, grouping: Grouping = Grouping(), progress=None, **fit_options) -> pl.DataFrame:
+    """scaling table: one fit per run and one per experiment (its replicates pooled);
+    `progress(text)` hears of each fit as it starts (the bootstrap makes them slow)."""
     points = points.join(grouping.membership(points["run"].unique().to_list()), on="run")
+    groups = [(level, name[0], part) for level in ("run", "experiment")
+              for name, part in sorted(points.group_by(level), key=lambda kv: kv[0][0])]
     rows = []
-    for level in ("run", "experiment"):
-        for name, part in sorted(points.group_by(level), key=lambda kv: kv[0][0]):
-            metric = ",".join(sorted(part["metric"].unique().to_list()))
-            rows.append(_fit_row(level, name[0], metric, part, fit_options))
+    for k, (level, name, part) in enumerate(groups, 1):
+        if progress:
+            progress(f"fitting {k}/{len(groups)}: {level} {name}")
+        metric = ",".join(sorted(part["metric"].unique().to_list()))
+        rows.append(_fit_row(level, name, metric, part, fit_options))
     return pl.DataFrame(rows, schema=SCALING_SCHEMA, orient="row") if rows else pl.DataFrame(schema=SCALING_SCHEMA)
 
 
