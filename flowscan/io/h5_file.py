@@ -99,8 +99,8 @@ def open_weights(path) -> tuple[Any, dict | None]:
     except Exception as exc:  # noqa: BLE001 - libhdf5 damage surfaces as OSError, RuntimeError, KeyError ...
         if raw is not None:
             raw.close()
-        if isinstance(exc, ScanError):
-            raise
+        if isinstance(exc, ScanError):   # zip-level refusals name no file yet: this one
+            raise ScanError(exc.path or path, exc.message, exc.tensor, truncated=exc.truncated) from None
         raise ScanError(path, f"not a readable HDF5 file (truncated or corrupt?): {type(exc).__name__}: {exc}",
                         truncated=True) \
             from None
