@@ -118,7 +118,7 @@ def _keras_zip(path, raw) -> tuple[Any, dict | None]:
         raise ScanError(path, f".keras archive without {KERAS_WEIGHTS}")
     config = _config(path, zf, members.get("config.json"))
     if info.compress_type == zipfile.ZIP_STORED:
-        return _Window(raw, data_offset(raw, info), info.file_size), config
+        return _Window(raw, data_offset(raw, info, path), info.file_size), config
     if info.file_size > inflate_budget():
         raise ScanError(path, f"{KERAS_WEIGHTS} inflates to {info.file_size} bytes (refused)")
     return io.BytesIO(zf.read(info)), config

@@ -83,7 +83,7 @@ def _member(path, zf, raw, info, storages: StorageFile, name: str):
                               f"{info.file_size - header_len} (truncated or corrupt?)", tensor=name)
     stride = contiguous_strides(shape, fortran=bool(fortran))
     if info.compress_type == zipfile.ZIP_STORED:
-        start = data_offset(raw, info)
+        start = data_offset(raw, info, path)
         storages.set_region(name, start + header_len, nbytes, info.CRC, crc_prefix=header_len)
         storage = Storage(dtype, nbytes // dtype.itemsize if dtype.itemsize else 0, storages, name)
         return StoredArray(storage, 0, shape, stride, owner=storages, tensor=name)

@@ -268,7 +268,7 @@ def _load_zip(path: Path, raw):
                 raise ScanError(path, f"storage {key} claims {storage.nbytes} bytes but its archive "
                                       f"member holds {info.file_size}")
             if not offsets:   # every storage member's header at once: one batch from a store
-                offsets.update(data_offsets(raw, [i for n, i in infos.items() if n.startswith(data_prefix)]))
+                offsets.update(data_offsets(raw, [i for n, i in infos.items() if n.startswith(data_prefix)], path))
             storages.set_region(key, offsets[info.filename], info.file_size, info.CRC)
             made[key] = storage
             return storage
