@@ -94,10 +94,10 @@ def requires(*modules: str):
     return decorate
 
 
-def writable_output(folder, keep: bool = True) -> None:
-    """Check, before any reading, that the output folder takes files (creating it; with keep=False
-    the folders made for the check are removed again): a bad -o is an error up front, not a
-    traceback after the whole archive was read."""
+def writable_output(folder) -> None:
+    """Check, before any reading, that the output folder takes files: a bad -o is an error up front,
+    not a traceback after the whole archive was read. Folders made for the check are removed again
+    (a command refused later leaves nothing behind; writing makes them when it writes)."""
     import os
     import tempfile
     from pathlib import Path
@@ -111,9 +111,8 @@ def writable_output(folder, keep: bool = True) -> None:
     except OSError as exc:
         raise click.ClickException(f"{folder}: cannot write the output here: {exc.strerror or exc}") from None
     finally:
-        if not keep:
-            for path in made:   # deepest first
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    break
+        for path in made:   # deepest first
+            try:
+                os.rmdir(path)
+            except OSError:
+                break

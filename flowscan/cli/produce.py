@@ -85,7 +85,7 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
                     match_tolerance=match_tolerance, barrier_tolerance=barrier_tolerance, growth=growth,
                     max_fraction=max_fraction, mask_from=mask_from, init_from=init_from,
                     fill_unmatched=fill_unmatched)
-    writable_output(out, keep=False)   # produce makes it once the arguments are known to work
+    writable_output(out)
     on_gpu = resolve_device(device).type == "cuda"
     parallel = parallel or (min(seeds, 4) if on_gpu else 1)
     bars = TrainingBars(app)
