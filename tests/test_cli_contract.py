@@ -66,6 +66,10 @@ def test_results_on_stdout_notes_on_stderr_and_quiet_keeps_only_results(made, co
         assert "wrote " in loud.stderr, loud.stderr   # the files a command wrote are listed, unless -q
     if command == "produce":
         assert "done: " in loud.stderr   # produce names its archive instead
+    progress = {"fit": "flowscan: fitting 1/", "lmc": "flowscan: seed_0: rounds 0->1",
+                "sharpness": "flowscan: seed_0: round 0: lambda_max", "analyze": "flowscan: reading rounds"}
+    if command in progress:   # long steps say how far they are, off a terminal too (CliRunner is none)
+        assert progress[command] in loud.stderr, loud.stderr
 
 
 NEEDS_TORCH = {
@@ -177,3 +181,10 @@ def test_python_api_returns_the_tables_the_command_writes(tmp_path):
     seen = flowscan.inspect(FIXTURES / "open_lth")
     assert seen["runs"]["complete_rounds"].to_list() == [[0, 1, 2, 3], [0, 1, 2, 3]]
     assert isinstance(seen["tensors"], pl.DataFrame) and seen["tensors"].height > 0
+
+
+def test_report_tables_scroll_sideways(made):
+    run_cli("report", made / "out", "-q")
+    page = (made / "out" / "report.html").read_text()
+    assert page.count('<div class="scroll"><table') == page.count("<table") > 0
+    assert "div.scroll{overflow-x:auto" in page
