@@ -315,11 +315,11 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
-    parser.add_argument("--many", type=int, metavar="N", help="time inspect over N small checkpoint files instead")
+    parser.add_argument("--many", type=int, metavar="N", help="time analyze, analyze --verify and inspect of N small checkpoint files "
+                             "beside the naive torch.load loop instead")
     parser.add_argument("--inner-loop", action="store_true", help="time the chunk reduction against candidates")
     parser.add_argument("--cores", type=int, default=None, help="jobs for the all-cores runs (default: all)")
     args = parser.parse_args()
-        return
     if args.child:
         child(args.child, args.folder, args.jobs)
         return
