@@ -18,7 +18,7 @@ and prints GB/s (archive bytes / wall seconds), peak RSS in MiB (VmHWM; with pro
 the parent's only: workers hold one round each) and the ratios the targets are stated in.
 `--cold` drops the page cache before every measurement (root only; it says when it cannot).
 
-    python benchmarks/bench_scan.py --many 5000     # analyze, --verify and inspect of 5,000 small files vs the naive loop
+    python benchmarks/bench_scan.py --many 5000     # analyze, --no-verify and inspect of 5,000 small files vs the naive loop
 
 builds 5,000 small checkpoint files (1,000 runs x 5 rounds of a small MLP, safetensors and
 prune-style) and times `flowscan inspect` over them (headers only), in checkpoints per second.
@@ -101,6 +101,7 @@ def archive_bytes(folder: Path) -> int:
 
 
 def method_flowscan(folder: Path, jobs: int, verify: bool = False, engine: str = "threads") -> None:
+    """flowscan without CRC checks (`--no-verify`); `flowscan-verify` is the default `analyze`."""
     from flowscan import pipeline
 
     results = pipeline.analyze(folder, pipeline.Options(jobs=jobs, verify=verify, engine=engine))
@@ -290,7 +291,8 @@ def many(data: Path, n_files: int, jobs: int) -> None:
     naive = files / seconds
     print(f"naive loop: {files} files in {seconds:.2f} s = {naive:.0f} files/s", flush=True)
     for label, args in (("analyze", ["analyze", str(folder), "-o", str(data / "many-out"), "-q"]),
-                        ("analyze --verify", ["analyze", str(folder), "-o", str(data / "many-out"), "-q", "--verify"]),
+                        ("analyze --no-verify", ["analyze", str(folder), "-o", str(data / "many-out"), "-q",
+                                                 "--no-verify"]),
                         ("inspect", ["inspect", str(folder), "-q"])):
         shutil.rmtree(data / "many-out", ignore_errors=True)
         start = time.perf_counter()
@@ -315,7 +317,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
-    parser.add_argument("--many", type=int, metavar="N", help="time analyze, analyze --verify and inspect of N small checkpoint files "
+    parser.add_argument("--many", type=int, metavar="N", help="time analyze, analyze --no-verify and inspect of N small checkpoint files "
                              "beside the naive torch.load loop instead")
     parser.add_argument("--inner-loop", action="store_true", help="time the chunk reduction against candidates")
     parser.add_argument("--cores", type=int, default=None, help="jobs for the all-cores runs (default: all)")

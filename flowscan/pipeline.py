@@ -38,9 +38,10 @@ class Options:
     scheduler: str | None = None  # a dask scheduler's address (engine dask)
     strict: bool = False
     cache_dir: Path | None = None  # per-round sums, so an interrupted analysis resumes
-    # CRC-32 of zip members, checked as they are reduced: off by default, as it halves the warm
-    # throughput of torch zip archives (benchmarks/bench_scan.py)
-    verify: bool = False
+    # CRC-32 of zip members, checked as they are reduced, while their bytes are in cache: on by
+    # default, as python-isal's CRC-32 costs about 10 % of the warm throughput of torch zip archives
+    # (zlib's halved it; benchmarks/bench_scan.py)
+    verify: bool = True
 
     def identity(self) -> dict[str, str]:
         """The options that change the scan tables (not how fast they are made)."""

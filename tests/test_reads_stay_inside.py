@@ -356,3 +356,31 @@ def test_plain_pickles_under_torch_names_are_named_hostile(tmp_path, suffix, pro
     path.write_bytes(hostile.dumps({"w": 1}, protocol=protocol))   # harmless, but still no torch file
     with pytest.raises(ScanError, match="a plain pickle, not a torch checkpoint"):
         torch_file.load(path)
+
+
+def test_a_flipped_tensor_byte_fails_its_run_by_default_and_not_with_no_verify(tmp_path):
+    run = tmp_path / "archive" / "run"
+    shutil.copytree(FIXTURES / "closed-form" / "prune-style", run)
+    target = run / "1checkpoint.pth.tar"
+    raw = bytearray(target.read_bytes())
+    from flowscan.io.zip_members import data_offset
+
+    with open(target, "rb") as f, zipfile.ZipFile(f) as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 64)
+        start = data_offset(f, info)
+    raw[start + 40] ^= 0x20   # inside the tensor's bytes (torch pads the local header's extra field)
+    target.write_bytes(bytes(raw))
+    run_cli("analyze", run.parent, "-o", tmp_path / "out", "-q", expect=1)
+    error = pl.read_parquet(tmp_path / "out" / "runs.parquet")["error"][0]
+    assert "fails its CRC-32 check" in error and str(target) in error
+    run_cli("analyze", run.parent, "-o", tmp_path / "unchecked", "-q", "--no-verify")   # read as it is
+
+
+def test_the_fast_crc_agrees_with_zlib():
+    import zlib
+
+    from flowscan.io import arrays
+
+    data = np.random.default_rng(0).bytes(1 << 20)
+    assert arrays.FAST_CRC
+    assert arrays._crc32(data[1000:], arrays._crc32(data[:1000])) == zlib.crc32(data)

@@ -29,9 +29,9 @@ from flowscan.cli.options import ARCHIVE, command_line, scan_options, writable_o
                    "PATH and OUT at the same absolute paths).")
 @click.option("--strict", is_flag=True, help="Stop at the first run that fails.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse per-round sums from an earlier, interrupted run.")
-@click.option("--verify", is_flag=True,
+@click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the CRC-32 of every torch zip and .npz member read, so a flipped byte fails its run "
-                   "(about halves the warm throughput of torch zip archives).")
+                   "(costs about 10 % of the warm throughput of torch zip archives).")
 @click.option("--watch", is_flag=True,
               help="Keep watching PATH: re-scan every --interval seconds, read only new complete rounds, "
                    "rewrite the tables and print what changed; Ctrl-C ends it (exit 130, tables intact).")
