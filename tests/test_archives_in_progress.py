@@ -418,3 +418,15 @@ def test_watch_changes_lists_new_rounds_moved_sigmas_and_verdicts():
     assert "run safetensors: a undetermined -> relevant" in lines
     assert any(line.startswith("run safetensors: sigma((other))") for line in lines)
     assert watch.changes(full, full) == []
+
+
+def test_a_missing_step_numbered_checkpoint_is_a_missing_round(tmp_path):
+    run = tmp_path / "imp"
+    shutil.copytree(FIXTURES / "flax" / "imp-mlp", run)   # checkpoint_150, _300, _450, _600
+    (run / "checkpoint_450").unlink()
+    frames = analyze(run, tmp_path / "out")
+    row = _runs(frames)["imp"]
+    assert row["complete_rounds"] == [0, 1, 3] and row["missing_rounds"] == [2]
+    full = analyze(FIXTURES / "flax" / "imp-mlp", tmp_path / "full")
+    for r in (0, 1, 3):   # the rounds that are there keep their numbers and their sums
+        assert frames["rounds"].filter(round=r).drop("run").equals(full["rounds"].filter(round=r).drop("run"))

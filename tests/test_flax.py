@@ -46,7 +46,7 @@ def test_imp_run_takes_masks_from_the_optimizer_state_not_adams_moments(tmp_path
     assert np.count_nonzero(kernel[~mask]) == np.count_nonzero(~mask)   # stored without the mask applied
     mu = tree["opt_state"]["inner_state"]["0"]["mu"]["kernel_0"]
     assert mu.shape == mask.shape                                       # a parallel tree that is no mask
-    assert "round = rank of the numbered files" in runs["notes"]
+    assert "round = (number - 150) / 150 of the numbered files" in runs["notes"]
 
 
 def test_tables_equal_the_same_arrays_in_safetensors(tmp_path):

@@ -72,7 +72,7 @@ def as_rounds(numbered: list[tuple[int, Path]]) -> tuple[list[tuple[int, Path]],
 
 def rounds_of_numbered_files(files: list[Path], reader: str, folder: Path, what: str) -> tuple[list, list[str]]:
     """(Rounds, notes) for layouts of one file per round: the largest group of files named alike
-    (`round_{n}.h5`), numbered 0, 1, 2, ... by their numbers, else by rank (step-numbered files)."""
+    (`round_{n}.h5`), numbered by `numbers_or_ranks`."""
     from flowscan.readers.base import Round
 
     groups = numbered_groups(files)
@@ -91,16 +91,16 @@ def rounds_of_numbered_files(files: list[Path], reader: str, folder: Path, what:
 
 
 def numbers_or_ranks(numbered: list[tuple[int, Path]]) -> tuple[list[tuple[int, Path]], str | None]:
-    """Round numbers of files numbered 0, 1, 2, ... are the numbers; numbers that count steps
-    (1000, 2000, ...: a common factor, or a run that starts above 0 without holes) become ranks.
-    Numbers with holes and no common factor (0, 1, 3) are rounds with a round missing: they keep
-    their numbers, so the gap is seen, never closed up silently."""
+    """Round numbers from the numbers in file names. Numbered 0, 1, 2, ... they are the rounds.
+    Otherwise the numbers count steps (150, 300, 450: saved every 150 steps) or start above 0 (1, 2,
+    3): round = (number - first) / the common step, so a step missing inside the run stays a missing
+    round (150, 300, 600 -> rounds 0, 1, 3), never closed up silently."""
     numbers = [n for n, _ in numbered]
     if not numbers or numbers == list(range(len(numbers))):
         return numbered, None
-    factor = math.gcd(*numbers)
-    if factor > 1 or numbers == list(range(numbers[0], numbers[0] + len(numbers))):
-        shown = ", ".join(str(n) for n in numbers[:6]) + (", ..." if len(numbers) > 6 else "")
-        return [(rank, p) for rank, (_, p) in enumerate(numbered)], \
-            f"round = rank of the numbered files ({shown} are steps)"
-    return numbered, None
+    first = numbers[0]
+    step = math.gcd(*(n - first for n in numbers)) or 1
+    shown = ", ".join(str(n) for n in numbers[:6]) + (", ..." if len(numbers) > 6 else "")
+    note = (f"round = (number - {first}) / {step} of the numbered files ({shown})" if step > 1
+            else f"round = number - {first} of the numbered files ({shown})") if first or step > 1 else None
+    return [((n - first) // step, p) for n, p in numbered], note
