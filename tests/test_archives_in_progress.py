@@ -398,8 +398,39 @@ def test_watch_follows_produce_and_ends_with_130_on_ctrl_c(tmp_path):
     # the tables equal a plain analysis of the finished archive
     final = analyze(ckpts, tmp_path / "again")
     assert frames["eigen"].equals(final["eigen"])
-    # it printed what changed along the way (new rounds, or the run when it first appeared)
-    assert "new round(s)" in stdout or "run seed_0: new" in stdout or "run seed_0" in stdout
+    assert "run seed_0  [flowscan" in stdout   # the summary of its first complete scan
+
+
+def test_watch_reports_a_round_that_arrives(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "ckpts" / "seed_0"
+    shutil.copytree(FIXTURES / "closed-form" / "flowscan", run)
+    (run / "round_0004").rename(run / "later")          # round 4 arrives once the watcher runs
+    out = tmp_path / "out"
+    watcher = subprocess.Popen([sys.executable, "-m", "flowscan", "analyze", str(tmp_path / "ckpts"), "-o", str(out),
+                                "--watch", "--interval", "0.2", "--blocks", r"^(a|b)\."], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 60
+        while not (out / "runs.parquet").exists():
+            assert time.time() < deadline and watcher.poll() is None
+            time.sleep(0.05)
+        (run / "later").rename(run / "round_0004")     # atomically, as produce writes a round
+        while set(pl.read_parquet(out / "rounds.parquet")["round"]) != {0, 1, 2, 3, 4}:
+            assert time.time() < deadline and watcher.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        stdout, stderr = watcher.communicate(timeout=60)
+    assert watcher.returncode == 130, stderr
+    assert "run seed_0: new round(s) 4" in stdout
+    assert "run seed_0: sigma((other))" in stdout   # its sigma moved with the new round
 
 
 def test_watch_changes_lists_new_rounds_moved_sigmas_and_verdicts():
