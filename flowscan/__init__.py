@@ -43,14 +43,13 @@ def inspect(path, blocks: str | Sequence[str] | None = None, **options) -> dict[
     rounds, error, notes) and `tensors` (each run's prunable tensors, their shapes and blocks)."""
     import polars as pl
 
-    from flowscan import pipeline
+    from flowscan import pipeline, summary
 
     opts = _options(blocks, options)
     items = [pipeline.inspect_run(run, opts) for run in pipeline.find_runs(path, opts)]
     runs = pl.DataFrame([{"run": i.run.name, "path": str(i.run.path), "format": i.run.format,
-                          "complete_rounds": i.run.complete_rounds, "missing_rounds": i.run.missing_rounds,
-                          "incomplete_rounds": i.run.unfinished_rounds, "error": i.error,
-                          "notes": "; ".join(i.run.notes) or None} for i in items],
+                          **{k: v for k, v in summary.completeness_data(i.run).items() if k != "incomplete"},
+                          "error": i.error, "notes": "; ".join(i.run.notes) or None} for i in items],
                         schema={"run": pl.String, "path": pl.String, "format": pl.String,
                                 "complete_rounds": pl.List(pl.Int64), "missing_rounds": pl.List(pl.Int64),
                                 "incomplete_rounds": pl.List(pl.Int64), "error": pl.String, "notes": pl.String})

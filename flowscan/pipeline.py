@@ -74,11 +74,6 @@ class RunResult:
     def n_prunable_params(self) -> int:
         return int(self.flow.n_params.sum()) if self.flow is not None else 0
 
-    @property
-    def tensor_params(self) -> dict[str, int]:
-        """Entries of each prunable tensor."""
-        return dict(zip(self.tensors, self.sizes))
-
 
 def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
     runs = discover(location(root), options.format, exclude)
@@ -250,7 +245,7 @@ def _reduce_all(tasks, options: Options, progress, reduce_task=None):
     return engines.map_rounds(tasks, options, progress, reduce_task or _reduce_task)
 
 
-def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = False) -> RoundSums | RoundError:
+def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = True) -> RoundSums | RoundError:
     """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
     try:
         cached = cache_dir / f"{_cache_key(rnd, names, verify)}.round" if cache_dir else None

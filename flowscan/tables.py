@@ -96,9 +96,9 @@ def _run_rows(res: RunResult) -> dict[str, list[dict]]:
         return rows
     never = set(res.never_pruned)
     n_never = {b: 0 for b in res.blocks}
-    for name, label in zip(res.tensors, res.labels):
+    for name, label, size in zip(res.tensors, res.labels, res.sizes):
         if name in never:
-            n_never[label] += res.tensor_params[name]
+            n_never[label] += size
     for r, index in enumerate(f.rounds):
         for b, block in enumerate(res.blocks):
             add("rounds", run=run.name, round=int(index), block=block, n_params=int(f.n_params[b]),

@@ -256,7 +256,6 @@ def test_packed_flax_masks_read_as_the_unpacked_ones(tmp_path):
 def test_packed_orbax_masks_read_as_the_unpacked_ones(tmp_path):
     from test_orbax import hand_made
 
-    from flowscan.readers.names import canonical  # noqa: F401 - the reader's own names are compared
     rng = np.random.default_rng(0)
     weights = {"params.dense.kernel": rng.normal(size=(13, 7)).astype(np.float32),
                "params.out.kernel": rng.normal(size=(7, 3)).astype(np.float32)}
@@ -362,83 +361,88 @@ def test_python_api_names_a_run_given_as_path(tmp_path):
 
 
 # -- watching a run in progress ------------------------------------------------------------------
+class Watcher:
+    """`flowscan analyze PATH -o OUT --watch` in a subprocess; ended by SIGINT (Ctrl-C) on leaving."""
+
+    def __init__(self, path, out, *args):
+        import os
+        import subprocess
+        import sys
+
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, "-m", "flowscan", "analyze", str(path), "-o", str(out),
+                                      "--watch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.stdout = self.stderr = ""
+
+    def until(self, done, seconds: float = 120) -> None:
+        """Wait until `done()` holds, failing if the watcher died or time ran out."""
+        import time
+
+        deadline = time.time() + seconds
+        while not done():
+            assert time.time() < deadline and self.proc.poll() is None, "the watcher did not get there"
+            time.sleep(0.05)
+
+    def rounds_written(self) -> set:
+        path = self.out / "rounds.parquet"
+        return set(pl.read_parquet(path)["round"]) if path.exists() else set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        self.stdout, self.stderr = self.proc.communicate(timeout=60)
+
+
 def test_watch_follows_produce_and_ends_with_130_on_ctrl_c(tmp_path):
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     ckpts, out = tmp_path / "ckpts", tmp_path / "out"
     ckpts.mkdir()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    watcher = subprocess.Popen([sys.executable, "-m", "flowscan", "analyze", str(ckpts), "-o", str(out),
-                                "--watch", "--interval", "0.3"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    with Watcher(ckpts, out, "--interval", "0.3") as watcher:
         subprocess.run([sys.executable, "-m", "flowscan", "produce", "--model", "mlp", "--data", "digits",
                         "--epochs", "2", "--batch-size", "64", "--lr", "0.05", "-q", "--rounds", "3",
-                        "-o", str(ckpts)], check=True, capture_output=True, env=env)
+                        "-o", str(ckpts)], check=True, capture_output=True)
         made = set(range(len(list((ckpts / "seed_0").glob("round_*")))))
         assert len(made) >= 3
-        deadline = time.time() + 120
-        while time.time() < deadline:   # until a scan has seen every round of the finished archive
-            if (out / "rounds.parquet").exists() and set(pl.read_parquet(out / "rounds.parquet")["round"]) == made:
-                break
-            time.sleep(0.2)
-        time.sleep(0.5)
-    finally:
-        watcher.send_signal(signal.SIGINT)
-        stdout, stderr = watcher.communicate(timeout=60)
-    assert watcher.returncode == 130, stderr
-    assert "stopped watching" in stderr
+        watcher.until(lambda: watcher.rounds_written() == made)   # a scan has seen the finished archive
+    assert watcher.proc.returncode == 130, watcher.stderr
+    assert "stopped watching" in watcher.stderr
     frames = read_tables(out)
     assert frames["runs"]["complete_rounds"][0].to_list() == sorted(made)
     assert frames["runs"]["status"].to_list() == ["ok"]
-    # the tables equal a plain analysis of the finished archive
-    final = analyze(ckpts, tmp_path / "again")
-    assert frames["eigen"].equals(final["eigen"])
-    assert "run seed_0  [flowscan" in stdout   # the summary of its first complete scan
+    assert frames["eigen"].equals(analyze(ckpts, tmp_path / "again")["eigen"])   # a plain analysis' tables
+    assert "run seed_0  [flowscan" in watcher.stdout   # the summary of its first complete scan
 
 
 def test_watch_reports_a_round_that_arrives(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
     import time
 
     run = tmp_path / "ckpts" / "seed_0"
     shutil.copytree(FIXTURES / "closed-form" / "flowscan", run)
     (run / "round_0004").rename(run / "later")          # round 4 arrives once the watcher runs
-    out = tmp_path / "out"
-    watcher = subprocess.Popen([sys.executable, "-m", "flowscan", "analyze", str(tmp_path / "ckpts"), "-o", str(out),
-                                "--watch", "--interval", "0.2", "--blocks", r"^(a|b)\."], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.time() + 60
-        while not (out / "runs.parquet").exists():
-            assert time.time() < deadline and watcher.poll() is None
-            time.sleep(0.05)
+    with Watcher(tmp_path / "ckpts", tmp_path / "out", "--interval", "0.2", *CLOSED) as watcher:
+        watcher.until(lambda: watcher.rounds_written() == {0, 1, 2, 3})
         (run / "later").rename(run / "round_0004")     # atomically, as produce writes a round
-        while set(pl.read_parquet(out / "rounds.parquet")["round"]) != {0, 1, 2, 3, 4}:
-            assert time.time() < deadline and watcher.poll() is None
-            time.sleep(0.05)
-        time.sleep(0.3)
-    finally:
-        watcher.send_signal(signal.SIGINT)
-        stdout, stderr = watcher.communicate(timeout=60)
-    assert watcher.returncode == 130, stderr
-    assert "run seed_0: new round(s) 4" in stdout
-    assert "run seed_0: sigma((other))" in stdout   # its sigma moved with the new round
+        watcher.until(lambda: watcher.rounds_written() == {0, 1, 2, 3, 4})
+        time.sleep(1.0)   # the change lines are printed just after the tables are written
+    assert watcher.proc.returncode == 130, watcher.stderr
+    assert "run seed_0: new round(s) 4" in watcher.stdout
+    assert "run seed_0: sigma((other))" in watcher.stdout   # its sigma moved with the new round
 
 
 def test_watch_changes_lists_new_rounds_moved_sigmas_and_verdicts():
     from flowscan import watch
 
     run = FIXTURES / "closed-form" / "safetensors"
-    opts = pipeline.Options(blocks=__import__("flowscan.blocks", fromlist=["BlockRules"]).BlockRules.parse(
-        [r"^(a|b)\."]))
+    from flowscan.blocks import BlockRules
+
+    opts = pipeline.Options(blocks=BlockRules.parse([r"^(a|b)\."]))
     runs = pipeline.find_runs(run, opts)
     full = pipeline.analyze_runs(runs, opts)
     short_runs = pipeline.find_runs(run, opts)
