@@ -46,7 +46,7 @@ def inspect(path, blocks: str | Sequence[str] | None = None, **options) -> dict[
     from flowscan import pipeline, summary
 
     opts = _options(blocks, options)
-    items = [pipeline.inspect_run(run, opts) for run in pipeline.find_runs(path, opts)]
+    items = pipeline.inspect_runs(pipeline.find_runs(path, opts), opts)
     runs = pl.DataFrame([{"run": i.run.name, "path": str(i.run.path), "format": i.run.format,
                           **{k: v for k, v in summary.completeness_data(i.run).items() if k != "incomplete"},
                           "error": i.error, "notes": "; ".join(i.run.notes) or None} for i in items],

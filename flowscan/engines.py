@@ -1,5 +1,5 @@
 """How the map step runs: every round is an independent task, reduced to RoundSums (or an error
-message) by `reduce_task(round, names, cache_dir, verify)`; an engine runs the tasks and yields
+message) by `reduce_task(round, names, verify)`; an engine runs the tasks and yields
 (run number, outcome) as they complete.
 
 - `threads` (the default): a thread pool in this process. The chunk reductions are numpy
@@ -9,8 +9,8 @@ message) by `reduce_task(round, names, cache_dir, verify)`; an engine runs the t
   killer) costs only its own round.
 - `dask`: a dask.distributed cluster (`scheduler` = its address, or a local cluster of `jobs`
   worker processes). Workers read the files themselves, so the paths must mean the same on
-  them (a shared file system); per-round caching works as locally when the cache folder is
-  shared too. Optional: `pip install 'flowscan[dask]'`.
+  them (a shared file system). The per-round cache is read and written by this process alone
+  (pipeline.py), so it needs no shared folder. Optional: `pip install 'flowscan[dask]'`.
 
 With one job (or one task) every engine reduces in the calling thread.
 """
@@ -35,6 +35,7 @@ CONNECT_TIMEOUT = "30s"   # to reach a dask scheduler
 # large ones are numpy-bound and threads scale. Processes from this many rounds of this mean size.
 AUTO_PROCESSES_ROUNDS = 200
 AUTO_PROCESSES_MEAN_BYTES = 4 << 20
+MAX_BATCH = 32   # rounds handed to a worker process at a time
 
 
 def choose(rounds, jobs: int) -> tuple[str, str]:
@@ -73,7 +74,7 @@ def map_rounds(tasks, options, progress: Callable[[int], None] | None, reduce_ta
         return
     if options.jobs <= 1 or len(work) <= 1:
         for i, rnd in work:
-            yield i, reduce_task(rnd, options.names, options.cache_dir, options.verify)
+            yield i, reduce_task(rnd, options.names, options.verify)
             _step(progress)
         return
     if options.engine == "threads":
@@ -89,7 +90,7 @@ def _step(progress) -> None:
 
 def _threads(work, options, progress, reduce_task):
     with ThreadPoolExecutor(max_workers=min(options.jobs, len(work)), thread_name_prefix="flowscan") as pool:
-        futures = {pool.submit(reduce_task, rnd, options.names, options.cache_dir, options.verify): i
+        futures = {pool.submit(reduce_task, rnd, options.names, options.verify): i
                    for i, rnd in work}
         try:
             for future in as_completed(futures):
@@ -102,16 +103,18 @@ def _threads(work, options, progress, reduce_task):
 
 
 def _processes(work, options, progress, reduce_task):
-    """A dead worker breaks the pool for every round in it; those rounds are retried, the ones
-    the dead worker could have held one at a time, so the death is pinned on its own round."""
+    """Rounds go to the workers in batches (for small checkpoints the hand-over costs as much as the
+    reduction). A dead worker breaks the pool for every round in it; those rounds are retried, the
+    ones the dead worker could have held one at a time, so the death is pinned on its own round."""
     # spawn, not fork: polars/pyarrow threads make fork unsafe.
     ctx = multiprocessing.get_context("spawn")
+    batch = max(1, min(MAX_BATCH, len(work) // (options.jobs * 8)))
     while work:
-        unfinished = yield from _pool_pass(work, options, options.jobs, ctx, progress, reduce_task)
-        # the pool hands work out in order: a dead worker held one of the first jobs + 1
-        suspects, work = unfinished[:options.jobs + 1], unfinished[options.jobs + 1:]
+        unfinished = yield from _pool_pass(work, options, options.jobs, ctx, progress, reduce_task, batch)
+        # the pool hands work out in order: a dead worker held one of the first jobs + 1 batches
+        suspects, work = unfinished[:(options.jobs + 1) * batch], unfinished[(options.jobs + 1) * batch:]
         for i, rnd in suspects:
-            if (yield from _pool_pass([(i, rnd)], options, 1, ctx, progress, reduce_task)):
+            if (yield from _pool_pass([(i, rnd)], options, 1, ctx, progress, reduce_task, 1)):
                 yield i, (f"{_where(rnd)}: the process reading this round died (a crash or out of memory); "
                           "the file is probably hostile or corrupt")
                 _step(progress)
@@ -121,23 +124,30 @@ def _where(rnd) -> str:
     return printable(str(rnd.files[0] if rnd.files else "?"))
 
 
-def _pool_pass(work, options, jobs: int, ctx, progress, reduce_task):
-    """Reduce `work` in a process pool, yielding outcomes; returns the tasks a broken pool lost."""
+def _reduce_batch(reduce_task, rounds, names, verify) -> list:
+    return [reduce_task(rnd, names, verify) for rnd in rounds]
+
+
+def _pool_pass(work, options, jobs: int, ctx, progress, reduce_task, batch: int):
+    """Reduce `work` in a process pool, `batch` rounds a task, yielding outcomes; returns the
+    rounds a broken pool lost."""
     lost = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         # workers get only what they need: block rules hold unpicklable preset functions
-        futures = {pool.submit(reduce_task, rnd, options.names, options.cache_dir, options.verify): k
-                   for k, (_i, rnd) in enumerate(work)}
+        futures = {pool.submit(_reduce_batch, reduce_task, [rnd for _i, rnd in work[k:k + batch]],
+                               options.names, options.verify): k
+                   for k in range(0, len(work), batch)}
         try:
             for future in as_completed(futures):
                 k = futures[future]
                 try:
-                    outcome = future.result()
+                    outcomes = future.result()
                 except BrokenProcessPool:
-                    lost.append(k)
+                    lost.extend(range(k, min(k + batch, len(work))))
                     continue
-                yield work[k][0], outcome
-                _step(progress)
+                for (i, _rnd), outcome in zip(work[k:k + batch], outcomes):
+                    yield i, outcome
+                    _step(progress)
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -161,7 +171,6 @@ def _dask(work, options, progress, reduce_task):
         return
     remote = options.scheduler is not None
     # a remote worker has another working folder: it gets absolute paths (messages keep the user's)
-    cache_dir = Path(options.cache_dir).resolve() if options.cache_dir is not None else None
     with contextlib.ExitStack() as stack:
         if remote:
             try:
@@ -173,8 +182,7 @@ def _dask(work, options, progress, reduce_task):
                                                        processes=True, dashboard_address=None))
             client = stack.enter_context(Client(cluster))
         rounds = [_absolute(rnd) if remote else rnd for _i, rnd in work]
-        futures = client.map(reduce_task, rounds, names=options.names, cache_dir=cache_dir,
-                             verify=options.verify, pure=False)
+        futures = client.map(reduce_task, rounds, names=options.names, verify=options.verify, pure=False)
         index = {f.key: k for k, f in enumerate(futures)}
         try:
             for future in dask_completed(futures):

@@ -24,7 +24,7 @@ from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
 from flowscan.reduce import RoundSums, TensorSums, dtype_kind, open_tensors, reduce_round, survival_counts
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,8 @@ def _count_survival(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict]
             for name, t in after.tensors.items():
                 if name in before.tensors:
                     same_tensor(name, (a, before.tensors[name]), (b, t))
-                    steps[a][name] = survival_counts(before.bits.get(name), after.bits.get(name), t.n_params)
+                    steps[a][name] = survival_counts(before.bits.get(name), after.bits.get(name), t.n_params,
+                                                     before.tensors[name].kept, t.kept)
     for r in (before_of.get(index), index, after_of.get(index)):
         done = (before_of.get(r) is None or before_of[r] in steps) and (after_of.get(r) is None or r in steps)
         if r in sums and done and sums[r].bits:
@@ -241,22 +242,37 @@ def _drop_partial_last_round(run: Run, sums: dict[int, RoundSums]) -> None:
 
 
 def _reduce_all(tasks, options: Options, progress, reduce_task=None):
-    """(run number, RoundSums or error message) per task, as they complete (see engines.py)."""
-    return engines.map_rounds(tasks, options, progress, reduce_task or _reduce_task)
+    """(task key, RoundSums or error) per task, as they complete (see engines.py). Rounds whose
+    files are unchanged since a cached reduction come from the cache; the others are reduced by
+    the engine and appended to the cache here, in this process, as each arrives."""
+    reduce_task = reduce_task or _reduce_task
+    if options.cache_dir is None:
+        yield from engines.map_rounds(tasks, options, progress, reduce_task)
+        return
+    with round_cache.RoundCache(options.cache_dir) as cache:
+        todo, keys = [], {}
+        for task_key, rnd in tasks:
+            try:
+                keys[task_key] = _cache_key(rnd, options.names, options.verify)
+            except OSError:   # unreadable now: the reduction names the problem
+                keys[task_key] = None
+            hit = cache.get(keys[task_key]) if keys[task_key] else None
+            if hit is None:
+                todo.append((task_key, rnd))
+                continue
+            yield task_key, hit
+            if progress:
+                progress(1)
+        for task_key, outcome in engines.map_rounds(todo, options, progress, reduce_task):
+            if isinstance(outcome, RoundSums) and keys[task_key]:
+                cache.put(keys[task_key], outcome)
+            yield task_key, outcome
 
 
-def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify: bool = True) -> RoundSums | RoundError:
-    """Reduce one round (from the cache when its files are unchanged); errors come back as text."""
+def _reduce_task(rnd: Round, names: NameOptions, verify: bool = True) -> RoundSums | RoundError:
+    """Reduce one round; errors come back as values, so one unreadable round stops nothing else."""
     try:
-        cached = cache_dir / f"{_cache_key(rnd, names, verify)}.round" if cache_dir else None
-        if cached is not None:
-            hit = round_cache.load(cached)
-            if hit is not None:
-                return hit
-        result = reduce_round(rnd, names, verify)
-        if cached is not None:
-            round_cache.store(cached, result)
-        return result
+        return reduce_round(rnd, names, verify)
     except ScanError as exc:
         return RoundError(str(exc), exc.truncated)
     except Exception as exc:  # noqa: BLE001 - one unreadable round must not stop the other runs
@@ -265,10 +281,12 @@ def _reduce_task(rnd: Round, names: NameOptions, cache_dir: Path | None, verify:
 
 
 def _cache_key(rnd: Round, names: NameOptions, verify: bool) -> str:
+    """Identifies a round's reduction: its files (path, size, modification time), how it is read,
+    and this version of flowscan."""
     files = []
     for f in rnd.files:
         st = f.stat()
-        files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        files.append([str(f.absolute()), st.st_size, st.st_mtime_ns])
     payload = json.dumps([CACHE_VERSION, __version__, rnd.reader, rnd.index, files,
                           [str(s) for s in rnd.spec], vars(names), verify], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -382,15 +400,44 @@ class Inspection:
         return [n for n, lab in zip(self.prunable, self.labels) if lab == OTHER]
 
 
+def inspect_runs(runs: list[Run], options: Options, progress: Callable[[int], None] | None = None) -> list[Inspection]:
+    """What `inspect` shows of each run: every round's tensor headers are read (in parallel like
+    `analyze_runs`, with `options.engine`; `auto` is resolved here), no tensor data."""
+    if options.engine == "auto":
+        options = replace(options, engine=engines.choose(
+            (r for run in runs if not run.error for r in run.rounds), options.jobs)[0])
+    tasks = [((i, rnd.index), rnd) for i, run in enumerate(runs) if not run.error for rnd in run.rounds]
+    listings: dict[int, dict[int, dict]] = {i: {} for i in range(len(runs))}
+    errors: dict[int, dict[int, str]] = {i: {} for i in range(len(runs))}
+    for (i, index), outcome in engines.map_rounds(tasks, options, progress, _listing_task):
+        if isinstance(outcome, dict):
+            listings[i][index] = outcome
+        else:
+            errors[i][index] = str(outcome)
+    return [_inspection(run, [listings[i][r.index] for r in run.rounds] if not errors[i] else None,
+                        errors[i][min(errors[i])] if errors[i] else run.error, options)
+            for i, run in enumerate(runs)]
+
+
 def inspect_run(run: Run, options: Options) -> Inspection:
-    if run.error:
-        return Inspection(run, run.error)
+    return inspect_runs([run], replace(options, jobs=1))[0]
+
+
+def _listing_task(rnd: Round, names: NameOptions, verify: bool = False) -> dict[str, TensorInfo] | RoundError:
+    """The tensors of one round as `inspect` lists them (headers only); errors come back as values."""
     try:
-        listing = []
-        for rnd in run.rounds:
-            refs, _metrics, _notes = open_tensors(rnd, options.names)
-            listing.append({r.name: TensorInfo(r.shape, r.mask is not None, str(r.path), dtype_kind(r.weight))
-                            for r in refs})
+        refs, _metrics, _notes = open_tensors(rnd, names)
+        return {r.name: TensorInfo(r.shape, r.mask is not None, str(r.path), dtype_kind(r.weight)) for r in refs}
+    except ScanError as exc:
+        return RoundError(str(exc), exc.truncated)
+    except Exception as exc:  # noqa: BLE001 - one unreadable round must not stop the other runs
+        return RoundError(printable(f"{rnd.files[0] if rnd.files else '?'}: {type(exc).__name__}: {exc}"))
+
+
+def _inspection(run: Run, listing: list[dict] | None, error: str | None, options: Options) -> Inspection:
+    if error or listing is None:
+        return Inspection(run, error)
+    try:
         prunable, inferred = prunable_set(run, listing, options.infer_masks)
     except ScanError as exc:
         return Inspection(run, str(exc))

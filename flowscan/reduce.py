@@ -34,6 +34,11 @@ class TensorSums:
     path: str             # file of the weight, for messages
     kind: str = "f"       # numpy dtype kind of the weight ("f", "i", ...): constant over a run's rounds
 
+    @property
+    def kept(self) -> int:
+        """Entries its packed bits (RoundSums.bits) mark as kept: the mask's ones, or the nonzeros."""
+        return self.n_nonzero
+
 
 @dataclass(frozen=True)
 class RoundSums:
@@ -214,10 +219,12 @@ def reduce_round(round: Round, opts: NameOptions, verify: bool = False) -> Round
     return RoundSums(round.index, sums, metrics, bits, tuple(notes))
 
 
-def survival_counts(before: np.ndarray | None, after: np.ndarray | None, n: int) -> tuple[int, int, int]:
-    """(kept before, kept before and after, kept after) between two masks as packed bits."""
-    n_before = popcount(before) if before is not None else n
-    n_after = popcount(after) if after is not None else n
+def survival_counts(before: np.ndarray | None, after: np.ndarray | None, n: int,
+                    kept_before: int | None = None, kept_after: int | None = None) -> tuple[int, int, int]:
+    """(kept before, kept before and after, kept after) between two masks as packed bits; the
+    counts of each mask alone may be passed in when known (TensorSums.kept)."""
+    n_before = n if before is None else kept_before if kept_before is not None else popcount(before)
+    n_after = n if after is None else kept_after if kept_after is not None else popcount(after)
     if before is None or after is None:
         return n_before, (n_after if before is None else n_before), n_after
     return n_before, popcount(before & after), n_after

@@ -5,7 +5,7 @@ import os
 import signal
 
 
-def reduce_or_die(rnd, names, cache_dir, verify=True):
+def reduce_or_die(rnd, names, verify=True):
     if rnd.index == 2:
         os.kill(os.getpid(), signal.SIGSEGV)
     return f"reduced {rnd.index}"

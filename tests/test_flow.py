@@ -56,6 +56,27 @@ def test_fit_line_agrees_with_scipy_linregress():
     assert fit.r2 == pytest.approx(ref.rvalue ** 2, rel=1e-12)
 
 
+def test_fit_lines_fits_each_column_on_its_own_finite_pairs_as_linregress_does():
+    rng = np.random.default_rng(1)
+    x = np.cumsum(rng.uniform(0.1, 0.3, (10, 4)), axis=0)
+    y = 0.3 + 0.5 * x + rng.normal(0, 0.05, (10, 4))
+    y[[1, 6], 0] = np.nan        # holes in one column only
+    x[3, 2] = np.inf
+    y[:, 3] = np.nan
+    y[:2, 3] = [1.0, 2.0]        # two points: a slope without a standard error
+    fits = flow.fit_lines(x, y)
+    for j in range(3):
+        keep = np.isfinite(x[:, j]) & np.isfinite(y[:, j])
+        ref = stats.linregress(x[keep, j], y[keep, j])
+        assert fits[j].n == keep.sum()
+        assert fits[j].slope == pytest.approx(ref.slope, rel=1e-12)
+        assert fits[j].slope_se == pytest.approx(ref.stderr, rel=1e-10)
+        assert fits[j].r2 == pytest.approx(ref.rvalue ** 2, rel=1e-12)
+    assert fits[3].n == 2 and fits[3].slope == pytest.approx(1 / (x[1, 3] - x[0, 3])) and np.isnan(fits[3].slope_se)
+    shared = flow.fit_lines(x[:, :1], y[:, :2])   # one x column for every y column
+    assert shared[1].slope == pytest.approx(stats.linregress(x[:, 0], y[:, 1]).slope, rel=1e-12)
+
+
 def test_fit_exponents_recovers_sigma_under_a_varying_c():
     # M(n) = M0 * D(n)^(-sigma): with s(n) = ln(D0/D(n)), ln M = ln M0 + sigma * s exactly
     density = np.array([1.0, 0.9, 0.8, 0.7, 0.6])

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from flowscan.cli.app import app_options
-from flowscan.cli.options import ARCHIVE, command_line, scan_options, writable_output
+from flowscan.cli.options import ARCHIVE, command_line, parallel_options, scan_options, writable_output
 
 
 @click.command()
@@ -17,13 +17,7 @@ from flowscan.cli.options import ARCHIVE, command_line, scan_options, writable_o
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("flowscan-out"), show_default=True, help="Folder for the parquet tables.")
 @scan_options
-@click.option("-j", "--jobs", type=click.IntRange(1), default=None,
-              help="Rounds reduced at once (default: the cores this process may use).")
-@click.option("--engine", type=click.Choice(["auto", "threads", "processes", "dask"]), default="auto",
-              show_default=True,
-              help="threads: in this process (fastest for large checkpoints); processes: a crash costs only its "
-                   "round (faster for many small files); auto: processes for many small files, else threads; "
-                   "dask: a dask.distributed cluster (--scheduler, else a local one; pip install 'flowscan[dask]').")
+@parallel_options
 @click.option("--scheduler", metavar="ADDRESS",
               help="A dask scheduler, e.g. tcp://10.0.0.5:8786 (implies --engine dask; the workers must see "
                    "PATH and OUT at the same absolute paths).")

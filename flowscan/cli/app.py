@@ -54,9 +54,10 @@ class App:
             click.echo(f"wrote {path}", err=True)
 
     @contextlib.contextmanager
-    def progress(self, length: int, label: str):
-        """A callback taking a step count: a bar on a terminal, log lines at each tenth elsewhere."""
-        if self.quiet or length <= 0:
+    def progress(self, length: int, label: str, lines: bool = True):
+        """A callback taking a step count: a bar on a terminal, log lines at each tenth elsewhere
+        (unless not `lines`: for quick steps whose log would be noise)."""
+        if self.quiet or length <= 0 or (not lines and not sys.stderr.isatty()):
             yield lambda n=1: None
             return
         if sys.stderr.isatty():

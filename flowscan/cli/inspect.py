@@ -8,25 +8,27 @@ from pathlib import Path
 import click
 
 from flowscan.cli.app import app_options
-from flowscan.cli.options import ARCHIVE, scan_options
+from flowscan.cli.options import ARCHIVE, parallel_options, scan_options
 
 
 @click.command()
 @click.argument("path", type=ARCHIVE)
 @scan_options
+@parallel_options
 @app_options(json_output=True)
-def inspect(path: Path, scan: dict, app) -> None:
+def inspect(path: Path, scan: dict, jobs: int | None, engine: str, app) -> None:
     """List runs, formats, rounds, prunable tensors and their blocks."""
-    from flowscan import pipeline, summary
+    from flowscan import engines, pipeline, summary
     from flowscan.errors import FlowscanError
 
-    options = pipeline.Options(**scan)
+    options = pipeline.Options(**scan, jobs=jobs or engines.default_jobs(), engine=engine)
     try:
         runs = pipeline.find_runs(path, options)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
-    # one thread: header parsing is Python holding the GIL, and threads measured slower
-    items = [pipeline.inspect_run(run, options) for run in runs]
+    n_rounds = sum(len(r.rounds) for r in runs if not r.error)
+    with app.progress(n_rounds, "reading headers", lines=False) as step:
+        items = pipeline.inspect_runs(runs, options, progress=step)
     app.result(summary.inspection_text(items))
     app.data(summary.inspection_data(items))
     for item in items:

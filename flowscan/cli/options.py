@@ -75,6 +75,18 @@ def scan_options(command):
     return wrapper
 
 
+def parallel_options(command):
+    """-j/--jobs and --engine: how rounds are read at once (analyze, inspect)."""
+    command = click.option(
+        "--engine", type=click.Choice(["auto", "threads", "processes", "dask"]), default="auto", show_default=True,
+        help="threads: in this process (fastest for large checkpoints); processes: a crash costs only its "
+             "round (faster for many small files); auto: processes for many small files, else threads; "
+             "dask: a dask.distributed cluster (--scheduler, else a local one; pip install 'flowscan[dask]')."
+    )(command)
+    return click.option("-j", "--jobs", type=click.IntRange(1), default=None,
+                        help="Rounds read at once (default: the cores this process may use).")(command)
+
+
 def requires(*modules: str):
     """Check a command's optional packages before anything else runs: a missing one is a named
     error with the `pip install` to run (flowscan/extras.py), never an import traceback."""

@@ -15,10 +15,10 @@ import mmap
 import zlib
 
 try:   # python-isal's CRC-32 runs at about 10 GB/s here, zlib's at 2: verification then costs little
-    from isal.isal_zlib import crc32 as _crc32
+    from isal.isal_zlib import crc32
     FAST_CRC = True
 except ImportError:  # pragma: no cover - isal is a dependency; kept working without it
-    _crc32, FAST_CRC = zlib.crc32, False
+    crc32, FAST_CRC = zlib.crc32, False
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +140,7 @@ class StorageFile(Frozen):
         """The running CRC-32 of the bytes before a storage that its checksum also covers."""
         offset, _nbytes = self._region(key)
         prefix = self._crc[key][1]
-        return _crc32(self._mm[offset - prefix:offset]) if prefix else 0
+        return crc32(self._mm[offset - prefix:offset]) if prefix else 0
 
     def needs_check(self, key: str) -> bool:
         return key in self._crc and key not in self._verified
@@ -158,7 +158,7 @@ class StorageFile(Frozen):
         if self.needs_check(key):
             crc, data, step = self.crc_start(key), self.region_bytes(key), 1 << 22
             for start in range(0, data.size, step):
-                crc = _crc32(data[start:start + step], crc)
+                crc = crc32(data[start:start + step], crc)
             self.check(key, crc)
 
 
@@ -186,7 +186,7 @@ class Checksum:
 
     def update(self, start: int, stop: int) -> None:
         """Add elements [start, stop) of the flattened tensor (in order)."""
-        self._crc = _crc32(self._bytes[start * self._item:stop * self._item], self._crc)
+        self._crc = crc32(self._bytes[start * self._item:stop * self._item], self._crc)
 
     def finish(self) -> None:
         self._file.check(self._key, self._crc)
@@ -248,8 +248,12 @@ class StoredArray(Frozen):
         else:
             count = st.nbytes // item.itemsize
             base = st.file.raw(st.key, item, count)[self.offset:]
-            arr = np.lib.stride_tricks.as_strided(
-                base, self.shape, tuple(s * item.itemsize for s in self.stride), writeable=False)
+            if self.stride == contiguous_strides(self.shape):   # the common case, without as_strided's cost
+                arr = base[:self.size].reshape(self.shape)
+                arr.flags.writeable = False
+            else:
+                arr = np.lib.stride_tricks.as_strided(
+                    base, self.shape, tuple(s * item.itemsize for s in self.stride), writeable=False)
         if self.dtype == BFLOAT16:
             widened = np.empty(self.shape, dtype=np.uint32)
             np.left_shift(arr, 16, out=widened, dtype=np.uint32, casting="unsafe")

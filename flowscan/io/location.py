@@ -279,6 +279,8 @@ class RemotePath:
     def resolve(self) -> "RemotePath":
         return self
 
+    absolute = resolve   # a URL is absolute already
+
     def relative_to(self, other: "RemotePath") -> PurePosixPath:
         if not isinstance(other, RemotePath) or other.store is not self.store:
             raise ValueError(f"{self} is not below {other}")

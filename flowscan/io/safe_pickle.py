@@ -25,9 +25,11 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import collections
+import hashlib
 import io
 import pickle
 import pickletools
+import threading
 from collections import Counter
 from typing import Any, Callable
 
@@ -487,6 +489,35 @@ def _memo_index(name: str, data: bytes, start: int, end: int) -> int:
     return int.from_bytes(data[start:end], "little")
 
 
+class _Passed(collections.OrderedDict):
+    """Where the pickle ends in byte strings that passed `_scan` (by their digest), most recent last.
+    `_scan` is a pure function of the bytes, and the rounds of one run hold the same pickle (same
+    names, shapes, storage keys), so a repeat costs a hash instead of a walk in Python."""
+
+    LIMIT = 256
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()   # reader threads share it
+
+    def end(self, data: bytes, path: str) -> int:
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        with self._lock:
+            end = self.get(key)
+            if end is not None:
+                self.move_to_end(key)
+                return end
+        end = _scan(data, path)
+        with self._lock:
+            self[key] = end
+            if len(self) > self.LIMIT:
+                self.popitem(last=False)
+        return end
+
+
+_passed = _Passed()
+
+
 def prescan(file, path: str, max_bytes: int = MAX_PICKLE_BYTES) -> bytes:
     """Check one pickle of a seekable file before anything is built (see `_scan`), and return its
     bytes, leaving the file just after it. A pickle larger than `max_bytes` is refused."""
@@ -495,7 +526,7 @@ def prescan(file, path: str, max_bytes: int = MAX_PICKLE_BYTES) -> bytes:
         file.seek(start)
         data = file.read(min(want, max_bytes + 1))
         try:
-            end = _scan(data, path)
+            end = _passed.end(data, path)
         except _NeedMore:
             if len(data) > max_bytes:
                 raise ScanError(path, f"malformed pickle (or one over {max_bytes} bytes): no STOP "
