@@ -86,3 +86,18 @@ def test_rounds_sent_to_a_remote_scheduler_carry_absolute_paths(tmp_path, monkey
     rnd = Round(0, "orbax", (Path("run/7/_METADATA"),), spec=(Path("run/7"), 3))
     sent = engines._absolute(rnd)
     assert sent.files == (tmp_path / "run/7/_METADATA",) and sent.spec == (tmp_path / "run/7", 3)
+
+
+@pytest.mark.parametrize("engine", ["threads", "processes"])
+def test_inspect_reads_headers_with_every_local_engine_as_serially(engine, tmp_path):
+    import shutil
+
+    shutil.copytree(FIXTURES, tmp_path / "all")
+    broken = tmp_path / "all" / "torch-prune" / "seed0" / "1checkpoint.pth.tar"
+    broken.write_bytes(broken.read_bytes()[:200])   # a round cut short in one run
+    serial = pipeline.inspect_runs(pipeline.find_runs(tmp_path / "all"), pipeline.Options(jobs=1))
+    parallel = pipeline.inspect_runs(pipeline.find_runs(tmp_path / "all"), pipeline.Options(jobs=2, engine=engine))
+    assert [(i.run.name, i.error, i.prunable, i.labels, i.mask_source) for i in parallel] == \
+        [(i.run.name, i.error, i.prunable, i.labels, i.mask_source) for i in serial]
+    assert sum(bool(i.error) for i in serial) >= 1 and any(not i.error for i in serial)   # both kinds compared
+    assert any(str(broken) in (i.error or "") for i in serial)

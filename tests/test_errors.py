@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES, analyze, read_tables, run_cli
-from flowscan import pipeline
+from flowscan import engines, pipeline
 from flowscan.errors import ScanError
 from flowscan.tables import TABLES
 from flowscan.readers.base import NameOptions
@@ -202,19 +202,22 @@ def test_a_changed_file_is_not_served_from_the_cache(tmp_path, copy_fixture):
         2 * before["rounds"].filter(round=4, block="a.0")["abs_sum"][0])
 
 
-def test_a_dying_worker_costs_only_its_round(tmp_path):
+@pytest.mark.parametrize("n_tasks", [6, 80])   # 80: rounds go to the workers in batches
+def test_a_dying_worker_costs_only_its_round(tmp_path, n_tasks):
     import crashing_reducer
     from flowscan.readers.base import Round
 
-    tasks = [(i % 2, Round(i, "prune-style", (tmp_path / f"{i}.pt",))) for i in range(6)]
+    tasks = [((i % 2, i), Round(i, "prune-style", (tmp_path / f"{i}.pt",))) for i in range(n_tasks)]
     options = pipeline.Options(jobs=2, engine="processes")
+    if n_tasks > 6:
+        assert max(1, min(engines.MAX_BATCH, n_tasks // (options.jobs * 8))) > 1
     outcomes = list(pipeline._reduce_all(tasks, options, None, crashing_reducer.reduce_or_die))
-    assert len(outcomes) == 6
-    reduced = sorted(o for _run, o in outcomes if o.startswith("reduced"))
-    assert reduced == [f"reduced {i}" for i in (0, 1, 3, 4, 5)]
-    [(run, died)] = [(run, o) for run, o in outcomes if not o.startswith("reduced")]
+    assert len(outcomes) == n_tasks
+    reduced = sorted((o for _key, o in outcomes if o.startswith("reduced")), key=lambda o: int(o.split()[1]))
+    assert reduced == [f"reduced {i}" for i in range(n_tasks) if i != 2]
+    [(key, died)] = [(key, o) for key, o in outcomes if not o.startswith("reduced")]
     assert died.startswith(f"{tmp_path / '2.pt'}: the process reading this round died")
-    assert run == 0   # charged to the run of round 2 only
+    assert key == (0, 2)   # charged to the run of round 2 only
 
 
 MASK_DTYPES = ["float16", "float32", "float64", "uint8", "int8", "int32", "uint16", "bool"]

@@ -47,3 +47,23 @@ def test_prescan_reads_past_its_first_block_and_respects_the_limit():
     assert prescan(io.BytesIO(data), "x") == data
     with pytest.raises(ScanError, match="over 1000 bytes"):
         prescan(io.BytesIO(data), "x", max_bytes=1000)
+
+
+def test_a_repeated_pickle_is_walked_once_and_a_refused_one_every_time(monkeypatch):
+    from flowscan.io import safe_pickle
+
+    walks = []
+    real = safe_pickle._scan
+    monkeypatch.setattr(safe_pickle, "_scan", lambda data, path: walks.append(data) or real(data, path))
+    monkeypatch.setattr(safe_pickle, "_passed", safe_pickle._Passed())
+    data = pickle.dumps({"w": list(range(50))}, protocol=2)
+    for _ in range(3):
+        assert prescan(io.BytesIO(data), "x") == data
+    assert len(walks) == 1          # the rounds of a run hold the same pickle: one walk
+    bad = b"K\x01r\xff\xff\xff\x7f."
+    for _ in range(2):              # a refusal is never remembered as a pass
+        with pytest.raises(ScanError, match="out of order"):
+            prescan(io.BytesIO(bad), "x")
+    assert len(walks) == 3
+    other = pickle.dumps({"w": list(range(51))}, protocol=2)   # one byte apart: walked on its own
+    assert prescan(io.BytesIO(other), "x") == other and len(walks) == 4

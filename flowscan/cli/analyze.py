@@ -20,7 +20,7 @@ from flowscan.cli.options import ARCHIVE, command_line, parallel_options, scan_o
 @parallel_options
 @click.option("--scheduler", metavar="ADDRESS",
               help="A dask scheduler, e.g. tcp://10.0.0.5:8786 (implies --engine dask; the workers must see "
-                   "PATH and OUT at the same absolute paths).")
+                   "PATH at the same absolute path).")
 @click.option("--strict", is_flag=True, help="Stop at the first run that fails.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse per-round sums from an earlier, interrupted run.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
