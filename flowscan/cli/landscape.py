@@ -16,21 +16,29 @@ def model_options(command):
     @click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
                   default=Path("flowscan-out"), show_default=True,
                   help="Folder for the tables and figures (use analyze's, so that they join).")
-    @click.option("--model", help="Model (flowscan name or package.module:function); default: from produce's manifest.")
-    @click.option("--data", "data_spec", metavar="NAME[:ARG]", help="Dataset; default: from produce's manifest.")
+    @click.option("--model", help="Model (a flowscan or open_lth name, or package.module:function); default: from "
+                                   "the archive (produce's manifest, open_lth's hparams.log, the tensor names).")
+    @click.option("--data", "data_spec", metavar="NAME[:ARG]",
+                  help="Dataset, e.g. mnist:DIR or cifar10:DIR; default: from produce's manifest. Normalized as the "
+                       "archive's recipe did (open_lth's, Chen et al.'s), which is printed and recorded.")
+    @click.option("--accuracy-tolerance", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+                  help="Largest difference between the test accuracy the archive records for a round and the one "
+                       "measured before anything is computed (a larger one stops: wrong model, data or "
+                       "preprocessing).")
     @device_option
     @click.option("--select", metavar="PREFIX", help="Only tensors under PREFIX, prefix removed.")
     @click.option("--strip-model-prefix", is_flag=True, help="Drop a leading 'model.' from tensor names.")
     @click.option("--format", "format_", metavar="NAME", help="Force a reader instead of auto-detecting.")
     @functools.wraps(command)
-    def wrapper(path, out, model, data_spec, device, select, strip_model_prefix, format_, **kwargs):
+    def wrapper(path, out, model, data_spec, accuracy_tolerance, device, select, strip_model_prefix, format_,
+                **kwargs):
         writable_output(out)
         from flowscan.landscape.analysis import Setup
         from flowscan.produce.runner import resolve_device
         from flowscan.readers.base import NameOptions
 
         setup = Setup(model, data_spec, str(resolve_device(device)), NameOptions(strip_model_prefix, select),
-                      format_)
+                      format_, accuracy_tolerance)
         return command(path, out, setup, **kwargs)
     return wrapper
 

@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from flowscan.errors import FlowscanError
-from flowscan.landscape import archive, hessian, lmc
+from flowscan.landscape import archive, hessian, lmc, recipes
 from flowscan.produce.data import Dataset, load
 from flowscan.readers.base import NameOptions, Run
 from flowscan.readers.discover import discover
@@ -21,9 +21,10 @@ SUMMARY_SCHEMA = {"run": pl.String, "round": pl.Int64, "next_round": pl.Int64, "
                   "path": pl.String, "barrier": pl.Float64, "instability": pl.Float64,
                   "loss_barrier": pl.Float64, "loss_instability": pl.Float64, "error_start": pl.Float64,
                   "error_end": pl.Float64, "dense_error": pl.Float64, "tolerance": pl.Float64,
-                  "matching": pl.Boolean}
+                  "matching": pl.Boolean, "recipe": pl.String}
 SHARPNESS_SCHEMA = {"run": pl.String, "round": pl.Int64, "density": pl.Float64, "lambda_max": pl.Float64,
-                    "iterations": pl.Int64, "converged": pl.Boolean, "error": pl.Float64}
+                    "iterations": pl.Int64, "converged": pl.Boolean, "error": pl.Float64, "recipe": pl.String}
+ACCURACY_TOLERANCE = 0.02   # |recorded - measured| test accuracy above which the setup is wrong
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Setup:
     device: str = "cpu"          # a torch device name ("auto" is resolved by the command)
     names: NameOptions = NameOptions()
     format: str | None = None
+    accuracy_tolerance: float = ACCURACY_TOLERANCE
 
 
 def runs_below(path: Path, setup: Setup) -> list[Run]:
@@ -42,19 +44,23 @@ def runs_below(path: Path, setup: Setup) -> list[Run]:
     return runs
 
 
-def _model_and_data(run: Run, setup: Setup, cache: dict) -> tuple[torch.nn.Module, Dataset]:
-    args = archive.produce_args(run) or {}
-    model_spec = setup.model or args.get("model")
-    data_spec = setup.data or args.get("data")
-    if not model_spec or not data_spec:
-        raise FlowscanError(f"{run.path}: not written by `flowscan produce`; name the model and data "
-                            "with --model and --data")
+def _model_and_data(run: Run, setup: Setup, cache: dict, shapes: dict,
+                    progress: Callable[[str], None] | None) -> tuple[torch.nn.Module, Dataset, recipes.Recipe]:
+    recipe, notes = recipes.recipe_for(run, setup.model, setup.data, shapes)
+    if not recipe.model or not recipe.data:
+        raise FlowscanError(f"{run.path}: name the model and data with --model and --data")
     device = torch.device(setup.device)
-    if data_spec not in cache:
-        cache[data_spec] = load(data_spec).to(device)
-    data = cache[data_spec]
+    key = (recipe.data, recipe.norm)
+    if key not in cache:
+        cache[key] = load(recipe.data, recipe.norm).to(device)
+    data = cache[key]
     torch.manual_seed(0)
-    return archive.build_model(model_spec, data.input_shape, data.n_classes).to(device), data
+    model = archive.build_model(recipe.model, data.input_shape, data.n_classes).to(device)
+    if progress:
+        progress(f"{run.name}: {recipe.describe()}")
+        for note in notes:
+            progress(f"{run.name}: {note}")
+    return model, data, recipe
 
 
 def _density(masks: dict[str, torch.Tensor]) -> float:
@@ -62,13 +68,39 @@ def _density(masks: dict[str, torch.Tensor]) -> float:
     return sum(int(m.sum()) for m in masks.values()) / total if total else float("nan")
 
 
-def _loaded_rounds(path: Path, setup: Setup) -> Iterator[tuple[Run, torch.nn.Module, Dataset, int, dict]]:
-    """(run, model holding the round's masked weights, data, round index, masks), round by round."""
-    cache: dict[str, Dataset] = {}
+def check_accuracy(run: Run, index: int, recorded: float | None, model: torch.nn.Module, data: Dataset,
+                   recipe: recipes.Recipe, tolerance: float, progress=None) -> float | None:
+    """The test accuracy flowscan measures for a round against the one the archive recorded; beyond
+    `tolerance` the model, data or preprocessing is not the network's, and nothing is computed."""
+    if recorded is None:
+        return None
+    measured = 1.0 - lmc.evaluate(model, data)[0]
+    if abs(measured - recorded) > tolerance:
+        raise FlowscanError(
+            f"{run.name} round {index}: the archive records test accuracy {recorded:.4f}, flowscan measures "
+            f"{measured:.4f} ({recipe.describe()}), a difference above the tolerance {tolerance:g}: the model, "
+            "the data or the preprocessing is not the one this network was trained with, so no landscape "
+            "numbers were computed (--model/--data to correct it; --accuracy-tolerance to accept it)")
+    if progress:
+        progress(f"{run.name} round {index}: test accuracy {measured:.4f} measured, {recorded:.4f} recorded "
+                 f"(within {tolerance:g})")
+    return measured
+
+
+def _loaded_rounds(path: Path, setup: Setup, progress=None):
+    """(run, model holding the round's masked weights, data, round index, masks, recipe), round by
+    round, each round checked against the test accuracy its archive recorded."""
+    cache: dict = {}
     for run in runs_below(path, setup):
-        model, data = _model_and_data(run, setup, cache)
+        model = data = recipe = None
         for rs in archive.iter_rounds(run, setup.names):
-            yield run, model, data, rs.index, archive.load_into(model, rs, setup.device)
+            if model is None:
+                shapes = {k: tuple(v.shape) for k, v in rs.state.items()}
+                model, data, recipe = _model_and_data(run, setup, cache, shapes, progress)
+            masks = archive.load_into(model, rs, setup.device)
+            check_accuracy(run, rs.index, recipe.recorded_accuracy(rs.metrics), model, data, recipe,
+                           setup.accuracy_tolerance, progress)
+            yield run, model, data, rs.index, masks, recipe
 
 
 PATHS = ("linear", "projected")
@@ -85,7 +117,7 @@ def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: 
     curves, summary, dense = [], [], []
     alphas = lmc.alpha_grid(points)
     previous = None   # (run, round index, state) of the round before
-    for run, model, data, index, masks in _loaded_rounds(path, setup):
+    for run, model, data, index, masks, recipe in _loaded_rounds(path, setup, progress):
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if previous is not None and previous[0] is run and index == previous[1] + 1:
             curve = lmc.interpolate(model, previous[2], state, masks, data, alphas, bn_batches,
@@ -96,13 +128,14 @@ def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: 
                        for a, e, lo in zip(curve.alphas, curve.errors, curve.losses)]
             summary.append((run.name, previous[1], index, _density(masks), path_kind, curve.barrier,
                             curve.instability, curve.loss_barrier, curve.loss_instability,
-                            float(curve.errors[0]), float(curve.errors[-1])))
+                            float(curve.errors[0]), float(curve.errors[-1]), recipe.describe()))
             if progress:
                 progress(f"{run.name}: rounds {previous[1]}->{index}: barrier {curve.barrier:+.4f}, "
                          f"instability {curve.instability:+.4f}")
         previous = (run, index, state)
     dense_error = float(np.mean(dense)) if dense else float("nan")   # NaN: no round 0 in the archive
-    rows = [(*row, dense_error, tolerance, bool(row[-1] <= dense_error + tolerance)) for row in summary]
+    rows = [(*row[:-1], dense_error, tolerance, bool(row[-2] <= dense_error + tolerance), row[-1])
+            for row in summary]
     return (pl.DataFrame(curves, schema=LMC_SCHEMA, orient="row"),
             pl.DataFrame(rows, schema=SUMMARY_SCHEMA, orient="row"))
 
@@ -110,10 +143,11 @@ def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: 
 def sharpness_table(path: Path, setup: Setup = Setup(), subset: int = 512, tol: float = 1e-3,
                     max_iter: int = 100, progress: Callable[[str], None] | None = None) -> pl.DataFrame:
     rows = []
-    for run, model, data, index, masks in _loaded_rounds(path, setup):
+    for run, model, data, index, masks, recipe in _loaded_rounds(path, setup, progress):
         top = hessian.top_eigenvalue(model, data, masks, subset, tol, max_iter)
         error, _loss = lmc.evaluate(model, data)
-        rows.append((run.name, index, _density(masks), top.value, top.iterations, top.converged, error))
+        rows.append((run.name, index, _density(masks), top.value, top.iterations, top.converged, error,
+                     recipe.describe()))
         if progress:
             progress(f"{run.name}: round {index}: lambda_max {top.value:.4g} ({top.iterations} iterations)")
     return pl.DataFrame(rows, schema=SHARPNESS_SCHEMA, orient="row")

@@ -55,7 +55,8 @@ def has_batchnorm(model: nn.Module) -> bool:
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, data: Dataset, batches: int = 20, batch_size: int = 256,
                          seed: int = 0) -> None:
-    """Fresh running statistics (a cumulative average) from training batches."""
+    """Fresh running statistics (a cumulative average) from training batches, transformed as the
+    recipe trained them (e.g. random crops and flips for open_lth's and Chen et al.'s CIFAR)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -68,7 +69,7 @@ def reestimate_batchnorm(model: nn.Module, data: Dataset, batches: int = 20, bat
     n = len(data.y_train)
     for _ in range(batches):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=g).to(data.x_train.device)
-        model(data.x_train[idx])
+        model(data.training_batch(idx, g))   # the recipe's training transform, as in training
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     model.eval()

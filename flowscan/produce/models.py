@@ -217,9 +217,17 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def build(name: str, input_shape: tuple[int, ...], n_classes: int) -> tuple[nn.Module, ModelSpec]:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    spec = MODELS[name]
+    """flowscan's models by name, and the models of other code bases under their own names (zoo.py)."""
+    from flowscan.produce import zoo
+
+    if name in MODELS:
+        spec = MODELS[name]
+        return spec.build(input_shape, n_classes), spec
+    family = zoo.family(name)
+    if family is None:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join([*MODELS, *zoo.names()])}")
+    prunable, preset = zoo.FAMILIES[family]
+    spec = ModelSpec(lambda shape, classes: zoo.build(name, shape, classes), prunable, preset=preset)
     return spec.build(input_shape, n_classes), spec
 
 

@@ -57,11 +57,23 @@ def state_dict_of(obj: Any) -> Mapping[str, Any] | None:
 
 
 def scalar_metrics(obj: Any) -> dict[str, float]:
-    """Float-valued top-level entries of a checkpoint dict (e.g. Chen et al.'s best_sa)."""
+    """Float-valued top-level entries of a checkpoint dict (e.g. Chen et al.'s best_sa), and the last
+    value of each per-epoch list in its `result` dict as `result.<name>` (Chen et al.'s `test_ta`:
+    the test accuracy, in percent, of the epoch the checkpoint holds)."""
     out = {}
     if isinstance(obj, Mapping):
         for key, value in obj.items():
-            if isinstance(value, (float, np.floating)) or (
-                    isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind == "f"):
+            if _is_float(value):
                 out[str(key)] = float(value)
+        result = obj.get("result")
+        if isinstance(result, Mapping):
+            for key, values in result.items():
+                if isinstance(values, (list, tuple)) and values and (_is_float(values[-1]) or
+                                                                     isinstance(values[-1], int)):
+                    out[f"result.{key}"] = float(values[-1])
     return out
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, (float, np.floating)) or (
+        isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind == "f")
