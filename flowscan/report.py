@@ -46,7 +46,7 @@ def _cell(value) -> str:
 
 
 # every table gets a visible heading of its own
-CAPTIONS = {'provenance': 'Where these results come from', 'versions': 'Software versions', 'runs': 'Runs analysed', 'failed': 'Runs that could not be read', 'sigma': 'σ per block and run', 'eigen': 'Per-block summary: λ, σ, σ_fit and the eigenfunction test', 'experiments': 'σ per block and experiment', 'scaling': 'Fits of Eq. 15 (γ is a measurement only where status is ok)', 'classes': 'Universality classes', 'compare': 'Pairs of units: σ distances and relevance agreement', 'lmc_summary': 'Linear mode connectivity between successive rounds', 'sharpness': 'Top Hessian eigenvalue per round', 'fraction_probe': 'Largest fraction that stays matching'}
+CAPTIONS = {'provenance': 'Where these results come from', 'versions': 'Software versions', 'runs': 'Runs analysed', 'failed': 'Runs that could not be read', 'sigma': 'σ per block and run', 'eigen': 'Per-block summary: λ, σ, σ_fit and the eigenfunction test', 'experiments': 'σ per block and experiment', 'scaling': 'Fits of Eq. 15 (γ is a measurement only where status is ok or nuisance_at_bound)', 'classes': 'Universality classes', 'compare': 'Pairs of units: σ distances and relevance agreement', 'lmc_summary': 'Linear mode connectivity between successive rounds', 'sharpness': 'Top Hessian eigenvalue per round', 'fraction_probe': 'Largest fraction that stays matching'}
 
 
 def html_table(frame: pl.DataFrame, table_id: str, columns: Sequence[str] | None = None,
@@ -135,7 +135,8 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
     if analysis.scaling is not None and analysis.scaling.height:
         parts.append(html_table(analysis.scaling, "scaling",
                                 ["level", "name", "metric", "n_points", "gamma", "gamma_se", "gamma_ci_low",
-                                 "gamma_ci_high", "epsilon_np", "epsilon_dagger", "p", "status", "error"]))
+                                 "gamma_ci_high", "epsilon_np", "epsilon_dagger", "epsilon_dagger_max", "p",
+                                 "status", "error"]))
     else:
         parts.append('<p id="table-scaling">No accuracy metric recorded in these runs: nothing to fit.</p>')
 

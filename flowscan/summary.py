@@ -177,9 +177,11 @@ def scaling_text(scaling) -> str:
     """One line per fit; gamma always beside the fit's status (only `ok` fits are measurements)."""
     names = [str(r["name"]) for r in scaling.iter_rows(named=True)]
     width = max([len("name"), *map(len, names)])
-    lines = [f"{'level':<10} {'name':<{width}} {'status':<12} {'gamma':>18} {'95% CI':>18} {'eps_np':>7} "
+    lines = [f"{'level':<10} {'name':<{width}} {'status':<17} {'gamma':>18} {'95% CI':>18} {'eps_np':>7} "
              f"{'eps_dag':>7} {'p':>8} {'points':>6}"]
-    if scaling.height and "ok" not in set(scaling["status"]):
+    from flowscan.stats.critical import MEASURED
+
+    if scaling.height and not set(MEASURED) & set(scaling["status"]):
         counts = scaling.group_by("status").len().sort("status")
         reasons = list(dict.fromkeys(r for r in scaling["error"].to_list() if r))
         return (f"No fit identifies gamma: of {scaling.height} fit(s), "
@@ -189,11 +191,11 @@ def scaling_text(scaling) -> str:
                   "near the dense error, or the sparsest rounds are missing): prune further, or see "
                   "scaling.parquet for each fit's reason.")
     for r in scaling.iter_rows(named=True):
-        head = f"{r['level']:<10} {str(r['name']):<{width}} {r['status']:<12}"
+        head = f"{r['level']:<10} {str(r['name']):<{width}} {r['status']:<17}"
         if r["status"] == "error":
             lines.append(f"{head} not fitted: {r['error']}")
             continue
-        if r["status"] != "ok":   # no number that is not a measurement
+        if r["status"] not in MEASURED:   # no number that is not a measurement
             lines.append(f"{head} gamma not identified: {r['error'] or r['status']}")
             continue
         ci = f"[{r['gamma_ci_low']:.3f}, {r['gamma_ci_high']:.3f}]" if math.isfinite(r["gamma_ci_low"]) else "n/a"

@@ -104,7 +104,9 @@ def open_lth_lottery(root: Path, data: Path, replicates: int = 2, levels: int = 
                 (main / "hparams.log").write_text(
                     "Dataset Hyperparameters\n    * dataset_name => mnist\n    * batch_size => 128\n"
                     f"Model Hyperparameters\n    * model_name => {model_name}\n    * model_init => kaiming_normal\n"
-                    "    * batchnorm_init => uniform\nPruning Hyperparameters\n    * pruning_strategy => sparse_global\n"
+                    "    * batchnorm_init => uniform\nTraining Hyperparameters\n    * optimizer_name => sgd\n"
+                    f"    * lr => {lr}\n    * training_steps => 2ep\n"
+                    "Pruning Hyperparameters\n    * pruning_strategy => sparse_global\n"
                     "    * pruning_fraction => 0.2\n    * pruning_layers_to_ignore => fc.weight\n")
             # prune 20 % of the remaining hidden weights by magnitude, globally
             hidden = [k for k in masks if k.startswith("fc_layers")]

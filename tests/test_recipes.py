@@ -44,6 +44,20 @@ def test_lmc_on_an_open_lth_lottery_needs_no_model_code_and_matches_its_logger(l
     assert "test accuracy" in result.output and "recorded" in result.output
 
 
+def test_probe_retrains_open_lth_rounds_as_hparams_log_says(lottery, tmp_path):
+    archive, data, recorded = lottery
+    result = run_cli("sharpness", archive, "-o", tmp_path, "--data", f"mnist:{data}", "--subset", "32",
+                     "--max-iter", "2", "--probe", "0.3,0.6")
+    probe = pl.read_parquet(tmp_path / "fraction_probe.parquet").sort("run", "round", "fraction")
+    assert probe.height == 2 * 3 * 2   # replicates x levels x fractions
+    for row in probe.iter_rows(named=True):
+        dense = 1 - recorded[(int(row["run"].split("_")[-1]) - 1, 0)]   # the run's own level-0 error
+        assert 0 <= row["error"] <= 1 and row["matching"] == (row["error"] <= dense + 0.01)
+    assert "retraining as" in result.output and "2 epochs of batch 128, lr 0.1" in result.output
+    assert "fc.weight never pruned" in result.output
+    assert "retraining with 0.6 more pruned (2/2)" in result.output   # progress per round and fraction
+
+
 def test_a_recipe_the_network_was_not_trained_with_stops_before_any_number(tmp_path):
     data = tmp_path / "mnist"
     archives.mnist_like(data)
@@ -136,4 +150,22 @@ def test_chen_et_al_cifar_archive_is_recognised_and_checked(tmp_path):
     for k, acc in enumerate(recorded):   # the stored network, before BatchNorm is re-estimated for the Hessian
         assert f"round {k}: test accuracy {acc:.4f} measured, {acc:.4f} recorded (within 0.02)" in result.output
     wrong = run_cli("sharpness", tmp_path / "run", "-o", tmp_path / "out2", "--data", f"cifar100:{data}", expect=1)
-    assert "100 classes" in wrong.output or "10 outputs" in wrong.output
+    assert "has 10 outputs, cifar100 has 100 classes" in wrong.output
+    probe = run_cli("sharpness", tmp_path / "run", "-o", tmp_path / "out3", "--data", f"cifar10:{data}",
+                    "--probe", "0.2", expect=1)
+    assert "do not record their training schedule" in probe.output
+
+
+def test_open_lth_cifar_recipe_normalizes_with_imagenet_statistics_and_augments(tmp_path):
+    from flowscan.readers.base import Round, Run
+
+    main = tmp_path / "replicate_1" / "level_0" / "main"
+    main.mkdir(parents=True)
+    (main / "hparams.log").write_text("Dataset Hyperparameters\n    * dataset_name => cifar10\n"
+                                      "Model Hyperparameters\n    * model_name => cifar_resnet_20\n")
+    run = Run(tmp_path / "replicate_1", "open_lth", [Round(0, "open_lth", (main / "model_ep2_it0.pth",))], "replicate_1")
+    recipe, notes = recipes.recipe_for(run, None, "cifar10:/x", {})
+    assert (recipe.model, recipe.norm) == ("cifar_resnet_20", recipes.OPEN_LTH["cifar10"])
+    assert recipe.norm.mean == (0.485, 0.456, 0.406) and recipe.norm.augment and not notes
+    with pytest.raises(Exception, match="trained on cifar10"):
+        recipes.recipe_for(run, None, "cifar100:/x", {})

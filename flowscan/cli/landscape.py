@@ -98,8 +98,8 @@ def lmc(path, out, setup, points, tolerance, bn_batches, path_kind, app) -> None
 @click.option("--max-iter", type=click.IntRange(1), default=100, show_default=True,
               help="Most power iterations per round.")
 @click.option("--probe", "probe", metavar="F1,F2,...",
-              help="Also prune each fraction from every round of every run, retrain, and record which stay "
-                   "matching (fraction_probe.parquet).")
+              help="Also prune each fraction from every round of every run, retrain as the run was trained "
+                   "(produce and open_lth runs), and record which stay matching (fraction_probe.parquet).")
 @click.option("--tolerance", type=click.FloatRange(0), default=0.01, show_default=True,
               help="With --probe: matching = test error within this of the dense network's.")
 @app_options()

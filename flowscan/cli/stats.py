@@ -64,24 +64,41 @@ def aggregate(out: Path, grouping, app) -> None:
               help="Bootstrap resamples for gamma's interval (0: none).")
 @click.option("--np-tolerance", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
               help="eps_np may move this fraction away from the dense error.")
+@click.option("--classes", type=click.IntRange(2), default=None,
+              help="Classes of the task: eps_dagger (the error at maximal pruning) is bounded by the chance error "
+                   "1 - 1/CLASSES (default: the n_classes produce records; else unbounded up to 1).")
+@click.option("--eps-dagger", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="VALUE",
+              help="Hold eps_dagger at VALUE instead of fitting it (e.g. the chance error).")
 @grouping_options
 @app_options(json_output=True)
-def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, grouping, app) -> None:
+def fit(out: Path, metric, metric_is_error, csv_path, bootstrap, np_tolerance, classes, eps_dagger, grouping,
+        app) -> None:
     """Critical exponent gamma of error vs density (Redman et al. Eq. 15) -> scaling.parquet."""
     from flowscan import summary, tables
     from flowscan.errors import FlowscanError
-    from flowscan.stats.critical import error_points, fit_scaling, read_points_csv
+    from flowscan.stats.critical import error_points, fit_scaling, read_points_csv, run_classes
 
     try:
         if csv_path:
             points = read_points_csv(csv_path)
+            recorded = {}
         else:
             t = tables.read_tables(out, ("rounds", "metrics"))
             points = error_points(t["metrics"], t["rounds"], metric, metric_is_error)
+            recorded = run_classes(t["metrics"])
     except FlowscanError as exc:
         raise _fail(exc) from None
-    scaling = fit_scaling(points, grouping.for_folder(out), progress=app.note, n_bootstrap=bootstrap,
-                          np_tolerance=np_tolerance)
+    runs = points["run"].unique().to_list()
+    per_run = {r: classes for r in runs} if classes else recorded
+    if eps_dagger is not None:
+        app.note(f"eps_dagger held at {eps_dagger:g} (--eps-dagger)")
+    elif per_run:
+        app.note("eps_dagger bounded by the chance error 1 - 1/classes ("
+                 + ("--classes" if classes else "the n_classes the archive records") + ")")
+    else:
+        app.note("no number of classes known: eps_dagger may reach 1 (give --classes to bound it by chance)")
+    scaling = fit_scaling(points, grouping.for_folder(out), progress=app.note, classes=per_run,
+                          n_bootstrap=bootstrap, np_tolerance=np_tolerance, epsilon_dagger=eps_dagger)
     written = tables.write_tables({"scaling": scaling}, out,
                                   tables.metadata(command_line(), "", analysis_id=tables.current_id(out)))
     app.result(summary.scaling_text(scaling))

@@ -158,27 +158,35 @@ PROBE_SCHEMA = {"run": pl.String, "round": pl.Int64, "fraction": pl.Float64, "er
 
 
 def probe_runs(path: Path, setup: Setup = Setup()) -> list[Run]:
-    """The runs `probe_fractions` would retrain; each must be a `flowscan produce` run."""
+    """The runs `probe_fractions` would retrain: `flowscan produce` runs, and open_lth runs (their
+    hparams.log says how they were trained)."""
     from flowscan import layout
 
     runs = runs_below(path, setup)
-    foreign = [r.name for r in runs if not (r.path / layout.RUN_MANIFEST).is_file()]
+    foreign = [r.name for r in runs if not (r.path / layout.RUN_MANIFEST).is_file() and r.format != "open_lth"]
     if foreign:
-        raise FlowscanError(f"--probe retrains rounds, which needs runs made by `flowscan produce`; "
-                            f"not such a run: {', '.join(foreign)}")
+        raise FlowscanError(f"--probe retrains rounds as the run was trained, which flowscan knows for runs made "
+                            f"by `flowscan produce` and open_lth runs (hparams.log); not such a run: "
+                            f"{', '.join(foreign)} (Chen et al.'s checkpoints do not record their training "
+                            "schedule)")
     return runs
 
 
 def probe_fractions(path: Path, fractions: Sequence[float], tolerance: float = 0.01, setup: Setup = Setup(),
                     progress: Callable[[str], None] | None = None) -> pl.DataFrame:
-    """For each round of every `produce` run below `path`, whether each of `fractions`, pruned
-    from that round and retrained from the rewind point, still gives a matching network (Paul et
-    al.'s limit). Runs are named as `analyze` names them, so the table joins the others."""
+    """For each round of every run below `path`, whether each of `fractions`, pruned from that
+    round and retrained from the rewind point, still gives a matching network (Paul et al.'s
+    limit); matching: within `tolerance` of the run's own round-0 test error. Runs are named as
+    `analyze` names them, so the table joins the others."""
+    from flowscan import layout
     from flowscan.produce.imp import probe_round
 
     rows = []
     for run in probe_runs(path, setup):
-        found = probe_round(run, sorted(fractions), tolerance, torch.device(setup.device))
+        if (run.path / layout.RUN_MANIFEST).is_file():
+            found = probe_round(run, sorted(fractions), tolerance, torch.device(setup.device), progress)
+        else:
+            found = _probe_open_lth(run, sorted(fractions), tolerance, setup, progress)
         rows += found
         if progress:
             for index in sorted({r[1] for r in found}):
@@ -186,3 +194,36 @@ def probe_fractions(path: Path, fractions: Sequence[float], tolerance: float = 0
                 progress(f"{run.name}: round {index}: largest matching fraction "
                          f"{max(ok) if ok else 'none'} of {', '.join(map(str, sorted(fractions)))}")
     return pl.DataFrame(rows, schema=PROBE_SCHEMA, orient="row")
+
+
+def _probe_open_lth(run: Run, fractions, tolerance: float, setup: Setup, progress) -> list[tuple]:
+    """`probe_rounds` for an open_lth run: its recipe's data, hparams.log's training settings, the
+    rewind weights of level 0, each level's masked end weights; dense error = level 0's logged one."""
+    from flowscan.produce.imp import IMPConfig, Session, numpy_state, probe_rounds
+    from flowscan.produce.sources import read_round
+    from flowscan.readers.base import Round
+
+    states = archive.iter_rounds(run, setup.names)
+    first = next(states, None)
+    if first is None:
+        return []
+    recipe, _notes = recipes.recipe_for(run, setup.model, setup.data, {k: tuple(v.shape) for k, v in first.state.items()})
+    device = torch.device(setup.device)
+    data = load(recipe.data, recipe.norm).to(device)
+    args, rewind_file, notes = recipes.open_lth_retraining(run, recipe, len(data.y_train))
+    for note in notes:
+        if progress:
+            progress(f"{run.name}: {note}")
+    recorded = recipe.recorded_accuracy(first.metrics)
+    if recorded is None:
+        raise FlowscanError(f"{run.path}: level 0 records no test accuracy (logger); --probe needs the dense error")
+    session = Session(IMPConfig(**args), 0, data, device, compile=False)
+    rewind_weights = read_round(Round(0, run.format, (rewind_file,)), setup.names, copy_weights=True).weights
+    rewind = {**numpy_state(session.model), **{k: v for k, v in rewind_weights.items()}}
+
+    def stored():
+        for rs in [first, *states]:
+            weights = {k: v.numpy() for k, v in rs.state.items()}
+            masks = {k: rs.masks.get(k, torch.ones_like(rs.state[k], dtype=torch.bool)) for k in session.names}
+            yield rs.index, weights, masks
+    return probe_rounds(run.name, session, rewind, stored(), fractions, 1 - recorded, tolerance, progress)

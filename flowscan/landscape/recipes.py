@@ -129,3 +129,52 @@ def recipe_for(run: Run, model: str | None, data: str | None, shapes: dict[str, 
     notes.append("the archive does not say how its inputs were preprocessed: assumed per-channel "
                  "training-set mean and std; errors are meaningful only if the network was trained so")
     return Recipe("assumed", name, data, None, "test_accuracy"), notes
+
+
+def _steps(text: str | None, per_epoch: int) -> float | None:
+    """open_lth's step strings ('160ep', '50000it', '2ep100it') in epochs."""
+    m = re.fullmatch(r"(?:(\d+)ep)?(?:(\d+)it)?", (text or "").strip())
+    if not text or not m or not any(m.groups()):
+        return None
+    return int(m.group(1) or 0) + int(m.group(2) or 0) / per_epoch
+
+
+def open_lth_retraining(run: Run, recipe: Recipe, n_train: int) -> tuple[dict, Path, list[str]]:
+    """How to retrain a round of an open_lth run as open_lth did: produce's IMPConfig arguments from
+    hparams.log, the rewind weights file (level 0's earliest model_ep*_it*.pth), and notes on what
+    produce's trainer does differently. FlowscanError when hparams.log lacks what is needed."""
+    found = open_lth_hparams(run)
+    if found is None:
+        raise FlowscanError(f"{run.path}: no hparams.log; --probe needs open_lth's training hyper-parameters")
+    hp, where = found
+    batch = int(hp.get("batch_size", 0) or 0)
+    if batch <= 0 or "lr" not in hp:
+        raise FlowscanError(f"{where}: no batch_size or lr; --probe cannot retrain as the run did")
+    per_epoch = max(1, n_train // batch)
+    epochs = _steps(hp.get("training_steps"), per_epoch)
+    if epochs is None:
+        raise FlowscanError(f"{where}: training_steps {hp.get('training_steps')!r} is not open_lth's NepMit form")
+    optimizer = {"sgd": "sgd", "adam": "adamw"}.get(hp.get("optimizer_name", "sgd"))
+    if optimizer is None:
+        raise FlowscanError(f"{where}: optimizer {hp.get('optimizer_name')!r} is not one flowscan trains with")
+    rewinds = sorted(Path(where).parent.glob("model_ep*_it*.pth"),
+                     key=lambda p: tuple(int(v) for v in re.findall(r"\d+", p.name)))
+    if not rewinds:
+        raise FlowscanError(f"{Path(where).parent}: no model_ep*_it*.pth rewind weights")
+    e, i = (int(v) for v in re.findall(r"\d+", rewinds[0].name))
+    ignore = [n.strip() for n in (hp.get("pruning_layers_to_ignore") or "").split(",")
+              if n.strip() and n.strip() != "None"]
+    args = dict(model=recipe.model, data=recipe.data, rounds=len(run.rounds), epochs=epochs, batch_size=batch,
+                lr=float(hp["lr"]), momentum=float(hp.get("momentum", 0) or 0),
+                weight_decay=float(hp.get("weight_decay", 0) or 0) if hp.get("weight_decay") != "None" else 0.0,
+                optimizer=optimizer, augment=bool(recipe.norm and recipe.norm.augment),
+                rewind=float(e * per_epoch + i),
+                exclude=f"^({'|'.join(map(re.escape, ignore))})$" if ignore else None)
+    notes = [f"retraining as {where} says: {epochs:g} epochs of batch {batch}, lr {args['lr']:g}, momentum "
+             f"{args['momentum']:g}, weight decay {args['weight_decay']:g}, rewind to step {e * per_epoch + i}"
+             + (f", {', '.join(ignore)} never pruned" if ignore else "")]
+    if hp.get("milestone_steps") or hp.get("warmup_steps"):
+        notes.append("open_lth's step-wise learning-rate drops and warm-up are replaced by produce's cosine "
+                     "schedule from the same initial rate (the retrained errors are close to, not equal to, "
+                     "open_lth's)")
+    return args, rewinds[0], notes

@@ -179,7 +179,7 @@ def log_share_fit(rounds: pl.DataFrame, eigen: pl.DataFrame, run: str, quantity:
 
 def error_density(points: pl.DataFrame, scaling: pl.DataFrame | None = None, runs: Sequence[str] | None = None):
     """Redman et al. Fig. 3: error against density for several runs, with the fitted Eq. 15 curves."""
-    from flowscan.stats.critical import scaling_function
+    from flowscan.stats.critical import MEASURED, scaling_function
 
     runs = list(runs or dict.fromkeys(points["run"].to_list()))
     labels = short_labels(runs)
@@ -190,7 +190,7 @@ def error_density(points: pl.DataFrame, scaling: pl.DataFrame | None = None, run
         ax.plot(part["density"], part["error"], marker(k), color=color(k), label=labels[run], markersize=4)
         if scaling is not None:
             fit = scaling.filter((pl.col("level") == "run") & (pl.col("name") == run) & (pl.col("status") != "error"))
-            if fit.height and fit["status"][0] == "ok":
+            if fit.height and fit["status"][0] in MEASURED:
                 r = fit.row(0, named=True)
                 d = np.geomspace(part["density"].min(), part["density"].max(), 200)
                 ax.plot(d, scaling_function(d, r["epsilon_np"], r["epsilon_dagger"], r["gamma"], r["p"]),

@@ -73,7 +73,8 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
     if points is not None and points.height:
         out.add("error-density", figures.error_density(points, scaling),
                 "Error against density with the fitted scaling function (Eq. 15); only fits whose "
-                "status is ok are drawn.")
+                "γ is a measurement are drawn (status ok, or nuisance_at_bound: γ identified while ε†, "
+                "ε_np or p sits on its bound).")
     landscape = landscape or {}
     if "lmc_summary" in landscape and landscape["lmc_summary"].height:
         out.add("lmc-barrier", figures.lmc_barriers(landscape["lmc_summary"]),

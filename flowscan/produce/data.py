@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from flowscan.errors import FlowscanError
 
@@ -64,19 +65,30 @@ class Dataset:
     def training_batch(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training images `index`, through the recipe's training transform when it has one."""
         x = self.x_train[index]
-        if not self.augment:
-            return x
-        n, c, h, w = x.shape
-        pad = torch.tensor(self.pad_value, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
-        padded = pad.expand(n, c, h + 8, w + 8).clone()
-        padded[:, :, 4:4 + h, 4:4 + w] = x
-        dy, dx = (torch.randint(0, 9, (n,), generator=generator) for _ in range(2))
-        flip = torch.rand(n, generator=generator) < 0.5
-        out = torch.empty_like(x)
-        for i in range(n):   # a batch of a few hundred: the loop is cheap beside the forward pass
-            crop = padded[i, :, int(dy[i]):int(dy[i]) + h, int(dx[i]):int(dx[i]) + w]
-            out[i] = crop.flip(-1) if flip[i] else crop
-        return out
+        return random_crop_flip(x, generator, self.pad_value) if self.augment else x
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None,
+                     pad_value: tuple[float, ...] = ()) -> torch.Tensor:
+    """Each image cropped back to its size from a random position after padding by 4 pixels of
+    `pad_value` per channel (zeros when empty), and flipped horizontally with probability 1/2, as
+    torchvision's RandomCrop(size, 4) + RandomHorizontalFlip; in one indexing pass on x's device.
+    Random numbers come from `generator` on the CPU, so a seed gives the same batch anywhere."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    if pad_value:
+        fill = torch.tensor(pad_value, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+        border = torch.ones(1, 1, h + 8, w + 8, dtype=torch.bool, device=x.device)
+        border[..., 4:4 + h, 4:4 + w] = False
+        padded = torch.where(border, fill, padded)
+    dy, dx = (torch.randint(0, 9, (n,), generator=generator).to(x.device) for _ in range(2))
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(0), cols) + dx[:, None]          # n x w
+    rows = torch.arange(h, device=x.device) + dy[:, None]                          # n x h
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _images(name, x_train, y_train, x_test, y_test, n_classes, norm: Normalization | None = None) -> Dataset:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -162,7 +162,8 @@ class Session:
         cost = self.trainer.train(self.start, self.total, round_seed + 1, bar)
         if cost0:
             cost = {k: cost[k] + cost0[k] if k != "train_loss" else cost[k] for k in cost}
-        metrics = {**self.trainer.evaluate(), **cost}
+        # n_classes: the chance error bounds what `fit` may call the error at maximal pruning
+        metrics = {**self.trainer.evaluate(), **cost, "n_classes": float(self.data.n_classes)}
         if self.validation is not None:
             from flowscan.landscape.lmc import evaluate
 
@@ -190,10 +191,9 @@ def validation_split(data: Dataset) -> tuple[Dataset, Dataset]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(12345)).to(data.x_train.device)
     k = max(1, int(round(VALIDATION_FRACTION * n)))
     val, train = order[:k], order[k:]
-    kept = Dataset(data.name, data.x_train[train], data.y_train[train], data.x_test, data.y_test,
-                   data.n_classes, data.kind)
-    held = Dataset(f"{data.name}:validation", data.x_train[train], data.y_train[train], data.x_train[val],
-                   data.y_train[val], data.n_classes, data.kind)
+    kept = replace(data, x_train=data.x_train[train], y_train=data.y_train[train])
+    held = replace(data, name=f"{data.name}:validation", x_train=data.x_train[train], y_train=data.y_train[train],
+                   x_test=data.x_train[val], y_test=data.y_train[val])
     return kept, held
 
 
@@ -356,7 +356,7 @@ def _save_rewind(run: Path, state: dict[str, np.ndarray], step: int) -> None:
                   metadata={"step": json.dumps(step)})
 
 
-def probe_round(run, fractions, tolerance: float, device: torch.device) -> list[tuple]:
+def probe_round(run, fractions, tolerance: float, device: torch.device, progress=None) -> list[tuple]:
     """Prune each fraction from every round of a produce run, retrain from its rewind point, and
     say whether the result is matching (used by `flowscan sharpness --probe`)."""
     from flowscan.produce.data import load
@@ -368,12 +368,25 @@ def probe_round(run, fractions, tolerance: float, device: torch.device) -> list[
     rewind = load_file(str(run.path / REWIND_FILE))
     rounds = layout.complete_rounds(run.path)
     dense_error = 1 - layout.read_json(rounds[0][1] / layout.ROUND_MANIFEST)["metrics"]["test_accuracy"]
+
+    def stored():
+        for index, folder in rounds:
+            weights = load_file(str(folder / layout.WEIGHTS))
+            masks = {k: torch.from_numpy(v).bool() for k, v in load_file(str(folder / layout.MASKS)).items()}
+            yield index, weights, masks
+    return probe_rounds(run.name, session, rewind, stored(), fractions, dense_error, tolerance, progress)
+
+
+def probe_rounds(name: str, session: Session, rewind: dict[str, np.ndarray], rounds, fractions,
+                 dense_error: float, tolerance: float, progress=None) -> list[tuple]:
+    """(run, round, fraction, test error, matching) for each (round index, weights, masks) of
+    `rounds` and each fraction: pruned from the round's weights, retrained by `session` from `rewind`."""
     rows = []
-    for index, folder in rounds:
-        weights = load_file(str(folder / layout.WEIGHTS))
-        masks = {k: torch.from_numpy(v).bool() for k, v in load_file(str(folder / layout.MASKS)).items()}
-        for f in fractions:
+    for index, weights, masks in rounds:
+        for k, f in enumerate(fractions, 1):
+            if progress:
+                progress(f"{name}: round {index}: retraining with {f:g} more pruned ({k}/{len(fractions)})")
             metrics, _ = session.train_round(session.prune(weights, masks, f), rewind)
             error = 1 - metrics["test_accuracy"]
-            rows.append((run.name, index, f, error, error <= dense_error + tolerance))
+            rows.append((name, index, f, error, error <= dense_error + tolerance))
     return rows

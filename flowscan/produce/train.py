@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flowscan.produce.data import Dataset
+from flowscan.produce.data import Dataset, random_crop_flip
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,6 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator, device="cpu").to(x.device) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    dy, dx = (int(v) for v in torch.randint(-4, 5, (2,), generator=generator))
-    padded = F.pad(x, (4, 4, 4, 4))
-    return padded[:, :, 4 + dy: 4 + dy + h, 4 + dx: 4 + dx + w]
 
 
 class Trainer:
@@ -81,7 +72,7 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
         if self.cfg.optimizer == "adamw":
             return torch.optim.AdamW(groups, lr=self.cfg.lr, fused=self.cuda or None)
-        return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=True,
+        return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=self.cfg.momentum > 0,
                                fused=self.cuda or None)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +104,7 @@ class Trainer:
             cursor += batch
             x, y = x_all[idx], y_all[idx]
             if self.cfg.augment and self.data.kind == "image":
-                x = _augment(x, generator)
+                x = random_crop_flip(x, generator)
             for group in opt.param_groups:
                 group["lr"] = self.cfg.lr_at(step)
             loss = self._step_loss(x, y)

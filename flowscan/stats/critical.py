@@ -20,6 +20,11 @@ from flowscan.errors import FlowscanError
 from flowscan.stats.groups import Grouping
 
 PARAMS = ("epsilon_np", "epsilon_dagger", "gamma", "p")
+# statuses whose gamma is a measurement: "ok", and gamma identified while eps_dagger, a nuisance
+# parameter, sits on its bound (the chance error: the sparsest rounds never reach the plateau, so
+# the data do not say where it lies; gamma does not depend on it there)
+NUISANCE = ("epsilon_dagger",)
+MEASURED = ("ok", "nuisance_at_bound")
 BOUND_TOLERANCE = 0.01   # within 1 % of a parameter's range from a bound: the bound decided it
 FLAT_SSE = 0.01          # optima within 1 % of the best SSE are equally good ...
 FLAT_SPREAD = 0.25       # ... and must agree on gamma and epsilon_dagger to 25 %
@@ -56,34 +61,60 @@ class CriticalFit:
     """
 
     def __init__(self, np_tolerance: float = 0.1, gamma_bounds: tuple[float, float] = (-20.0, -1e-3),
-                 n_bootstrap: int = 200, confidence: float = 0.95, random_state: int = 0):
+                 n_bootstrap: int = 200, confidence: float = 0.95, random_state: int = 0,
+                 chance_error: float | None = None, epsilon_dagger: float | None = None):
+        """`chance_error`: the error of guessing (1 - 1/classes), an upper bound for eps_dagger (the
+        error at maximal pruning cannot exceed it); without it eps_dagger may reach max(1, 2 max err).
+        `epsilon_dagger`: a value to hold eps_dagger at (then gamma, eps_np and p are fitted)."""
         self.np_tolerance = np_tolerance
         self.gamma_bounds = gamma_bounds
         self.n_bootstrap = n_bootstrap
         self.confidence = confidence
         self.random_state = random_state
+        self.chance_error = chance_error
+        self.epsilon_dagger = epsilon_dagger
 
     def _bounds(self, d, e):
         dense = e[d >= d.max() - 1e-12].mean()
+        top = max(1.0, 2 * e.max()) if self.chance_error is None else max(self.chance_error, e.max() * 1.000001)
         low = [dense * (1 - self.np_tolerance), 1e-12, self.gamma_bounds[0], 1e-9]
-        high = [dense * (1 + self.np_tolerance), max(1.0, 2 * e.max()), self.gamma_bounds[1], 10 * d.max()]
+        high = [dense * (1 + self.np_tolerance), top, self.gamma_bounds[1], 10 * d.max()]
         low[0] = max(low[0], 1e-12)
         high[0] = max(high[0], low[0] * 1.000001)
         return dense, (low, high)
 
+    def _free(self) -> list[int]:
+        """Indices of the fitted parameters (eps_dagger is left out when held fixed)."""
+        return [k for k, name in enumerate(PARAMS) if not (name == "epsilon_dagger" and self.epsilon_dagger is not None)]
+
     def _fits(self, d, e, starts) -> list[tuple]:
-        """(popt, pcov, sse) of every start that converged, best first."""
+        """(popt, pcov, sse) of every start that converged, best first; a fixed eps_dagger keeps its
+        value in popt and a zero row and column in pcov."""
         _dense, bounds = self._bounds(d, e)
+        free = self._free()
+        fixed = self.epsilon_dagger
+
+        def model(x, *values):
+            full = list(values)
+            if fixed is not None:
+                full.insert(PARAMS.index("epsilon_dagger"), fixed)
+            return scaling_function(x, *full)
+        low, high = np.array(bounds[0])[free], np.array(bounds[1])[free]
         found = []
         for p0 in starts:
-            p0 = np.clip(p0, np.array(bounds[0]) + 1e-12, np.array(bounds[1]) - 1e-12)
+            p0 = np.clip(np.asarray(p0)[free], low + 1e-12, high - 1e-12)
             try:
-                popt, pcov = curve_fit(scaling_function, d, e, p0=p0, bounds=bounds, maxfev=20000)
+                popt, pcov = curve_fit(model, d, e, p0=p0, bounds=(low, high), maxfev=20000)
             except (RuntimeError, ValueError):
                 continue
-            sse = float(((scaling_function(d, *popt) - e) ** 2).sum())
+            full, cov = np.empty(len(PARAMS)), np.zeros((len(PARAMS), len(PARAMS)))
+            full[free] = popt
+            cov[np.ix_(free, free)] = pcov
+            if fixed is not None:
+                full[PARAMS.index("epsilon_dagger")] = fixed
+            sse = float(((scaling_function(d, *full) - e) ** 2).sum())
             if np.isfinite(sse):
-                found.append((popt, pcov, sse))
+                found.append((full, cov, sse))
         return sorted(found, key=lambda f: f[2])
 
     def _fit_once(self, d, e, starts):
@@ -98,24 +129,36 @@ class CriticalFit:
                 for p in (np.quantile(d, 0.5), np.quantile(d, 0.25), d.min())]
 
     def _verdict(self, found, d, e) -> tuple[str, str | None]:
-        """ok, at_bound (a parameter within 1 % of its range from a bound: not a measurement) or
-        unidentified (a parameter's SE exceeds its value, or equally good optima disagree)."""
+        """ok; nuisance_at_bound (gamma identified, but eps_dagger within 1 % of its range from a
+        bound, e.g. at the chance error); at_bound (gamma, eps_np or p on a bound, or eps_dagger on
+        one with gamma not identified: not a measurement); unidentified (a parameter's SE exceeds its
+        value, or equally good optima disagree)."""
         popt, pcov, sse = found[0]
         low, high = self._bounds(d, e)[1]
-        at_bound = [name for name, v, lo, hi in zip(PARAMS, popt, low, high) if _near_bound(name, v, lo, hi)]
+        free = {PARAMS[k] for k in self._free()}
+        at_bound = [name for name, v, lo, hi in zip(PARAMS, popt, low, high)
+                    if name in free and _near_bound(name, v, lo, hi)]
         self.at_bound_ = at_bound
-        if at_bound:
-            return "at_bound", f"ended on a bound: {', '.join(at_bound)}"
         with np.errstate(invalid="ignore"):
             stderr = np.sqrt(np.diag(pcov))
-        loose = [name for name, v, se in zip(PARAMS, popt, stderr)
-                 if name != "epsilon_np" and not (np.isfinite(se) and se < abs(v))]
-        if loose:
-            return "unidentified", f"standard error exceeds the value: {', '.join(loose)}"
         tie = sse * (1 + FLAT_SSE) + 1e-15
         rivals = np.array([f[0] for f in found if f[2] <= tie])
-        flat = [name for k, name in enumerate(PARAMS) if name in ("gamma", "epsilon_dagger")
-                and np.ptp(rivals[:, k]) > FLAT_SPREAD * abs(popt[k]) + 1e-9]
+
+        def agree(name):
+            k = PARAMS.index(name)
+            return np.ptp(rivals[:, k]) <= FLAT_SPREAD * abs(popt[k]) + 1e-9
+        g = PARAMS.index("gamma")
+        gamma_pinned = np.isfinite(stderr[g]) and stderr[g] < abs(popt[g]) and agree("gamma")
+        if at_bound:
+            if set(at_bound) <= set(NUISANCE) and gamma_pinned:
+                return "nuisance_at_bound", (f"gamma identified; {', '.join(at_bound)} (a nuisance parameter) "
+                                             f"ended on its bound {high[PARAMS.index('epsilon_dagger')]:.4g}")
+            return "at_bound", f"ended on a bound: {', '.join(at_bound)}"
+        loose = [name for name, v, se in zip(PARAMS, popt, stderr)
+                 if name in free and name != "epsilon_np" and not (np.isfinite(se) and se < abs(v))]
+        if loose:
+            return "unidentified", f"standard error exceeds the value: {', '.join(loose)}"
+        flat = [name for name in ("gamma", "epsilon_dagger") if name in free and not agree(name)]
         if flat:
             return "unidentified", (f"equally good optima (SSE within {FLAT_SSE:.0%}) disagree on "
                                     f"{', '.join(flat)}: the fit does not pin them down")
@@ -138,9 +181,10 @@ class CriticalFit:
         self.status_, self.reason_ = self._verdict(found, d, e)
         with np.errstate(invalid="ignore"):
             stderr = np.sqrt(np.diag(pcov))
-        for name, value, se in zip(PARAMS, popt, stderr):
+        for k, (name, value, se) in enumerate(zip(PARAMS, popt, stderr)):
             setattr(self, f"{name}_", float(value))
-            setattr(self, f"{name}_stderr_", float(se) if np.isfinite(se) else math.nan)
+            fitted = k in self._free()
+            setattr(self, f"{name}_stderr_", float(se) if fitted and np.isfinite(se) else math.nan)
         self.n_points_ = int(d.size)
         self.rmse_ = math.sqrt(sse / d.size)
         self.gamma_ci_, self.n_bootstrap_ok_ = self._bootstrap(d, e, g, popt)
@@ -178,6 +222,8 @@ SCALING_SCHEMA = {
     **{c: pl.Float64 for p in PARAMS for c in (p, f"{p}_se")},
     "gamma_ci_low": pl.Float64, "gamma_ci_high": pl.Float64, "n_bootstrap": pl.Int64, "rmse": pl.Float64,
     "status": pl.String, "error": pl.String,
+    "epsilon_dagger_max": pl.Float64,      # eps_dagger's upper bound: the chance error, where known
+    "epsilon_dagger_fixed": pl.Boolean,    # held at a given value (--eps-dagger), not fitted
 }
 
 
@@ -222,9 +268,11 @@ def read_points_csv(path) -> pl.DataFrame:
             .select(list(POINTS_SCHEMA)).cast(POINTS_SCHEMA))
 
 
-def fit_scaling(points: pl.DataFrame, grouping: Grouping = Grouping(), progress=None, **fit_options) -> pl.DataFrame:
+def fit_scaling(points: pl.DataFrame, grouping: Grouping = Grouping(), progress=None,
+                classes: dict[str, int] | None = None, **fit_options) -> pl.DataFrame:
     """scaling table: one fit per run and one per experiment (its replicates pooled);
-    `progress(text)` hears of each fit as it starts (the bootstrap makes them slow)."""
+    `progress(text)` hears of each fit as it starts (the bootstrap makes them slow). `classes`:
+    the number of classes of each run's task, which bounds eps_dagger by the chance error."""
     points = points.join(grouping.membership(points["run"].unique().to_list()), on="run")
     groups = [(level, name[0], part) for level in ("run", "experiment")
               for name, part in sorted(points.group_by(level), key=lambda kv: kv[0][0])]
@@ -233,19 +281,27 @@ def fit_scaling(points: pl.DataFrame, grouping: Grouping = Grouping(), progress=
         if progress:
             progress(f"fitting {k}/{len(groups)}: {level} {name}")
         metric = ",".join(sorted(part["metric"].unique().to_list()))
-        rows.append(_fit_row(level, name, metric, part, fit_options))
+        known = [classes[r] for r in part["run"].unique().to_list() if classes and r in classes]
+        chance = max(1 - 1 / n for n in known) if known else None
+        rows.append(_fit_row(level, name, metric, part, {**fit_options, "chance_error": chance}))
     return pl.DataFrame(rows, schema=SCALING_SCHEMA, orient="row") if rows else pl.DataFrame(schema=SCALING_SCHEMA)
 
 
 def _fit_row(level: str, name: str, metric: str, part: pl.DataFrame, options) -> tuple:
     n_runs = part["run"].n_unique()
+    bound = (options.get("chance_error") or math.nan, options.get("epsilon_dagger") is not None)
     try:
         fit = CriticalFit(**options).fit(part["density"].to_numpy(), part["error"].to_numpy(),
                                          part["run"].to_numpy())
     except ValueError as exc:
         nan = [math.nan] * (2 * len(PARAMS) + 2)
-        return (level, name, metric, n_runs, part.height, *nan, 0, math.nan, "error", str(exc))
+        return (level, name, metric, n_runs, part.height, *nan, 0, math.nan, "error", str(exc), *bound)
     values = [v for p in PARAMS for v in (getattr(fit, f"{p}_"), getattr(fit, f"{p}_stderr_"))]
-    status, note = fit.status_, fit.reason_
     return (level, name, metric, n_runs, fit.n_points_, *values, *fit.gamma_ci_, fit.n_bootstrap_ok_,
-            fit.rmse_, status, note)
+            fit.rmse_, fit.status_, fit.reason_, *bound)
+
+
+def run_classes(metrics: pl.DataFrame) -> dict[str, int]:
+    """Each run's number of classes, where its archive recorded one (`n_classes`, written by produce)."""
+    found = metrics.filter(pl.col("name") == "n_classes").group_by("run").agg(pl.col("value").max())
+    return {run: int(v) for run, v in found.iter_rows() if v and v >= 2}
