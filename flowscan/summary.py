@@ -235,9 +235,10 @@ def landscape_text(frames: dict) -> str:
     lmc = frames.get("lmc_summary")
     if lmc is not None:
         for r in lmc.iter_rows(named=True):
+            verdict = {True: "matching", False: "not matching", None: "matching unknown: no round 0"}[r["matching"]]
             lines.append(f"{r['run']}: rounds {r['round']}->{r['next_round']}: barrier {r['barrier']:+.4f}, "
-                         f"instability {r['instability']:+.4f}, error {r['error_start']:.4f} -> {r['error_end']:.4f}"
-                         f" ({'matching' if r['matching'] else 'not matching'})")
+                         f"round {r['next_round']} error {r['next_error']:.4f} vs dense {r['dense_error']:.4f} "
+                         f"({verdict}); instability {r['instability']:+.4f}")
     sharp = frames.get("sharpness")
     if sharp is not None:
         for r in sharp.iter_rows(named=True):

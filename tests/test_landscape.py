@@ -73,7 +73,8 @@ def test_lmc_on_a_produced_run(produced, tmp_path):
             assert row[key] == pytest.approx(1 - manifest["metrics"]["test_accuracy"], abs=1e-6)   # errors are multiples of 1/360: this pins the counts
     assert summary["density"].to_list() == pytest.approx([0.8, 0.64, 0.512], abs=1e-4)
     dense = summary["dense_error"][0]
-    assert summary["matching"].to_list() == [e <= dense + 0.01 for e in summary["error_end"]]
+    assert summary["next_error"].to_list() == pytest.approx(summary["error_end"].to_list(), abs=1e-12)  # no BN
+    assert summary["matching"].to_list() == [e <= dense + 0.01 for e in summary["next_error"]]
     assert (tmp_path / "figures" / "lmc-barrier.png").is_file()
 
 
@@ -213,14 +214,26 @@ def test_linear_path_barrier_matches_an_independent_torch_computation(produced, 
     assert linear["matching"].to_list() == [e <= dense + 0.01 for e in linear["error_end"]]
 
 
-def test_dense_error_is_the_mean_over_the_archives_seeds(tmp_path):
+def test_every_command_decides_matching_with_the_runs_own_round_0(tmp_path):
     root = tmp_path / "two"
-    run_cli("produce", *FAST, "--rounds", "2", "--seeds", "2", "-o", root)
-    run_cli("lmc", root, "-o", tmp_path / "out")
+    run_cli("produce", *FAST, "--rounds", "3", "--seeds", "2", "-o", root)
+    run_cli("lmc", root, "-o", tmp_path / "out", "--points", "3")
+    run_cli("sharpness", root, "-o", tmp_path / "out", "--subset", "64", "--max-iter", "3", "--probe", "0.5")
     summary = pl.read_parquet(tmp_path / "out" / "lmc_summary.parquet")
-    starts = summary.filter(round=0)["error_start"].to_list()
-    assert len(starts) == 2
-    assert np.allclose(summary["dense_error"].to_numpy(), np.mean(starts))
+    probe = pl.read_parquet(tmp_path / "out" / "fraction_probe.parquet")
+    recorded = {}
+    for seed in ("seed_0", "seed_1"):
+        for n in range(3):
+            info = json.loads((root / seed / f"round_{n:04d}" / "round.json").read_text())
+            recorded[(seed, n)] = 1 - info["metrics"]["test_accuracy"]
+    for row in summary.iter_rows(named=True):   # lmc: round n+1 against its own run's round 0
+        dense = recorded[(row["run"], 0)]
+        assert row["dense_error"] == pytest.approx(dense, abs=1e-6)
+        assert row["next_error"] == pytest.approx(recorded[(row["run"], row["next_round"])], abs=1e-6)
+        assert row["matching"] == (recorded[(row["run"], row["next_round"])] <= dense + 0.01)
+    for row in probe.iter_rows(named=True):     # the probe: the same dense error, the same rule
+        assert row["dense_error"] == pytest.approx(recorded[(row["run"], 0)], abs=1e-6)
+        assert row["matching"] == (row["error"] <= row["dense_error"] + 0.01)
 
 
 def test_adaptive_schedule_decides_on_validation_data(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -12,16 +13,19 @@ import torch
 
 from flowscan.errors import FlowscanError
 from flowscan.landscape import archive, hessian, lmc, recipes
+from flowscan.matching import is_matching
 from flowscan.produce.data import Dataset, load
 from flowscan.readers.base import NameOptions, Run
 from flowscan.readers.discover import discover
 
 LMC_SCHEMA = {"run": pl.String, "round": pl.Int64, "alpha": pl.Float64, "error": pl.Float64, "loss": pl.Float64}
+# instability comes after the decisions: beside the barrier it adds only (err(1) - err(0)) / 2 at
+# most (docs/definitions.md), so it tracks "not matching" through that term, not through the path
 SUMMARY_SCHEMA = {"run": pl.String, "round": pl.Int64, "next_round": pl.Int64, "density": pl.Float64,
-                  "path": pl.String, "barrier": pl.Float64, "instability": pl.Float64,
-                  "loss_barrier": pl.Float64, "loss_instability": pl.Float64, "error_start": pl.Float64,
-                  "error_end": pl.Float64, "dense_error": pl.Float64, "tolerance": pl.Float64,
-                  "matching": pl.Boolean, "recipe": pl.String}
+                  "path": pl.String, "barrier": pl.Float64, "loss_barrier": pl.Float64,
+                  "error_start": pl.Float64, "error_end": pl.Float64, "next_error": pl.Float64,
+                  "dense_error": pl.Float64, "tolerance": pl.Float64, "matching": pl.Boolean,
+                  "instability": pl.Float64, "loss_instability": pl.Float64, "recipe": pl.String}
 SHARPNESS_SCHEMA = {"run": pl.String, "round": pl.Int64, "density": pl.Float64, "lambda_max": pl.Float64,
                     "iterations": pl.Int64, "converged": pl.Boolean, "error": pl.Float64, "recipe": pl.String}
 ACCURACY_TOLERANCE = 0.02   # |recorded - measured| test accuracy above which the setup is wrong
@@ -68,13 +72,12 @@ def _density(masks: dict[str, torch.Tensor]) -> float:
     return sum(int(m.sum()) for m in masks.values()) / total if total else float("nan")
 
 
-def check_accuracy(run: Run, index: int, recorded: float | None, model: torch.nn.Module, data: Dataset,
-                   recipe: recipes.Recipe, tolerance: float, progress=None) -> float | None:
+def check_accuracy(run: Run, index: int, recorded: float | None, measured: float, recipe: recipes.Recipe,
+                   tolerance: float, progress=None) -> None:
     """The test accuracy flowscan measures for a round against the one the archive recorded; beyond
     `tolerance` the model, data or preprocessing is not the network's, and nothing is computed."""
     if recorded is None:
-        return None
-    measured = 1.0 - lmc.evaluate(model, data)[0]
+        return
     if abs(measured - recorded) > tolerance:
         raise FlowscanError(
             f"{run.name} round {index}: the archive records test accuracy {recorded:.4f}, flowscan measures "
@@ -84,12 +87,22 @@ def check_accuracy(run: Run, index: int, recorded: float | None, model: torch.nn
     if progress:
         progress(f"{run.name} round {index}: test accuracy {measured:.4f} measured, {recorded:.4f} recorded "
                  f"(within {tolerance:g})")
-    return measured
 
 
-def _loaded_rounds(path: Path, setup: Setup, progress=None):
-    """(run, model holding the round's masked weights, data, round index, masks, recipe), round by
-    round, each round checked against the test accuracy its archive recorded."""
+@dataclass
+class LoadedRound:
+    run: Run
+    model: torch.nn.Module        # holding the round's masked weights and its own BatchNorm statistics
+    data: Dataset
+    index: int
+    masks: dict[str, torch.Tensor]
+    recipe: recipes.Recipe
+    error: float                  # test error of the network as stored (see flowscan/matching.py)
+
+
+def _loaded_rounds(path: Path, setup: Setup, progress=None) -> Iterator[LoadedRound]:
+    """Every round of every run below `path`, loaded into its model one at a time, its test error
+    measured as stored and checked against the accuracy its archive recorded."""
     cache: dict = {}
     for run in runs_below(path, setup):
         model = data = recipe = None
@@ -98,9 +111,10 @@ def _loaded_rounds(path: Path, setup: Setup, progress=None):
                 shapes = {k: tuple(v.shape) for k, v in rs.state.items()}
                 model, data, recipe = _model_and_data(run, setup, cache, shapes, progress)
             masks = archive.load_into(model, rs, setup.device)
-            check_accuracy(run, rs.index, recipe.recorded_accuracy(rs.metrics), model, data, recipe,
+            error = lmc.evaluate(model, data)[0]
+            check_accuracy(run, rs.index, recipe.recorded_accuracy(rs.metrics), 1.0 - error, recipe,
                            setup.accuracy_tolerance, progress)
-            yield run, model, data, rs.index, masks, recipe
+            yield LoadedRound(run, model, data, rs.index, masks, recipe, error)
 
 
 PATHS = ("linear", "projected")
@@ -108,53 +122,57 @@ PATHS = ("linear", "projected")
 
 def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: float = 0.01,
                bn_batches: int = 20, progress: Callable[[str], None] | None = None, path_kind: str = "linear"):
-    """(lmc, lmc_summary) frames: error along each n -> n+1 segment, its barrier and instability.
-
-    Round n+1 is matching when its test error is within `tolerance` of the dense error, the mean
-    of round 0's test error over every run below `path` (the experiment's seeds)."""
+    """(lmc, lmc_summary) frames: error along each n -> n+1 segment, its barrier and instability,
+    and whether round n+1 is matching: its test error as stored (`next_error`) within `tolerance`
+    of its run's dense error, round 0's (flowscan/matching.py)."""
     if path_kind not in PATHS:
         raise FlowscanError(f"unknown path {path_kind!r}; known: {', '.join(PATHS)}")
-    curves, summary, dense = [], [], []
+    curves, summary = [], []
+    dense: dict[str, float] = {}
     alphas = lmc.alpha_grid(points)
     previous = None   # (run, round index, state) of the round before
-    for run, model, data, index, masks, recipe in _loaded_rounds(path, setup, progress):
+    for r in _loaded_rounds(path, setup, progress):
+        run, model, index = r.run, r.model, r.index
+        if index == 0:
+            dense[run.name] = r.error
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if previous is not None and previous[0] is run and index == previous[1] + 1:
-            curve = lmc.interpolate(model, previous[2], state, masks, data, alphas, bn_batches,
+            curve = lmc.interpolate(model, previous[2], state, r.masks, r.data, alphas, bn_batches,
                                     projected=path_kind == "projected")
-            if previous[1] == 0:
-                dense.append(float(curve.errors[0]))
             curves += [(run.name, previous[1], float(a), float(e), float(lo))
                        for a, e, lo in zip(curve.alphas, curve.errors, curve.losses)]
-            summary.append((run.name, previous[1], index, _density(masks), path_kind, curve.barrier,
-                            curve.instability, curve.loss_barrier, curve.loss_instability,
-                            float(curve.errors[0]), float(curve.errors[-1]), recipe.describe()))
+            dense_error = dense.get(run.name, math.nan)   # NaN: the run has no round 0
+            summary.append((run.name, previous[1], index, _density(r.masks), path_kind, curve.barrier,
+                            curve.loss_barrier, float(curve.errors[0]), float(curve.errors[-1]), r.error,
+                            dense_error, tolerance, is_matching(r.error, dense_error, tolerance),
+                            curve.instability, curve.loss_instability, r.recipe.describe()))
             if progress:
+                verdict = {True: "matching", False: "not matching", None: "matching unknown"}[
+                    is_matching(r.error, dense_error, tolerance)]
                 progress(f"{run.name}: rounds {previous[1]}->{index}: barrier {curve.barrier:+.4f}, "
-                         f"instability {curve.instability:+.4f}")
+                         f"error {r.error:.4f} ({verdict})")
         previous = (run, index, state)
-    dense_error = float(np.mean(dense)) if dense else float("nan")   # NaN: no round 0 in the archive
-    rows = [(*row[:-1], dense_error, tolerance, bool(row[-2] <= dense_error + tolerance), row[-1])
-            for row in summary]
     return (pl.DataFrame(curves, schema=LMC_SCHEMA, orient="row"),
-            pl.DataFrame(rows, schema=SUMMARY_SCHEMA, orient="row"))
+            pl.DataFrame(summary, schema=SUMMARY_SCHEMA, orient="row"))
 
 
 def sharpness_table(path: Path, setup: Setup = Setup(), subset: int = 512, tol: float = 1e-3,
                     max_iter: int = 100, progress: Callable[[str], None] | None = None) -> pl.DataFrame:
     rows = []
-    for run, model, data, index, masks, recipe in _loaded_rounds(path, setup, progress):
-        top = hessian.top_eigenvalue(model, data, masks, subset, tol, max_iter)
-        error, _loss = lmc.evaluate(model, data)
-        rows.append((run.name, index, _density(masks), top.value, top.iterations, top.converged, error,
-                     recipe.describe()))
+    for r in _loaded_rounds(path, setup, progress):
         if progress:
-            progress(f"{run.name}: round {index}: lambda_max {top.value:.4g} ({top.iterations} iterations)")
+            progress(f"{r.run.name}: round {r.index}: Hessian power iteration (at most {max_iter} steps)")
+        top = hessian.top_eigenvalue(r.model, r.data, r.masks, subset, tol, max_iter)
+        error, _loss = lmc.evaluate(r.model, r.data)
+        rows.append((r.run.name, r.index, _density(r.masks), top.value, top.iterations, top.converged, error,
+                     r.recipe.describe()))
+        if progress:
+            progress(f"{r.run.name}: round {r.index}: lambda_max {top.value:.4g} ({top.iterations} iterations)")
     return pl.DataFrame(rows, schema=SHARPNESS_SCHEMA, orient="row")
 
 
 PROBE_SCHEMA = {"run": pl.String, "round": pl.Int64, "fraction": pl.Float64, "error": pl.Float64,
-                "matching": pl.Boolean}
+                "matching": pl.Boolean, "dense_error": pl.Float64}
 
 
 def probe_runs(path: Path, setup: Setup = Setup()) -> list[Run]:
@@ -190,7 +208,7 @@ def probe_fractions(path: Path, fractions: Sequence[float], tolerance: float = 0
         rows += found
         if progress:
             for index in sorted({r[1] for r in found}):
-                ok = [f for (_run, i, f, _e, matching) in found if i == index and matching]
+                ok = [f for (_run, i, f, _e, matching, _d) in found if i == index and matching]
                 progress(f"{run.name}: round {index}: largest matching fraction "
                          f"{max(ok) if ok else 'none'} of {', '.join(map(str, sorted(fractions)))}")
     return pl.DataFrame(rows, schema=PROBE_SCHEMA, orient="row")

@@ -28,6 +28,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from flowscan import layout
+from flowscan.matching import is_matching
 from flowscan.errors import FlowscanError
 from flowscan.io.atomic import atomic_path
 from flowscan.produce import models, pruning, sources
@@ -340,7 +341,7 @@ def _adaptive_round(session: Session, n: int, previous, previous_masks, masks, m
         barrier = _barrier(session, previous, trained, masks)
         cost["lmc_seconds"] += time.perf_counter() - lmc_began
         session.load(trained)  # the LMC evaluation moved the model
-        matching = _decision_error(metrics) <= dense_error + cfg.match_tolerance
+        matching = bool(is_matching(_decision_error(metrics), dense_error, cfg.match_tolerance))
         if matching or fraction <= cfg.min_fraction:
             metrics = {**metrics, **cost, "lmc_barrier": barrier, "matching": float(matching),
                        "attempts": float(attempts), "pruned_fraction": fraction}
@@ -379,8 +380,9 @@ def probe_round(run, fractions, tolerance: float, device: torch.device, progress
 
 def probe_rounds(name: str, session: Session, rewind: dict[str, np.ndarray], rounds, fractions,
                  dense_error: float, tolerance: float, progress=None) -> list[tuple]:
-    """(run, round, fraction, test error, matching) for each (round index, weights, masks) of
-    `rounds` and each fraction: pruned from the round's weights, retrained by `session` from `rewind`."""
+    """(run, round, fraction, test error, matching, dense error) for each (round index, weights,
+    masks) of `rounds` and each fraction: pruned from the round's weights, retrained by `session`
+    from `rewind`; matching as flowscan/matching.py defines it."""
     rows = []
     for index, weights, masks in rounds:
         for k, f in enumerate(fractions, 1):
@@ -388,5 +390,5 @@ def probe_rounds(name: str, session: Session, rewind: dict[str, np.ndarray], rou
                 progress(f"{name}: round {index}: retraining with {f:g} more pruned ({k}/{len(fractions)})")
             metrics, _ = session.train_round(session.prune(weights, masks, f), rewind)
             error = 1 - metrics["test_accuracy"]
-            rows.append((name, index, f, error, error <= dense_error + tolerance))
+            rows.append((name, index, f, error, is_matching(error, dense_error, tolerance), dense_error))
     return rows
