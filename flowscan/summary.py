@@ -33,10 +33,14 @@ def analysis_summary(results: Sequence[RunResult]) -> str:
         e = res.eigen["M"]
         width = max([len(b) for b in res.blocks] + [5])
         never = _never_pruned_blocks(res)
-        lines.append(f"  {'block':<{width}}  {'sigma (M), mean ± SEM':>22}  {'sigma_fit':>9}  pairs  class")
+        lines.append(f"  {'block':<{width}}  {'lambda (M), mean ± SEM':>22}  {'sigma (M), mean ± SEM':>22}  "
+                     f"{'sigma_fit':>9}  pairs  eigen  exp  class")
+        eigen_ok, exponential_ok = e.eigen_ok, e.exponential_ok
         for b, block in enumerate(res.blocks):
-            lines.append(f"  {block:<{width}}  {_pm(e.sigma_mean[b], e.sigma_sem[b]):>22}  "
+            lines.append(f"  {block:<{width}}  {_pm(e.lambda_mean[b], e.lambda_sem[b]):>22}  "
+                         f"{_pm(e.sigma_mean[b], e.sigma_sem[b]):>22}  "
                          f"{e.fits[b].slope:>+9.4f}  {int(e.n_pairs[b]):>5}  "
+                         f"{'yes' if eigen_ok[b] else 'no':>5}  {'yes' if exponential_ok[b] else 'no':>3}  "
                          f"{relevance(e.sigma_mean[b], e.sigma_sem[b])}"
                          + ("  (never pruned)" if block in never else ""))
         classes = {}
@@ -44,6 +48,9 @@ def analysis_summary(results: Sequence[RunResult]) -> str:
             classes.setdefault(relevance(e.sigma_mean[b], e.sigma_sem[b]), []).append(block)
         lines.append("  " + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(classes.items())))
     failed = sum(not r.ok for r in results)
+    if failed < len(results):
+        lines.append("eigen: the SEM of lambda is under 5 % of its mean (the paper's test); exp: the share is one "
+                     "exponential in the coarse-graining scale, without material drift (docs/definitions.md).")
     lines.append(f"{len(results)} run(s) analysed, {failed} failed.")
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ def test_analyze_prints_sigma_per_block_and_writes_five_tables(tmp_path):
     result = run_cli("analyze", FIXTURES / "closed-form" / "flowscan", "-o", tmp_path, "--blocks", "a=^a\\.")
     lines = result.output.splitlines()
     assert "run flowscan  [flowscan, 5 rounds, density 1.000 -> 0.410, blocks: a=^a\\.]" in lines
-    assert "  a              +0.5000 ± 0.0000    +0.5000      4  relevant" in lines
+    # lambda = c^sigma = 1.25^0.5 exactly; both checks pass on this closed form
+    assert "  a              +1.1180 ± 0.0000        +0.5000 ± 0.0000    +0.5000      4    yes  yes  relevant" in lines
     assert "  irrelevant: (other); relevant: a" in lines
     assert "1 run(s) analysed, 0 failed." in lines
     tables = read_tables(tmp_path)

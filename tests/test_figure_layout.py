@@ -54,3 +54,14 @@ def test_every_report_table_has_a_heading(tmp_path):
     page = (out / "report.html").read_text()
     tables = re.findall(r'<table id="table-[^"]+">(.{0,200})', page)
     assert tables and all(t.startswith("<caption>") for t in tables)
+
+
+def test_lmc_curves_carry_a_round_colour_bar_at_any_number_of_rounds():
+    for n_rounds in (3, 28):
+        rows = [("r", n, a, 0.1 + 0.01 * n, 0.3) for n in range(n_rounds) for a in (0.0, 0.5, 1.0)]
+        fig = figures.lmc_curves(pl.DataFrame(rows, schema=["run", "round", "alpha", "error", "loss"],
+                                              orient="row"), "r")
+        bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert len(bars) == 1 and "round n" in bars[0].get_ylabel()
+        assert bars[0].get_ylim() == (0, n_rounds - 1)
+        assert (fig.axes[0].get_legend() is not None) == (n_rounds <= 6)   # a legend only while short

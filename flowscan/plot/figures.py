@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 import polars as pl
 from matplotlib.collections import LineCollection
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import CenteredNorm, Normalize
 from matplotlib.lines import Line2D
 
@@ -259,8 +260,11 @@ def lmc_curves(curves: pl.DataFrame, run: str):
     ax.set_xlabel("α (0: round n, 1: round n+1)")
     ax.set_ylabel("test error")
     ax.set_title(f"{run}: error along the linear path")
-    if len(rounds) <= 12:
-        ax.legend(frameon=False, fontsize=7, ncols=2)
+    # the colour bar reads the round at any count; a legend as well while it stays short
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
+    bar.set_label("round n of the segment n → n+1")
+    if len(rounds) <= 6:
+        ax.legend(frameon=False, fontsize=7)
     return fig
 
 
