@@ -84,6 +84,49 @@ def test_killed_run_resumes_to_the_same_archive(tmp_path):
             np.testing.assert_array_equal(whole[key][name], resumed[key][name], err_msg=f"{key} {name}")
 
 
+def _bytes(run: Path) -> dict:
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()
+            and p.name != "flowscan-run.json"}
+
+
+def test_a_run_continues_to_more_rounds_keeping_what_was_made_even_through_a_kill(tmp_path):
+    args = [sys.executable, "-m", "flowscan", "produce", *FAST, "--epochs", "20"]
+    subprocess.run(args + ["--rounds", "4", "-o", str(tmp_path / "whole")], check=True, capture_output=True)
+    subprocess.run(args + ["--rounds", "2", "-o", str(tmp_path / "grown")], check=True, capture_output=True)
+    run = tmp_path / "grown" / "seed_0"
+    made = _bytes(run)
+    proc = subprocess.Popen(args + ["--rounds", "4", "-o", str(tmp_path / "grown")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "round_0002" / "round.json").exists():   # kill it while it makes round 3
+        assert proc.poll() is None and time.time() < deadline, "producer ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(args + ["--rounds", "4", "-o", str(tmp_path / "grown")], check=True,
+                          capture_output=True, text=True)
+    assert {k: v for k, v in _bytes(run).items() if k in made} == made   # byte for byte
+    whole, grown = _archive(tmp_path / "whole" / "seed_0"), _archive(run)
+    assert list(whole) == list(grown)   # as if it had been asked for 4 rounds from the start
+    for key in whole:
+        for name in whole[key]:
+            np.testing.assert_array_equal(whole[key][name], grown[key][name], err_msg=f"{key} {name}")
+    assert json.loads((run / "flowscan-run.json").read_text())["args"]["rounds"] == 4
+    assert done.returncode == 0
+
+
+def test_a_lower_target_density_continues_a_run_and_other_changes_are_refused(tmp_path):
+    run_cli("produce", *FAST, "--rounds", "9", "--target-density", "0.7", "-o", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "seed_0").glob("round_*")) == ["round_0000", "round_0001", "round_0002"]
+    made = _bytes(tmp_path / "seed_0")
+    result = run_cli("produce", *FAST[:-1], "--rounds", "9", "--target-density", "0.5", "-o", tmp_path)
+    assert "continuing with new stopping arguments (target_density: 0.7 -> 0.5)" in result.output
+    assert {k: v for k, v in _bytes(tmp_path / "seed_0").items() if k in made} == made
+    assert len(list((tmp_path / "seed_0").glob("round_*"))) == 5     # 0.8^4 = 0.41 <= 0.5
+    refused = run_cli("produce", *FAST, "--rounds", "12", "--lr", "0.1", "-o", tmp_path, expect=1)
+    assert "lr: 0.05 -> 0.1" in refused.output and "rounds" not in refused.output.split("(")[1].split(")")[0]
+
+
 def test_other_arguments_into_the_same_folder_are_refused(tmp_path):
     run_cli("produce", *FAST, "--rounds", "2", "-o", tmp_path)
     result = run_cli("produce", *FAST, "--rounds", "2", "--prune-fraction", "0.3", "-o", tmp_path, expect=1)

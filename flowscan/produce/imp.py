@@ -94,17 +94,33 @@ def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
             for k, v in model.state_dict().items()}
 
 
-def check_or_write_manifest(run: Path, args: dict) -> None:
-    """Refuse to mix runs: an existing folder must have been made with the same arguments."""
+# arguments that only say when a run stops, not how its rounds are made: a run may continue
+# under new values (more rounds, a lower target density) with every round made so far unchanged
+STOPPING_ARGS = ("rounds", "target_density")
+
+
+def check_or_write_manifest(run: Path, args: dict) -> str | None:
+    """Refuse to mix runs: an existing folder must have been made with the same arguments, but for
+    the stopping arguments, which may change (the manifest then records the new ones). Returns a
+    note for the user when the run continues under new stopping arguments."""
     path = run / layout.RUN_MANIFEST
     # a folder where no round completed holds nothing to protect: new arguments replace the old
     if path.is_file() and layout.complete_rounds(run):
-        diff = layout.args_difference(layout.run_args(run) or {}, args)
+        old = layout.run_args(run) or {}
+        making = lambda a: {k: v for k, v in a.items() if k not in STOPPING_ARGS}  # noqa: E731
+        diff = layout.args_difference(making(old), making(args))
         if diff:
-            raise FlowscanError(f"{run} holds a run made with other arguments ({diff}); "
-                                "use another output folder or the same arguments to resume")
-        return
+            raise FlowscanError(f"{run} holds a run made with other arguments ({diff}); use another output "
+                                "folder, or the same arguments to resume (only --rounds and --target-density "
+                                "may change, to continue it)")
+        stopping = layout.args_difference({k: old.get(k) for k in STOPPING_ARGS},
+                                          {k: args.get(k) for k in STOPPING_ARGS})
+        if not stopping:
+            return None
+        layout.write_run_manifest(run, args)   # atomic: a kill leaves the old or the new manifest
+        return f"continuing with new stopping arguments ({stopping}); the rounds made so far are kept as they are"
     layout.write_run_manifest(run, args)
+    return None
 
 
 class Session:
@@ -268,7 +284,7 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
 
     `progress(label, first_step, total_steps, steps_per_epoch)` returns a per-step callback."""
     run.mkdir(parents=True, exist_ok=True)
-    check_or_write_manifest(run, cfg.manifest_args(seed))
+    continued = check_or_write_manifest(run, cfg.manifest_args(seed))
     session = Session(cfg, seed, data, device, compile)
     done = layout.complete_rounds(run)
     if [i for i, _ in done] != list(range(len(done))):
@@ -314,7 +330,8 @@ def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.
             info["start"] = start.notes
         layout.write_round(run, n, weights, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()}, info)
         shown = {**metrics, "prune_fraction_next": fraction} if cfg.schedule == "adaptive" else metrics
-        report = RoundReport(seed, n, density, shown, start.notes if n == 0 else [])
+        notes = (start.notes if n == 0 else []) + ([continued] if continued and not reports else [])
+        report = RoundReport(seed, n, density, shown, notes)
         reports.append(report)
         if on_round:
             on_round(report)
