@@ -14,6 +14,13 @@ Both train ResNet-20 on the same synthetic CIFAR-shaped data (3x32x32, 10 classe
 
 It prints images/s, wall seconds and final test accuracy per setting, and the throughput ratio
 to the baseline.
+
+    python benchmarks/bench_produce.py --shared-cpu          # CPU threads on an idle and a shared machine
+
+times LeNet training (images/s) and one Hessian-vector product of sharpness's power iteration on
+the CPU, in fresh processes, with torch's defaults (one spinning thread per core), with
+OMP_WAIT_POLICY=PASSIVE, with one thread, and with flowscan's choice (flowscan/cpu.py), first on
+an idle machine and then with a second process spinning on one core; the median of `--repeats`.
 """
 
 from __future__ import annotations
@@ -108,14 +115,89 @@ def accuracy(model, data, device):
     return correct / len(data.y_test)
 
 
+def cpu_child(threads: str, seconds: float) -> None:
+    """One measurement (a fresh process, so OpenMP reads its environment): LeNet steps of batch 128
+    for `seconds`, then one Hessian-vector product over 512 images; prints a JSON line."""
+    import json
+    import os
+
+    from flowscan import cpu
+    from flowscan.landscape import hessian
+
+    if threads == "flowscan":
+        cpu.configure_torch_threads()
+    elif threads != "default":
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    model, _ = models.build("lenet", (1, 28, 28), 10)
+    x, y = torch.randn(4096, 1, 28, 28), torch.randint(0, 10, (4096,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step(i):
+        at = (i * 128) % (4096 - 128)
+        opt.zero_grad()
+        F.cross_entropy(model(x[at:at + 128]), y[at:at + 128]).backward()
+        opt.step()
+    for i in range(10):
+        step(i)
+    began, n = time.perf_counter(), 0
+    while time.perf_counter() - began < seconds:
+        step(n)
+        n += 1
+    images = n * 128 / (time.perf_counter() - began)
+    data = type("D", (), {"x_train": x, "y_train": y})()
+    began = time.perf_counter()
+    hessian.top_eigenvalue(model, data, {}, subset=512, tol=0.0, max_iter=3)
+    print(json.dumps({"images_per_s": images, "hvp_s": (time.perf_counter() - began) / 3,
+                      "threads": torch.get_num_threads(), "wait": os.environ.get("OMP_WAIT_POLICY", "default")}))
+
+
+def shared_cpu(repeats: int, seconds: float) -> None:
+    import json
+    import os
+    import statistics
+    import subprocess
+
+    settings = {"torch defaults (a spinning thread per core)": ("", "default"),
+                "OMP_WAIT_POLICY=PASSIVE": ("PASSIVE", "default"),
+                "one thread": ("", "1"),
+                "flowscan (PASSIVE, threads = free cores)": ("PASSIVE", "flowscan")}
+    print(f"{'machine':<8} {'setting':<42} {'images/s':>9} {'HVP s':>7} threads")
+    for busy in (False, True):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            time.sleep(0.5 if busy else 0)
+            for name, (wait, threads) in settings.items():
+                env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+                if wait:
+                    env["OMP_WAIT_POLICY"] = wait
+                runs = [json.loads(subprocess.run([sys.executable, __file__, "--cpu-child", threads, "--seconds",
+                                                   str(seconds)], env=env, check=True, capture_output=True,
+                                                  text=True).stdout.strip().splitlines()[-1]) for _ in range(repeats)]
+                print(f"{'shared' if busy else 'idle':<8} {name:<42} "
+                      f"{statistics.median(r['images_per_s'] for r in runs):>9.0f} "
+                      f"{statistics.median(r['hvp_s'] for r in runs):>7.3f} {runs[0]['threads']}", flush=True)
+        finally:
+            if spinner:
+                spinner.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared-cpu", action="store_true", help="CPU thread settings, idle and shared (see above)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="training time per --shared-cpu measurement")
+    parser.add_argument("--cpu-child", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=60_000, help="synthetic images (80 %% train)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.cpu_child:
+        return cpu_child(args.cpu_child, args.seconds)
+    if args.shared_cpu:
+        return shared_cpu(args.repeats, args.seconds)
     device = torch.device(args.device)
     data = synthetic_images(f"3x32x32:{args.images}")
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "

@@ -6,7 +6,9 @@ import sys
 
 import click
 
-from flowscan import __version__
+from flowscan import __version__, cpu
+
+cpu.prefer_passive_waiting()   # before anything imports torch: see flowscan/cpu.py
 from flowscan.cli.analyze import analyze
 from flowscan.cli.inspect import formats, inspect
 from flowscan.cli.landscape import lmc, sharpness

@@ -127,7 +127,10 @@ def app_options(json_output: bool = False):
         @functools.wraps(command)
         def wrapper(*args, quiet, verbose, **kwargs):
             as_json = kwargs.pop("as_json", False)
-            return command(*args, app=App(quiet or as_json, verbose, as_json), **kwargs)
+            app = App(quiet or as_json, verbose, as_json)
+            for note in click.get_current_context().meta.pop("flowscan.notes", []):   # e.g. from `requires`
+                app.note(note)
+            return command(*args, app=app, **kwargs)
         if json_output:
             wrapper = click.option("--json", "as_json", is_flag=True,
                                    help="Print the result as JSON on stdout (notes stay on stderr).")(wrapper)

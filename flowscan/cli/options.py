@@ -89,18 +89,24 @@ def parallel_options(command):
 
 def requires(*modules: str):
     """Check a command's optional packages before anything else runs: a missing one is a named
-    error with the `pip install` to run (flowscan/extras.py), never an import traceback."""
+    error with the `pip install` to run (flowscan/extras.py), never an import traceback. Commands
+    that need torch also get their CPU threads chosen (flowscan/cpu.py), said in a note."""
     def decorate(command):
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
             from flowscan import extras
             from flowscan.errors import FlowscanError
 
+            ctx = click.get_current_context()
             for module in modules:
                 try:
-                    extras.require(module, f"flowscan {click.get_current_context().info_name}")
+                    extras.require(module, f"flowscan {ctx.info_name}")
                 except FlowscanError as exc:
                     raise click.ClickException(str(exc)) from None
+            if "torch" in modules:   # threads for a machine that may be shared (flowscan/cpu.py)
+                from flowscan import cpu
+
+                ctx.meta.setdefault("flowscan.notes", []).append(cpu.configure_torch_threads())
             return command(*args, **kwargs)
         return wrapper
     return decorate
