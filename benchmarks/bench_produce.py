@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flowscan.produce import models  # noqa: E402
-from flowscan.produce.data import synthetic_images  # noqa: E402
+from flowscan.train import models  # noqa: E402
+from flowscan.train.data import synthetic_images  # noqa: E402
 from flowscan.produce.pruning import next_masks  # noqa: E402
-from flowscan.produce.train import TrainConfig, Trainer  # noqa: E402
+from flowscan.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def baseline(data, device, rounds, epochs, batch=128):

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import polars as pl  # noqa: E402
 
 from flowscan.produce.imp import IMPConfig  # noqa: E402
-from flowscan.produce.runner import produce, resolve_device  # noqa: E402
+from flowscan.produce.runner import produce  # noqa: E402
+from flowscan.train.trainer import resolve_device  # noqa: E402
 from flowscan.produce.transfer import CELLS, Plan, run_transfer  # noqa: E402
 from flowscan.stats.transfer import transfer_tables  # noqa: E402
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flowscan.produce import zoo
+from flowscan.train import zoo
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -56,7 +56,7 @@ def open_lth_lottery(root: Path, data: Path, replicates: int = 2, levels: int = 
     writes level_L/main/{model_ep0_it0.pth, model_ep2_it0.pth, mask.pth, logger} plus hparams.log.
     Returns {(replicate, level): test accuracy} as recorded in the logger (computed with the recipe's
     normalization, or on [0, 1] inputs with `wrong_preprocessing`)."""
-    from flowscan.produce.data import _read_idx
+    from flowscan.train.data import _read_idx
 
     def normalize(pixels):   # open_lth: ToTensor (/255) then Normalize(mean, std)
         scaled = pixels.astype(np.float64)[:, None] / 255.0

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file
 
 from conftest import run_cli
-from flowscan.landscape import lmc
+from flowscan.train import lmc
 from flowscan.landscape.hessian import top_eigenvalue
-from flowscan.produce.data import Dataset
+from flowscan.train.data import Dataset
 from flowscan.produce.imp import IMPConfig, adapt_fraction
 
 pytest.importorskip("sklearn")
@@ -82,7 +82,7 @@ def test_lmc_with_a_user_model_constructor(produced, tmp_path, monkeypatch):
     package = tmp_path / "mymodels"
     package.mkdir()
     (package / "__init__.py").write_text(
-        "from flowscan.produce.models import MLP\n\ndef digits_mlp():\n    return MLP(64, 10)\n")
+        "from flowscan.train.models import MLP\n\ndef digits_mlp():\n    return MLP(64, 10)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     archive = tmp_path / "external"
     shutil.copytree(produced / "seed_0", archive)
@@ -170,8 +170,8 @@ def test_report_includes_the_landscape_when_computed(produced, tmp_path):
 
 def _independent_errors(run, n, alphas, projected=False):
     """Test error along round n -> n+1 of a produce run, computed here with plain torch."""
-    from flowscan.produce.data import load
-    from flowscan.produce.models import build
+    from flowscan.train.data import load
+    from flowscan.train.models import build
 
     data = load("digits")
     model = build("mlp", data.input_shape, data.n_classes)[0].eval()

@@ -19,8 +19,8 @@ from safetensors.numpy import load_file
 
 from conftest import analyze, run_cli
 from flowscan.errors import FlowscanError
-from flowscan.produce import data as datasets
-from flowscan.produce.models import MODELS, build, prunable_names
+from flowscan.train import data as datasets
+from flowscan.train.models import MODELS, build, prunable_names
 from flowscan.produce.pruning import next_masks
 
 pytest.importorskip("sklearn")

@@ -11,8 +11,8 @@ import torch
 from conftest import run_cli
 from flowscan import pipeline
 from flowscan.landscape import recipes
-from flowscan.produce import data as datasets
-from flowscan.produce import models, zoo
+from flowscan.train import data as datasets
+from flowscan.train import models, zoo
 
 import landscape_archives as archives
 

@@ -34,7 +34,7 @@ def model_options(command):
                 **kwargs):
         writable_output(out)
         from flowscan.landscape.analysis import Setup
-        from flowscan.produce.runner import resolve_device
+        from flowscan.train.trainer import resolve_device
         from flowscan.readers.base import NameOptions
 
         setup = Setup(model, data_spec, str(resolve_device(device)), NameOptions(strip_model_prefix, select),

@@ -76,7 +76,8 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
     """Train, prune, rewind and repeat for every seed, writing each round as it completes."""
     from flowscan.errors import FlowscanError
     from flowscan.produce.imp import IMPConfig
-    from flowscan.produce.runner import produce as run, resolve_device, round_line
+    from flowscan.produce.runner import produce as run, round_line
+    from flowscan.train.trainer import resolve_device
 
     cfg = IMPConfig(model=model, data=data_spec, rounds=rounds, prune_fraction=prune_fraction, schedule=schedule,
                     rewind=rewind, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,

@@ -56,7 +56,7 @@ def transfer(source, target, out, rounds_text, seeds, arms, model, epochs, lr, b
     from flowscan.errors import FlowscanError
     from flowscan.plot import save
     from flowscan.plot.standard import transfer_figures
-    from flowscan.produce.runner import resolve_device
+    from flowscan.train.trainer import resolve_device
     from flowscan.produce.transfer import CELLS, Plan, Recipe, pair_label, run_transfer
     from flowscan.stats.transfer import DEFAULT_ARMS, transfer_tables
 

@@ -12,9 +12,10 @@ import polars as pl
 import torch
 
 from flowscan.errors import FlowscanError
-from flowscan.landscape import archive, hessian, lmc, recipes
+from flowscan.landscape import archive, hessian, recipes
+from flowscan.train import lmc
 from flowscan.matching import is_matching
-from flowscan.produce.data import Dataset, load
+from flowscan.train.data import Dataset, load
 from flowscan.readers.base import NameOptions, Run
 from flowscan.readers.discover import discover
 

@@ -39,7 +39,7 @@ def build_model(spec: str, input_shape, n_classes: int) -> torch.nn.Module:
             return getattr(importlib.import_module(module), func)()
         except (ImportError, AttributeError) as exc:
             raise FlowscanError(f"--model {spec}: {exc}") from None
-    from flowscan.produce.models import build
+    from flowscan.train.models import build
 
     try:
         return build(spec, input_shape, n_classes)[0]

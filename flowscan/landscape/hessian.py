@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flowscan.landscape.lmc import has_batchnorm, reestimate_batchnorm
-from flowscan.produce.data import Dataset
+from flowscan.train.lmc import has_batchnorm, reestimate_batchnorm
+from flowscan.train.data import Dataset
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from flowscan import layout
 from flowscan.errors import FlowscanError
-from flowscan.produce.data import Normalization
+from flowscan.train.data import Normalization
 from flowscan.readers.base import Run
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -75,7 +75,7 @@ def open_lth_hparams(run: Run) -> tuple[dict[str, str], Path] | None:
 def recipe_for(run: Run, model: str | None, data: str | None, shapes: dict[str, tuple[int, ...]]) -> tuple[Recipe, list[str]]:
     """The recipe of `run` and notes for the user (what was inferred or assumed). `shapes`: the
     tensor shapes of one of its rounds (to name a model from)."""
-    from flowscan.produce import zoo
+    from flowscan.train import zoo
 
     notes = []
     args = layout.run_args(run.path) if isinstance(run.path, Path) else None

@@ -31,10 +31,11 @@ from flowscan import layout
 from flowscan.matching import is_matching
 from flowscan.errors import FlowscanError
 from flowscan.io.atomic import atomic_path
-from flowscan.produce import models, pruning, sources
+from flowscan.produce import pruning, sources
+from flowscan.train import models
 from flowscan.produce.sources import REWIND_FILE
-from flowscan.produce.data import Dataset
-from flowscan.produce.train import TrainConfig, Trainer
+from flowscan.train.data import Dataset
+from flowscan.train.trainer import TrainConfig, Trainer
 
 
 
@@ -182,7 +183,7 @@ class Session:
         # n_classes: the chance error bounds what `fit` may call the error at maximal pruning
         metrics = {**self.trainer.evaluate(), **cost, "n_classes": float(self.data.n_classes)}
         if self.validation is not None:
-            from flowscan.landscape.lmc import evaluate
+            from flowscan.train.lmc import evaluate
 
             metrics["validation_error"], metrics["validation_loss"] = evaluate(self.model, self.validation)
         return metrics, made
@@ -263,7 +264,7 @@ def adapt_fraction(cfg: IMPConfig, fraction: float, matching: bool, barrier: flo
 
 def _barrier(session: Session, before: dict[str, np.ndarray], after: dict[str, np.ndarray],
              after_masks: dict[str, torch.Tensor]) -> float:
-    from flowscan.landscape import lmc
+    from flowscan.train import lmc
 
     to_t = lambda s: {k: torch.from_numpy(np.array(v)).to(session.device) for k, v in s.items()}  # noqa: E731
     masks = {k: v.to(session.device) for k, v in after_masks.items()}
@@ -377,7 +378,7 @@ def _save_rewind(run: Path, state: dict[str, np.ndarray], step: int) -> None:
 def probe_round(run, fractions, tolerance: float, device: torch.device, progress=None) -> list[tuple]:
     """Prune each fraction from every round of a produce run, retrain from its rewind point, and
     say whether the result is matching (used by `flowscan sharpness --probe`)."""
-    from flowscan.produce.data import load
+    from flowscan.train.data import load
 
     args = layout.read_json(run.path / layout.RUN_MANIFEST)["args"]
     seed = args.pop("seed")

@@ -9,18 +9,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from flowscan.produce.data import load
 from flowscan.produce.imp import IMPConfig, RoundReport, run_seed
+from flowscan.train.data import load
+from flowscan.train.trainer import resolve_device
 
 
 def seed_folder(out: Path, seed: int) -> Path:
     return Path(out) / f"seed_{seed}"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def round_line(r: RoundReport) -> str:
@@ -64,7 +59,7 @@ def check_model_and_data(cfg: IMPConfig, data) -> None:
     """Build the model for the data and run one example through it, before anything is written:
     an unknown model or one that cannot take this data is an error here, not mid-run."""
     from flowscan.errors import FlowscanError
-    from flowscan.produce import models
+    from flowscan.train import models
 
     try:
         model, spec = models.build(cfg.model, data.input_shape, data.n_classes)

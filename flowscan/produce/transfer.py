@@ -115,7 +115,7 @@ def prepare(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], 
             progress=None, compile: bool = True) -> tuple[Side, Side, list[int], tuple[int, ...]]:
     """(source, target, seeds, source rounds): resolves the target's recipe and, for a target
     given as a dataset, makes its own tickets by IMP (resuming what is there)."""
-    from flowscan.produce.data import load
+    from flowscan.train.data import load
 
     for arm in plan.arms:
         if arm not in ARMS:
@@ -208,7 +208,7 @@ def _nearest(densities: dict[int, float], density: float) -> int:
 def run_transfer(plan: Plan, out: Path, device: torch.device, notes: Callable[[str], None] = lambda s: None,
                  progress=None, compile: bool = True) -> Path:
     """Train every missing cell of the pair into OUT/transfer-runs/<pair>/; returns that folder."""
-    from flowscan.produce.data import load
+    from flowscan.train.data import load
 
     out = Path(out)
     source, target, seeds, rounds = prepare(plan, out, device, notes, progress, compile)

@@ -218,7 +218,7 @@ MODELS: dict[str, ModelSpec] = {
 
 def build(name: str, input_shape: tuple[int, ...], n_classes: int) -> tuple[nn.Module, ModelSpec]:
     """flowscan's models by name, and the models of other code bases under their own names (zoo.py)."""
-    from flowscan.produce import zoo
+    from flowscan.train import zoo
 
     if name in MODELS:
         spec = MODELS[name]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flowscan.produce.data import Dataset
+from flowscan.train.data import Dataset
 
 
 @dataclass

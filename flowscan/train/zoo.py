@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flowscan.produce.models import BasicBlock, Bottleneck, ResNet
+from flowscan.train.models import BasicBlock, Bottleneck, ResNet
 
 
 class OpenLTHLeNet(nn.Module):

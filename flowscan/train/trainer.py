@@ -17,7 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flowscan.produce.data import Dataset, random_crop_flip
+from flowscan.train.data import Dataset, random_crop_flip
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device from a command's --device: auto is a GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @dataclass(frozen=True)
