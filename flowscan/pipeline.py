@@ -138,6 +138,7 @@ def analyze_runs(runs: list[Run], options: Options,
     sums: dict[int, dict[int, RoundSums]] = {i: {} for i in pending}
     steps: dict[int, dict[int, dict]] = {i: {} for i in pending}   # survival counts per step
     errors: dict[int, dict[int, RoundError]] = {i: {} for i in pending}
+    successors: dict[int, dict[int, int]] = {}
     for (i, index), outcome in _reduce_all(tasks, options, progress):
         if isinstance(outcome, RoundSums):
             sums[i][outcome.index] = outcome
@@ -149,10 +150,13 @@ def analyze_runs(runs: list[Run], options: Options,
         pending[i] -= 1
         if isinstance(outcome, RoundSums):
             try:
-                _count_survival(runs[i], sums[i], steps[i], index)
+                if i not in successors:
+                    successors[i] = _successors(runs[i])
+                _count_survival(runs[i], sums[i], steps[i], index, successors[i])
             except Exception as exc:  # noqa: BLE001 - costs only this run
                 errors[i][index] = RoundError(_named(runs[i], "survival", exc))
         if pending[i] == 0:  # the run is complete: assemble it and let its sums go
+            successors.pop(i, None)
             results[i] = _finish(runs[i], sums.pop(i), steps.pop(i), errors[i], options)
     return [results[i] for i in range(len(runs))]
 
@@ -170,10 +174,12 @@ def _successors(run: Run) -> dict[int, int]:
     return dict(zip(indices, indices[1:]))
 
 
-def _count_survival(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], index: int) -> None:
+def _count_survival(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], index: int,
+                    after_of: dict[int, int] | None = None) -> None:
     """Count survival for the steps `index` completes, then drop mask bits no step still needs,
-    so at most a few rounds' bits are held whatever the number of rounds."""
-    after_of = _successors(run)
+    so at most a few rounds' bits are held whatever the number of rounds. `after_of`: the run's
+    `_successors`, when the caller keeps them."""
+    after_of = _successors(run) if after_of is None else after_of
     before_of = {b: a for a, b in after_of.items()}
     for a in (before_of.get(index), index):
         b = after_of.get(a) if a is not None else None
@@ -217,10 +223,13 @@ def _finish(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict], errors
     if errors:
         return RunResult(run, error=errors[min(errors)].message)
     try:
+        n_rounds = len(run.rounds)
         _drop_partial_last_round(run, sums)
         steps.pop(run.rounds[-1].index, None)   # the last round has no step after it
-        for rnd in run.rounds:   # steps whose successor changed with a dropped round
-            _count_survival(run, sums, steps, rnd.index)
+        if len(run.rounds) != n_rounds:   # a round was dropped: steps whose successor changed
+            after_of = _successors(run)
+            for rnd in run.rounds:
+                _count_survival(run, sums, steps, rnd.index, after_of)
         return assemble(run, [sums[r.index] for r in run.rounds], options, steps)
     except Exception as exc:  # noqa: BLE001 - flow math, eigen, blocks: costs only this run
         if options.strict:

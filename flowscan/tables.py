@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
@@ -63,74 +64,98 @@ def build_tables(results: Sequence[RunResult]) -> dict[str, pl.DataFrame]:
     cols: dict[str, dict[str, list]] = {t: {k: [] for k in SCHEMAS[t]} for t in TABLES}
     for res in results:
         try:
-            rows = _run_rows(res)
+            columns = _run_columns(res)
         except Exception as exc:  # noqa: BLE001 - one run's failure costs only that run
             # the run becomes an error for every later reader of `results` too (summary, exit code)
             res.error = printable(f"{res.run.path}: building its tables failed: {type(exc).__name__}: {exc}")
             res.flow = None
-            rows = _run_rows(res)
-        for table, table_rows in rows.items():
-            for row in table_rows:
-                for key, values in cols[table].items():
-                    values.append(row[key])
+            columns = _run_columns(res)
+        for table, table_columns in columns.items():
+            for key, values in cols[table].items():
+                values.extend(table_columns[key])
     return {t: _frame(t, cols[t]) for t in TABLES}
 
 
-def _run_rows(res: RunResult) -> dict[str, list[dict]]:
-    """Rows of every table for one run."""
-    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+def _grid(values, rows: int, cols: int) -> list:
+    """A rows x cols array (or a per-row / per-column vector, broadcast) as a flat list, row-major."""
+    return np.broadcast_to(np.asarray(values), (rows, cols)).ravel().tolist()
 
-    def add(table: str, **row) -> None:
-        rows[table].append(row)
 
+def _run_columns(res: RunResult) -> dict[str, dict[str, list]]:
+    """Columns of every table for one run (numpy grids flattened row-major: round/step, then block)."""
+    out: dict[str, dict[str, list]] = {t: {k: [] for k in SCHEMAS[t]} for t in TABLES}
     run, f = res.run, res.flow
     ok = res.ok and f is not None
-    add("runs", run=run.name, path=printable(str(run.path)), format=run.format, n_rounds=len(run.rounds),
-        n_prunable_tensors=len(res.tensors) if ok else 0, n_prunable_params=res.n_prunable_params if ok else 0,
-        status="ok" if ok else "error", error=printable(res.error) if res.error else None,
-        blocks=res.blocks_rule or None, mask_source=res.mask_source or None,
-        notes=printable("; ".join(run.notes)) or None, complete_rounds=run.complete_rounds,
-        missing_rounds=run.missing_rounds, incomplete_rounds=run.unfinished_rounds,
-        never_pruned=list(res.never_pruned))
+    runs = dict(run=run.name, path=printable(str(run.path)), format=run.format, n_rounds=len(run.rounds),
+                n_prunable_tensors=len(res.tensors) if ok else 0, n_prunable_params=res.n_prunable_params if ok else 0,
+                status="ok" if ok else "error", error=printable(res.error) if res.error else None,
+                blocks=res.blocks_rule or None, mask_source=res.mask_source or None,
+                notes=printable("; ".join(run.notes)) or None, complete_rounds=run.complete_rounds,
+                missing_rounds=run.missing_rounds, incomplete_rounds=run.unfinished_rounds,
+                never_pruned=list(res.never_pruned))
+    out["runs"] = {k: [v] for k, v in runs.items()}
     if not ok:
-        return rows
+        return out
     never = set(res.never_pruned)
     n_never = {b: 0 for b in res.blocks}
     for name, label, size in zip(res.tensors, res.labels, res.sizes):
         if name in never:
             n_never[label] += size
-    for r, index in enumerate(f.rounds):
-        for b, block in enumerate(res.blocks):
-            add("rounds", run=run.name, round=int(index), block=block, n_params=int(f.n_params[b]),
-                n_unpruned=int(f.n_unpruned[r, b]), abs_sum=float(f.abs_sum[r, b]),
-                M=float(f.M[r, b]), P=float(f.P[r, b]), density=float(f.block_density[r, b]),
-                global_density=float(f.density[r]))
+    n_rounds, n_blocks, n_steps = len(f.rounds), len(res.blocks), len(f.step_rounds)
+    rounds_idx = np.asarray(f.rounds, dtype=np.int64)[:, None]
+    steps_idx = np.asarray(f.step_rounds, dtype=np.int64)[:, None]
+    blocks = np.asarray(res.blocks, dtype=object)[None, :]
+    out["rounds"] = dict(
+        run=[run.name] * (n_rounds * n_blocks), round=_grid(rounds_idx, n_rounds, n_blocks),
+        block=_grid(blocks, n_rounds, n_blocks), n_params=_grid(np.asarray(f.n_params, np.int64), n_rounds, n_blocks),
+        n_unpruned=_grid(np.asarray(f.n_unpruned, np.int64), n_rounds, n_blocks),
+        abs_sum=_grid(np.asarray(f.abs_sum, np.float64), n_rounds, n_blocks),
+        M=_grid(np.asarray(f.M, np.float64), n_rounds, n_blocks), P=_grid(np.asarray(f.P, np.float64), n_rounds, n_blocks),
+        density=_grid(np.asarray(f.block_density, np.float64), n_rounds, n_blocks),
+        global_density=_grid(np.asarray(f.density, np.float64)[:, None], n_rounds, n_blocks))
+    steps = {k: [] for k in SCHEMAS["steps"]}
+    eigen = {k: [] for k in SCHEMAS["eigen"]}
     for quantity, (lam, sigma, valid) in f.steps.items():
-        for b, block in enumerate(res.blocks):
-            for s, index in enumerate(f.step_rounds):
-                add("steps", run=run.name, block=block, quantity=quantity, round=int(index),
-                    **{"lambda": float(lam[s, b])}, c=float(f.c[s]), x=float(f.x[s]),
-                    sigma=float(sigma[s, b]), valid=bool(valid[s, b]), span=int(f.step_span[s]))
+        # steps are listed block by block, each over its steps: the transposed grid
+        size = n_steps * n_blocks
+        steps["run"] += [run.name] * size
+        steps["block"] += _grid(np.asarray(res.blocks, dtype=object)[:, None], n_blocks, n_steps)
+        steps["quantity"] += [quantity] * size
+        steps["round"] += _grid(steps_idx.T, n_blocks, n_steps)
+        steps["lambda"] += np.asarray(lam, np.float64).T.ravel().tolist()
+        steps["c"] += _grid(np.asarray(f.c, np.float64)[None, :], n_blocks, n_steps)
+        steps["x"] += _grid(np.asarray(f.x, np.float64)[None, :], n_blocks, n_steps)
+        steps["sigma"] += np.asarray(sigma, np.float64).T.ravel().tolist()
+        steps["valid"] += np.asarray(valid, bool).T.ravel().tolist()
+        steps["span"] += _grid(np.asarray(f.step_span, np.int64)[None, :], n_blocks, n_steps)
         e = res.eigen[quantity]
         eigen_ok, trend_p, exponential = e.eigen_ok, e.trend_p, e.exponential_ok
         for b, block in enumerate(res.blocks):
             fit = e.fits[b]
-            add("eigen", run=run.name, block=block, quantity=quantity, n_pairs=int(e.n_pairs[b]),
-                lambda_mean=float(e.lambda_mean[b]), lambda_sem=float(e.lambda_sem[b]),
-                sigma_mean=float(e.sigma_mean[b]), sigma_sem=float(e.sigma_sem[b]),
-                sigma_fit=float(fit.slope), sigma_fit_se=float(fit.slope_se), r2=float(fit.r2),
-                eigen_ok=bool(eigen_ok[b]), sigma_trend=float(e.trends[b].slope), sigma_trend_p=float(trend_p[b]),
-                exponential_ok=bool(exponential[b]), relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]),
-                never_pruned_share=n_never[block] / float(f.n_params[b]) if f.n_params[b] else 0.0)
-    for index, name, value in res.metrics:
-        add("metrics", run=run.name, round=index, name=name, value=value)
-    for s, index in enumerate(f.step_rounds):
-        for b, block in enumerate(res.blocks):
-            before, both, after = (int(v) for v in res.survival[s, b])
-            add("survival", run=run.name, block=block, round=int(index), n_survivors=before,
-                n_still_surviving=both, n_revived=after - both,
-                survival=both / before if before else float("nan"), span=int(f.step_span[s]))
-    return rows
+            for key, value in dict(
+                    run=run.name, block=block, quantity=quantity, n_pairs=int(e.n_pairs[b]),
+                    lambda_mean=float(e.lambda_mean[b]), lambda_sem=float(e.lambda_sem[b]),
+                    sigma_mean=float(e.sigma_mean[b]), sigma_sem=float(e.sigma_sem[b]),
+                    sigma_fit=float(fit.slope), sigma_fit_se=float(fit.slope_se), r2=float(fit.r2),
+                    eigen_ok=bool(eigen_ok[b]), sigma_trend=float(e.trends[b].slope),
+                    sigma_trend_p=float(trend_p[b]), exponential_ok=bool(exponential[b]),
+                    relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]),
+                    never_pruned_share=n_never[block] / float(f.n_params[b]) if f.n_params[b] else 0.0).items():
+                eigen[key].append(value)
+    out["steps"], out["eigen"] = steps, eigen
+    out["metrics"] = dict(run=[run.name] * len(res.metrics), round=[m[0] for m in res.metrics],
+                          name=[m[1] for m in res.metrics], value=[m[2] for m in res.metrics])
+    counts = (np.zeros((n_steps, n_blocks, 3), np.int64) if res.survival is None or not n_steps
+              else np.asarray(res.survival, dtype=np.int64).reshape(n_steps, n_blocks, 3))
+    before, both, after = counts[..., 0], counts[..., 1], counts[..., 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(before > 0, both / np.maximum(before, 1), np.nan)
+    out["survival"] = dict(
+        run=[run.name] * (n_steps * n_blocks), block=_grid(blocks, n_steps, n_blocks),
+        round=_grid(steps_idx, n_steps, n_blocks), n_survivors=before.ravel().tolist(),
+        n_still_surviving=both.ravel().tolist(), n_revived=(after - both).ravel().tolist(),
+        survival=share.ravel().tolist(), span=_grid(np.asarray(f.step_span, np.int64)[:, None], n_steps, n_blocks))
+    return out
 
 
 def metadata(command: str, blocks: str, *, analysis_id: str = "", source: str = "") -> dict[str, str]:
