@@ -5,6 +5,8 @@ Shapes: R rounds (rows, in increasing round order) x B blocks (columns).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,15 +111,60 @@ def fit_lines(x: np.ndarray, y: np.ndarray) -> list[LineFit]:
 
 def slope_p_value(fit: LineFit) -> float:
     """Two-sided p-value of the hypothesis 'slope = 0' (t distribution, n - 2 degrees of freedom)."""
-    # scipy.special's t distribution: the same function scipy.stats.t.sf calls, without the
-    # second and a half that importing scipy.stats costs every analysis
-    from scipy.special import stdtr
-
     if fit.n < 3 or not np.isfinite(fit.slope):
         return float("nan")
     if fit.slope_se == 0:
         return 1.0 if fit.slope == 0 else 0.0
-    return float(2 * stdtr(fit.n - 2, -abs(fit.slope / fit.slope_se)))
+    return t_two_sided_p(fit.slope / fit.slope_se, fit.n - 2)
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with `df` degrees of freedom: the regularized incomplete beta
+    I_x(df/2, 1/2) at x = df / (df + t^2). Computed here (a continued fraction, Numerical Recipes'
+    betacf) because importing scipy.special costs a fifth of a small analysis's start-up;
+    tests/test_flow.py holds it to scipy's value."""
+    if not math.isfinite(t):
+        return 0.0 if not math.isnan(t) else float("nan")
+    # x and 1 - x each computed directly: near t = 0, 1 - x by subtraction would lose digits
+    return _betainc(df / 2.0, 0.5, df / (df + t * t), t * t / (df + t * t))
+
+
+def _betainc(a: float, b: float, x: float, y: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), for 0 <= x <= 1 and y = 1 - x."""
+    if x <= 0.0:
+        return 0.0
+    if y <= 0.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
+    if x < (a + 1.0) / (a + b + 2.0):   # where the continued fraction converges fast
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, y) / b
+
+
+def _betacf(a: float, b: float, x: float, eps: float = 1e-16, tiny: float = 1e-300) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz)."""
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
 
 
 def cumulative_log_c(density: np.ndarray) -> np.ndarray:

@@ -144,3 +144,14 @@ def test_trend_p_value_equals_scipy_stats_linregress():
         y = 0.1 * x + rng.normal(size=n)
         ref = stats.linregress(x, y)
         assert flow.slope_p_value(flow.fit_line(x, y)) == pytest.approx(ref.pvalue, rel=1e-12)
+
+
+def test_the_t_p_value_equals_scipys_over_its_range():
+    from scipy.special import stdtr
+
+    for df in (1, 2, 3, 5, 8, 13, 30, 100, 1000):
+        for t in (0.0, 1e-6, 0.1, 0.5, 1.0, 2.0, 3.5, 7.0, 20.0, 80.0):
+            expected = float(2 * stdtr(df, -abs(t)))
+            got = flow.t_two_sided_p(t, df)
+            assert got == pytest.approx(expected, rel=1e-10, abs=1e-300), (df, t)
+    assert flow.t_two_sided_p(float("inf"), 5) == 0.0 and math.isnan(flow.t_two_sided_p(float("nan"), 5))
