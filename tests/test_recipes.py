@@ -169,3 +169,17 @@ def test_open_lth_cifar_recipe_normalizes_with_imagenet_statistics_and_augments(
     assert recipe.norm.mean == (0.485, 0.456, 0.406) and recipe.norm.augment and not notes
     with pytest.raises(Exception, match="trained on cifar10"):
         recipes.recipe_for(run, None, "cifar100:/x", {})
+
+
+def test_an_archive_without_recorded_accuracies_says_the_check_was_not_made(tmp_path):
+    data = tmp_path / "cifar"
+    archives.cifar_like(data)
+    archives.chen_cifar_run(tmp_path / "run", data)
+    for path in (tmp_path / "run").glob("*.pth.tar"):
+        ckpt = torch.load(path, weights_only=True)
+        del ckpt["result"]
+        torch.save(ckpt, path)
+    result = run_cli("lmc", tmp_path / "run", "-o", tmp_path / "out", "--data", f"cifar10:{data}", "--points", "2",
+                     "--bn-batches", "1")
+    assert "records no test accuracy (result.test_ta)" in result.output
+    assert "cannot be checked" in result.output

@@ -113,8 +113,12 @@ def _loaded_rounds(path: Path, setup: Setup, progress=None) -> Iterator[LoadedRo
                 model, data, recipe = _model_and_data(run, setup, cache, shapes, progress)
             masks = archive.load_into(model, rs, setup.device)
             error = lmc.evaluate(model, data)[0]
-            check_accuracy(run, rs.index, recipe.recorded_accuracy(rs.metrics), 1.0 - error, recipe,
-                           setup.accuracy_tolerance, progress)
+            recorded = recipe.recorded_accuracy(rs.metrics)
+            if recorded is None and progress and rs.index == run.rounds[0].index:
+                progress(f"{run.name}: round {rs.index} records no test accuracy "
+                         f"({recipe.accuracy_key or 'none known for this archive'}): the model, data and "
+                         "preprocessing cannot be checked against it; measured errors are used as they come")
+            check_accuracy(run, rs.index, recorded, 1.0 - error, recipe, setup.accuracy_tolerance, progress)
             yield LoadedRound(run, model, data, rs.index, masks, recipe, error)
 
 
