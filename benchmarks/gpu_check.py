@@ -16,7 +16,18 @@ recorded as failed and the next one still runs):
 It writes DIR/gpu_check.json (one entry per step: name, status passed/failed/skipped, seconds,
 figures, the command and the end of its output) and DIR/gpu_check.md (a short summary), and
 exits 1 when a step failed. It needs only what `pip install -c constraints-cpu.txt -e '.[test]'`
-installs (and a CUDA build of torch where there is a GPU).
+installs (and a CUDA build of torch where there is a GPU), and runs from the checkout without
+installing flowscan.
+
+On a lent GPU machine, which has torch and most packages but reaches no registry, the packages it
+lacks travel as wheels (`--wheels DIR` installs them first, with no index):
+
+    # here, once: the wheels for the machine's Python (3.12, x86-64), into an ignored folder
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu-wheels \
+        polars polars-runtime-32 isal
+    # there, in one device call carrying .gpu-wheels (about 55 MB):
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --wheels .gpu-wheels --out $OUT
 """
 
 from __future__ import annotations
@@ -157,7 +168,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="every step at toy size on the CPU")
+    parser.add_argument("--wheels", type=Path, help="install the wheels in this folder first (no index, no deps)")
     args = parser.parse_args()
+    if args.wheels:
+        wheels = sorted(str(p) for p in args.wheels.glob("*.whl"))
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", *wheels],
+                       check=True)
     try:
         import torch
         cuda = torch.cuda.is_available()
