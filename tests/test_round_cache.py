@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import FIXTURES, analyze, read_tables
+from conftest import FIXTURES, analyze
 from flowscan import pipeline
 from flowscan.io import round_cache
 

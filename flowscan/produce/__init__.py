@@ -1,4 +1,5 @@
 """The IMP producer: trains, prunes, rewinds and repeats, writing flowscan's own layout.
 
-This subpackage imports torch; the scanner does not.
+It builds on the torch layer `flowscan.train` (models, data, one round of training); the
+scanner imports neither.
 """
