@@ -263,7 +263,7 @@ def _reduce_all(tasks, options: Options, progress, reduce_task=None):
         for task_key, rnd in tasks:
             try:
                 keys[task_key] = _cache_key(rnd, options.names, options.verify)
-            except OSError:   # unreadable now: the reduction names the problem
+            except Exception:  # noqa: BLE001 - unreadable now (a file, a store): the reduction names it
                 keys[task_key] = None
             hit = cache.get(keys[task_key]) if keys[task_key] else None
             if hit is None:
