@@ -123,3 +123,13 @@ def test_kill_9_during_an_analysis_resumes_to_the_same_tables(tmp_path):
 def _cached(out):
     """Rounds the cache of an output folder holds now."""
     return len(round_cache.RoundCache(out / ".cache")) if (out / ".cache").exists() else 0
+
+
+def test_a_round_whose_cache_key_fails_is_still_reduced(tmp_path, monkeypatch):
+    def broken(rnd, names, verify):
+        raise ValueError("the store answered nonsense")
+    monkeypatch.setattr(pipeline, "_cache_key", broken)
+    fresh = analyze(FIXTURES / "closed-form" / "safetensors", tmp_path / "fresh", "--no-cache")
+    tables = analyze(FIXTURES / "closed-form" / "safetensors", tmp_path / "out")
+    assert tables["rounds"].equals(fresh["rounds"])
+    assert _cached(tmp_path / "out") == 0   # nothing cached under a key that could not be made
