@@ -65,3 +65,14 @@ def test_lmc_curves_carry_a_round_colour_bar_at_any_number_of_rounds():
         assert len(bars) == 1 and "round n" in bars[0].get_ylabel()
         assert bars[0].get_ylim() == (0, n_rounds - 1)
         assert (fig.axes[0].get_legend() is not None) == (n_rounds <= 6)   # a legend only while short
+
+
+def test_lmc_barriers_draw_rounds_of_unknown_matching_as_crosses():
+    summary = pl.DataFrame({"run": ["r"] * 3, "round": [1, 2, 3], "density": [0.8, 0.64, 0.51],
+                            "barrier": [0.01, 0.02, 0.03], "matching": [None, None, None]},
+                           schema={"run": pl.String, "round": pl.Int64, "density": pl.Float64,
+                                   "barrier": pl.Float64, "matching": pl.Boolean})
+    fig = figures.lmc_barriers(summary)
+    ax = fig.axes[0]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 3     # every round drawn, none dropped
+    assert "unknown" in ax.get_title()

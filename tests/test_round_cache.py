@@ -73,14 +73,21 @@ def test_a_record_damaged_in_the_middle_is_not_trusted(tmp_path, one_round):
     _same(cache.get("second"), one_round)
 
 
-def test_many_logs_are_merged_into_one_that_keeps_every_round(tmp_path, one_round):
-    for n in range(round_cache.MAX_LOGS + 2):
+def test_many_settled_logs_are_merged_into_one_that_keeps_every_round(tmp_path, one_round):
+    n = round_cache.MAX_LOGS + 2
+    for k in range(n):
         with round_cache.RoundCache(tmp_path) as cache:
-            cache.put(f"k{n}", replace(one_round, index=n))
+            cache.put(f"k{k}", replace(one_round, index=k))
+    recent = round_cache.RoundCache(tmp_path)   # just written: maybe another analysis's open logs
+    assert len(list(tmp_path.glob("*.log"))) == n and len(recent) == n
+    old = time.time() - 2 * round_cache.SETTLED_SECONDS
+    for log in tmp_path.glob("*.log"):
+        os.utime(log, (old, old))
     cache = round_cache.RoundCache(tmp_path)
-    logs = sorted(p.name for p in tmp_path.glob("*.log"))
-    assert len(logs) == 2 and logs[0].endswith("-merged.log")   # the merge, then the last session's own
-    assert [cache.get(f"k{n}").index for n in range(round_cache.MAX_LOGS + 2)] == list(range(round_cache.MAX_LOGS + 2))
+    logs = list(tmp_path.glob("*.log"))
+    assert len(logs) == 1 and logs[0].name.endswith("-merged.log")
+    assert [cache.get(f"k{k}").index for k in range(n)] == list(range(n))
+    assert [round_cache.RoundCache(tmp_path).get(f"k{k}").index for k in range(n)] == list(range(n))
     assert not list(tmp_path.glob("*.tmp"))
 
 

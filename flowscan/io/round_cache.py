@@ -31,6 +31,7 @@ from flowscan.reduce import RoundSums
 MAGIC = b"FSR2"
 HEADER = struct.Struct("<4sIQ")      # magic, CRC-32 of the body, length of the body
 MAX_LOGS = 8
+SETTLED_SECONDS = 60.0   # a log untouched this long is no other analysis's open log
 FLUSH_SECONDS = 0.5
 FLUSH_BYTES = 256 << 10
 
@@ -47,8 +48,10 @@ class RoundCache:
         logs = sorted(self.folder.glob("*.log")) if self.folder.is_dir() else []
         for log in logs:
             self._index_log(log)
-        if len(logs) > MAX_LOGS:
-            self._merge(logs)
+        # logs written to lately may belong to an analysis still running beside this one: kept
+        settled = [log for log in logs if _age(log) > SETTLED_SECONDS]
+        if len(settled) > MAX_LOGS:
+            self._merge(settled)
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -133,26 +136,37 @@ class RoundCache:
                 f.seek(at)
 
     def _merge(self, logs: list[Path]) -> None:
-        """One log of every record the older logs hold (written whole, then renamed into place)."""
+        """One log of every record `logs` hold (written whole, then renamed into place); the logs'
+        records are then read from it."""
         merged = self.folder / f"rounds-{time.time_ns()}-{os.getpid()}-merged.log"
         tmp = merged.with_suffix(".tmp")
-        index, at = {}, 0
+        moved, at = {}, 0
+        chosen = set(logs)
         try:
             with open(tmp, "wb") as out:
                 for key, (log, offset, length) in self._index.items():
+                    if log not in chosen:
+                        continue
                     with open(log, "rb") as f:
                         f.seek(offset - HEADER.size)
                         record = f.read(HEADER.size + length)
                     out.write(record)
-                    index[key] = (merged, at + HEADER.size, length)
+                    moved[key] = (merged, at + HEADER.size, length)
                     at += len(record)
             os.replace(tmp, merged)
         except OSError:
             tmp.unlink(missing_ok=True)
             return
-        self._index = index
+        self._index.update(moved)
         for log in logs:
             log.unlink(missing_ok=True)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _encode(key: str, sums: RoundSums) -> bytes:

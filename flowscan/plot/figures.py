@@ -237,10 +237,14 @@ def lmc_barriers(summary: pl.DataFrame):
             sel = part.filter(pl.col("matching") == matching)
             ax.scatter(sel["density"], sel["barrier"], marker=marker(k), facecolors=face, edgecolors=color(k),
                        zorder=3)
+        unknown = part.filter(pl.col("matching").is_null())   # the run has no round 0 to compare with
+        if unknown.height:
+            ax.scatter(unknown["density"], unknown["barrier"], marker="x", color=color(k), zorder=3)
     ax.axhline(0, color="black", linewidth=0.8)
     _density_axis(ax, "density of round n+1")
     ax.set_ylabel("error barrier, round n → n+1")
-    ax.set_title("linear mode connectivity (filled: n+1 matching)")
+    title = "linear mode connectivity (filled: n+1 matching"
+    ax.set_title(title + ("; x: unknown, no round 0)" if summary["matching"].null_count() else ")"))
     if len(runs) <= 10:
         ax.legend(frameon=False, fontsize=7)
     return fig
