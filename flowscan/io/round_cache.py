@@ -12,7 +12,8 @@ A kill -9 can only cut the last record of a log short; reading stops there, and 
 CRC does not match is recomputed, never trusted. One file per analysis (not per round) because
 for thousands of small checkpoints the opens and renames of per-round files were a third of
 the analysis; one writer per log because concurrent appends from several processes could
-interleave. Logs are merged into one when more than MAX_LOGS have piled up.
+interleave. Logs are merged into one when more than MAX_LOGS have piled up (those untouched for
+SETTLED_SECONDS: a log written to lately may be another running analysis's).
 """
 
 from __future__ import annotations
