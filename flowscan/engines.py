@@ -113,6 +113,9 @@ def _processes(work, options, progress, reduce_task):
         unfinished = yield from _pool_pass(work, options, options.jobs, ctx, progress, reduce_task, batch)
         # the pool hands work out in order: a dead worker held one of the first jobs + 1 batches
         suspects, work = unfinished[:(options.jobs + 1) * batch], unfinished[(options.jobs + 1) * batch:]
+        if batch > 1 and suspects:   # narrow them down with one round a task before one at a time
+            lost = yield from _pool_pass(suspects, options, options.jobs, ctx, progress, reduce_task, 1)
+            suspects, work = lost[:options.jobs + 1], lost[options.jobs + 1:] + work
         for i, rnd in suspects:
             if (yield from _pool_pass([(i, rnd)], options, 1, ctx, progress, reduce_task, 1)):
                 yield i, (f"{_where(rnd)}: the process reading this round died (a crash or out of memory); "

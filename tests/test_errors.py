@@ -203,7 +203,7 @@ def test_a_changed_file_is_not_served_from_the_cache(tmp_path, copy_fixture):
 
 
 @pytest.mark.parametrize("n_tasks", [6, 80])   # 80: rounds go to the workers in batches
-def test_a_dying_worker_costs_only_its_round(tmp_path, n_tasks):
+def test_a_dying_worker_costs_only_its_round(tmp_path, n_tasks, monkeypatch):
     import crashing_reducer
     from flowscan.readers.base import Round
 
@@ -211,8 +211,17 @@ def test_a_dying_worker_costs_only_its_round(tmp_path, n_tasks):
     options = pipeline.Options(jobs=2, engine="processes")
     if n_tasks > 6:
         assert max(1, min(engines.MAX_BATCH, n_tasks // (options.jobs * 8))) > 1
+    pools = []
+
+    class Counted(engines.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs.get("max_workers"))
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(engines, "ProcessPoolExecutor", Counted)
     outcomes = list(pipeline._reduce_all(tasks, options, None, crashing_reducer.reduce_or_die))
     assert len(outcomes) == n_tasks
+    # after the death: the suspects one round a task, then the few in flight alone, then the rest
+    assert len(pools) <= 2 + options.jobs + 1 + 1, pools
     reduced = sorted((o for _key, o in outcomes if o.startswith("reduced")), key=lambda o: int(o.split()[1]))
     assert reduced == [f"reduced {i}" for i in range(n_tasks) if i != 2]
     [(key, died)] = [(key, o) for key, o in outcomes if not o.startswith("reduced")]
