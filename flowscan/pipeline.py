@@ -428,10 +428,6 @@ def inspect_runs(runs: list[Run], options: Options, progress: Callable[[int], No
             for i, run in enumerate(runs)]
 
 
-def inspect_run(run: Run, options: Options) -> Inspection:
-    return inspect_runs([run], replace(options, jobs=1))[0]
-
-
 def _listing_task(rnd: Round, names: NameOptions, verify: bool = False) -> dict[str, TensorInfo] | RoundError:
     """The tensors of one round as `inspect` lists them (headers only); errors come back as values."""
     try:

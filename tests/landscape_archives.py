@@ -136,8 +136,8 @@ def chen_cifar_run(folder: Path, data: Path, rounds: int = 2, seed: int = 0) -> 
     prune-style (weight_orig + weight_mask) from round 1 on, conv1 and fc never pruned, and
     `result.test_ta` in percent computed with Chen et al.'s CIFAR-10 mean and std. Returns the
     recorded accuracies (fractions)."""
-    x_test, y_test = pickle.loads((data / "test_batch").read_bytes())["data"], None
-    y_test = np.array(pickle.loads((data / "test_batch").read_bytes())["labels"])
+    test = pickle.loads((data / "test_batch").read_bytes())
+    x_test, y_test = test["data"], np.array(test["labels"])
     inputs = (x_test.reshape(-1, 3, 32, 32) / 255.0 - CHEN_MEAN[None, :, None, None]) / CHEN_STD[None, :, None, None]
     torch.manual_seed(seed)
     model = zoo.build("cifar-resnet18", (3, 32, 32), 10).eval()

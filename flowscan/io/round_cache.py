@@ -54,9 +54,6 @@ class RoundCache:
         if len(settled) > MAX_LOGS:
             self._merge(settled)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._index
-
     def __len__(self) -> int:
         return len(self._index)
 

@@ -241,7 +241,7 @@ def _probe_open_lth(run: Run, fractions, tolerance: float, setup: Setup, progres
         raise FlowscanError(f"{run.path}: level 0 records no test accuracy (logger); --probe needs the dense error")
     session = Session(IMPConfig(**args), 0, data, device, compile=False)
     rewind_weights = read_round(Round(0, run.format, (rewind_file,)), setup.names, copy_weights=True).weights
-    rewind = {**numpy_state(session.model), **{k: v for k, v in rewind_weights.items()}}
+    rewind = {**numpy_state(session.model), **rewind_weights}   # the model's buffers where the file lacks them
 
     def stored():
         for rs in [first, *states]:
