@@ -10,6 +10,7 @@ keeps resident memory near one tensor whatever the archive size.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import zlib
@@ -51,8 +52,17 @@ class Frozen:
             object.__setattr__(self, key, value)
 
 
+_ITEMSIZES: dict = {}
+
+
 def itemsize(dtype: object) -> int:
-    return 2 if dtype == BFLOAT16 else np.dtype(dtype).itemsize
+    try:   # asked about a dozen times per tensor: np.dtype() is the slow part
+        return _ITEMSIZES[dtype]
+    except KeyError:
+        size = 2 if dtype == BFLOAT16 else np.dtype(dtype).itemsize
+        if len(_ITEMSIZES) < 256:   # bounded: a file may name many exotic dtypes
+            _ITEMSIZES[dtype] = size
+        return size
 
 
 class StorageFile(Frozen):
@@ -310,6 +320,7 @@ def _check_view(storage: Storage, offset: int, shape, stride, dtype, path, tenso
                               f"elements beyond the limit of {MAX_REPEATED_ELEMENTS}", tensor=tensor)
 
 
+@functools.lru_cache(maxsize=4096)   # a run's rounds repeat the same few shapes
 def contiguous_strides(shape: tuple[int, ...], fortran: bool = False) -> tuple[int, ...]:
     """Element strides of a C-ordered (or, with `fortran`, Fortran-ordered) array of `shape`."""
     if fortran:
