@@ -11,6 +11,9 @@ Both train ResNet-20 on the same synthetic CIFAR-shaped data (3x32x32, 10 classe
   flowscan   flowscan.produce: data resident on the device, bf16 autocast, channels_last,
              CUDA graphs (torch.compile reduce-overhead), fused SGD, foreach masking; batch 128
              and `--batch` (512 by default)
+  seeds      flowscan's trainer on `--seeds` seeds (3 by default), one after another and packed
+             into one model (the seeds of a round trained together, flowscan/train/packed.py);
+             images/s count every seed's images
 
 It prints images/s, wall seconds and final test accuracy per setting, and the throughput ratio
 to the baseline.
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowscan.train import models  # noqa: E402
 from flowscan.train.data import synthetic_images  # noqa: E402
 from flowscan.produce.pruning import next_masks  # noqa: E402
+from flowscan.train.packed import PackedTrainer  # noqa: E402
 from flowscan.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
@@ -81,29 +85,44 @@ def baseline(data, device, rounds, epochs, batch=128):
     return images / seconds, seconds, accuracy(model, data, device)
 
 
-def flowscan_trainer(data, device, rounds, epochs, batch, compile=True):
-    torch.manual_seed(0)
-    model, spec = models.build("cifar-resnet20", data.input_shape, 10)
-    model = model.to(device)
-    names = models.prunable_names(model, spec)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
+def flowscan_trainer(data, device, rounds, epochs, batch, seeds=1, packed=False, compile=True):
+    """flowscan's trainer on `seeds` seeds of ResNet-20, one after another or packed into one model
+    (flowscan/train/packed.py): images/s over all seeds, seconds, mean final test accuracy."""
+    nets, inits = [], []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model, spec = models.build("cifar-resnet20", data.input_shape, 10)
+        nets.append(model.to(device))
+        inits.append({k: v.clone() for k, v in model.state_dict().items()})
+    names = models.prunable_names(nets[0], spec)
     per_epoch = len(data.y_train) // batch
     cfg = TrainConfig(steps=per_epoch * epochs, batch_size=batch, lr=0.1 * batch / 128, compile=compile)
     gpu_data = data.to(device)
-    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n in names}
-    trainer = Trainer(model, masks, gpu_data, cfg, device)
+    masks = [{n: torch.ones_like(p, dtype=torch.bool) for n, p in net.named_parameters() if n in names}
+             for net in nets]
+    if packed:
+        together = PackedTrainer(nets, masks, gpu_data, cfg, device)
+    else:
+        alone = [Trainer(net, mask, gpu_data, cfg, device) for net, mask in zip(nets, masks)]
     images, began = 0, time.perf_counter()
     for n in range(rounds):
-        model.load_state_dict(init)
-        trainer.set_masks(masks)
-        cost = trainer.train(0, cfg.steps, seed=n)
-        images += cost["train_images"]
-        params = dict(model.named_parameters())
-        masks = next_masks({k: params[k].detach().cpu() for k in names}, {k: v.cpu() for k, v in masks.items()}, 0.2)
+        for net, init in zip(nets, inits):
+            net.load_state_dict(init)
+        if packed:
+            together.set_seed_masks(masks)
+            costs = together.train_seeds(0, cfg.steps, [n * 1000 + s for s in range(seeds)])
+        else:
+            costs = []
+            for s, (trainer, mask) in enumerate(zip(alone, masks)):
+                trainer.set_masks(mask)
+                costs.append(trainer.train(0, cfg.steps, seed=n * 1000 + s))
+        images += sum(c["train_images"] for c in costs)
+        masks = [next_masks({k: dict(net.named_parameters())[k].detach().cpu() for k in names},
+                            {k: v.cpu() for k, v in mask.items()}, 0.2) for net, mask in zip(nets, masks)]
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - began
-    return images / seconds, seconds, trainer.evaluate()["test_accuracy"]
+    return images / seconds, seconds, sum(accuracy(net, data, device) for net in nets) / seeds
 
 
 @torch.no_grad()
@@ -192,6 +211,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for packed vs one at a time (0: skip)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.cpu_child:
@@ -208,10 +228,14 @@ def main() -> None:
     if args.batch != 128:
         rows.append((f"flowscan, batch {args.batch}", *flowscan_trainer(data, device, args.rounds, args.epochs,
                                                                         args.batch)))
+    if args.seeds > 1:
+        for packed in (False, True):
+            rows.append((f"flowscan, {args.seeds} seeds {'packed' if packed else 'one at a time'}, batch 128",
+                         *flowscan_trainer(data, device, args.rounds, args.epochs, 128, args.seeds, packed)))
     base = rows[0][1]
-    print(f"{'setting':<38} {'images/s':>10} {'seconds':>8} {'test acc':>8} {'ratio':>6}")
+    print(f"{'setting':<44} {'images/s':>10} {'seconds':>8} {'test acc':>8} {'ratio':>6}")
     for name, ips, seconds, acc in rows:
-        print(f"{name:<38} {ips:>10.0f} {seconds:>8.1f} {acc:>8.4f} {ips / base:>6.2f}")
+        print(f"{name:<44} {ips:>10.0f} {seconds:>8.1f} {acc:>8.4f} {ips / base:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
         assert steps[name]["seconds"] > 0 and steps[name]["figures"]
     bench = steps["bench-produce"]["figures"]
     assert bench["open_lth-style baseline, batch 128"]["ratio"] == 1.0 and "flowscan, batch 128" in bench
+    packed, alone = bench["flowscan, 2 seeds packed, batch 128"], bench["flowscan, 2 seeds one at a time, batch 128"]
+    assert bench["packed_over_one_at_a_time"] == round(packed["images_per_s"] / alone["images_per_s"], 2)
     assert all(n > 0 for n in steps["pipeline"]["figures"]["table_rows"].values())
     assert steps["cpu-vs-device"]["figures"]["densities_equal"] is True
     assert "| pipeline | passed |" in (tmp_path / "gpu_check.md").read_text()

@@ -66,13 +66,17 @@ from flowscan.cli.options import requires, writable_output
                    "tensor's density and keep their own weights, instead of an error.")
 @device_option
 @click.option("--parallel", type=click.IntRange(1), default=None,
-              help="Seeds trained at once in separate processes (default: up to 4 on a GPU, 1 on a CPU).")
+              help="Seeds trained at once in separate processes, instead of packed (default without packing: "
+                   "up to 4 on a GPU, 1 on a CPU).")
+@click.option("--pack-seeds/--no-pack-seeds", "pack", default=None,
+              help="Train the seeds of each round together in one packed model (default: on a GPU with "
+                   "several seeds; the output says which was done).")
 @click.option("--compile/--no-compile", default=True, show_default=True, help="CUDA graphs on a GPU.")
 @app_options()
 def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, match_tolerance,
             barrier_tolerance, growth, max_fraction, rewind, seeds, first_seed, epochs, batch_size, lr, momentum,
             weight_decay, optimizer, warmup_epochs, augment, exclude, mask_from, init_from, fill_unmatched, device,
-            parallel, compile, out, app) -> None:
+            parallel, pack, compile, out, app) -> None:
     """Train, prune, rewind and repeat for every seed, writing each round as it completes."""
     from flowscan.errors import FlowscanError
     from flowscan.produce.imp import IMPConfig
@@ -88,6 +92,8 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
                     fill_unmatched=fill_unmatched)
     writable_output(out)
     on_gpu = resolve_device(device).type == "cuda"
+    if pack is None and parallel is not None:   # asking for processes is asking not to pack
+        pack = False
     parallel = parallel or (min(seeds, 4) if on_gpu else 1)
     bars = TrainingBars(app)
     clock = Progress(seeds * rounds)
@@ -102,7 +108,7 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
     try:
         with bars.stack:
             reports = run(cfg, list(range(first_seed, first_seed + seeds)), out, device, parallel, compile,
-                          on_round, bars)
+                          on_round, bars, pack=pack, note=app.note)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     from flowscan.produce.runner import stop_reason

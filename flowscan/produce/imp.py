@@ -166,27 +166,23 @@ class Session:
         """Train under `masks` from the rewind point to the end of training. Without a `rewind`
         state (a run's first round), the rewind point is made first: the dense network is trained
         from initialization to the rewind step. Returns the metrics and the rewind state made."""
-        # one data order per seed for every round, as open_lth does per replicate: rounds then
-        # differ by their masks only, not by SGD noise
-        round_seed = self.seed * 100_003
-        made, cost0 = None, None
-        if rewind is None:
-            self.trainer.set_masks(self.dense_masks())
-            cost0 = self.trainer.train(0, self.start, round_seed, bar) if self.start > 0 else None
-            made = numpy_state(self.model)
-        else:
-            self.load(rewind)
-        self.trainer.set_masks({k: v.to(self.device) for k, v in masks.items()})
-        cost = self.trainer.train(self.start, self.total, round_seed + 1, bar)
+        def alone(start, stop, masks, seeds, bar):
+            self.trainer.set_masks({k: v.to(self.device) for k, v in masks[0].items()})
+            return [self.trainer.train(start, stop, seeds[0], bar)]
+        return train_rounds([self], [masks], [rewind], alone, bar)[0]
+
+    def round_metrics(self, cost: dict, cost0: dict | None) -> dict:
+        """The metrics of a trained round: test (and validation) error, and the training cost
+        (`cost0`: of making the rewind point, in a run's first round)."""
         if cost0:
-            cost = {k: cost[k] + cost0[k] if k != "train_loss" else cost[k] for k in cost}
+            cost = {k: cost[k] + cost0[k] if k not in ("train_loss", "packed_seeds") else cost[k] for k in cost}
         # n_classes: the chance error bounds what `fit` may call the error at maximal pruning
         metrics = {**self.trainer.evaluate(), **cost, "n_classes": float(self.data.n_classes)}
         if self.validation is not None:
             from flowscan.train.lmc import evaluate
 
             metrics["validation_error"], metrics["validation_loss"] = evaluate(self.model, self.validation)
-        return metrics, made
+        return metrics
 
     def prune(self, weights: dict[str, np.ndarray], masks: dict[str, torch.Tensor],
               fraction: float) -> dict[str, torch.Tensor]:
@@ -196,6 +192,31 @@ class Session:
 
     def density(self, masks) -> float:
         return sum(int(m.sum()) for m in masks.values()) / self.original
+
+
+# train(start, stop, masks per session, data-order seed per session, bar) -> cost per session
+TrainSteps = Callable[[int, int, list, list, object], list]
+
+
+def train_rounds(sessions: list[Session], masks: list[dict[str, torch.Tensor]],
+                 rewinds: list[dict[str, np.ndarray] | None], train: TrainSteps,
+                 bar=None) -> list[tuple[dict, dict[str, np.ndarray] | None]]:
+    """One round of each session (same configuration, same round), trained by `train`: alone or
+    packed. Returns each session's (metrics, rewind state made: its first round only)."""
+    first = sessions[0]
+    # one data order per seed for every round, as open_lth does per replicate: rounds then
+    # differ by their masks only, not by SGD noise
+    round_seeds = [s.seed * 100_003 for s in sessions]
+    made, cost0 = [None] * len(sessions), [None] * len(sessions)
+    if rewinds[0] is None:
+        if first.start > 0:
+            cost0 = train(0, first.start, [s.dense_masks() for s in sessions], round_seeds, bar)
+        made = [numpy_state(s.model) for s in sessions]
+    else:
+        for session, rewind in zip(sessions, rewinds):
+            session.load(rewind)
+    costs = train(first.start, first.total, masks, [r + 1 for r in round_seeds], bar)
+    return [(s.round_metrics(cost, c0), m) for s, cost, c0, m in zip(sessions, costs, cost0, made)]
 
 
 VALIDATION_FRACTION = 0.1
@@ -278,69 +299,152 @@ def _decision_error(metrics: dict) -> float:
     return metrics["validation_error"] if "validation_error" in metrics else 1 - metrics["test_accuracy"]
 
 
+class SeedRun:
+    """One seed's run folder through its rounds: what the next round trains under (`masks`,
+    `rewind`), and, once it is trained, what is written and what the round after it prunes
+    (`record`). The training itself is the caller's: one seed at a time (`run_seed`) or the
+    seeds of a round together (`run_seeds_packed`)."""
+
+    def __init__(self, cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.device,
+                 compile: bool = True):
+        run.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.seed, self.run = cfg, seed, run
+        self.continued = check_or_write_manifest(run, cfg.manifest_args(seed))
+        self.session = session = Session(cfg, seed, data, device, compile)
+        done = layout.complete_rounds(run)
+        if [i for i, _ in done] != list(range(len(done))):
+            raise FlowscanError(f"{run}: complete rounds are not 0..n-1 ({[i for i, _ in done]}); cannot resume")
+        self.start = starting_point(cfg, session) if (cfg.mask_from or cfg.init_from) and not done else Start()
+        self.masks, self.rewind = (self.start.masks or session.dense_masks()), self.start.rewind
+        self.previous, self.previous_masks = None, None
+        self.fraction, self.dense_error = cfg.prune_fraction, None
+        self.next_round, self.stopped, self.reports = len(done), False, []
+        if self.rewind is not None:
+            _save_rewind(run, self.rewind, session.start)
+        if done:  # resume: rewind weights, and the mask that follows the last complete round
+            self.rewind = load_file(str(run / REWIND_FILE))
+            last = done[-1][1]
+            info = layout.read_json(last / layout.ROUND_MANIFEST)
+            if cfg.target_density is not None and info["density"] <= cfg.target_density:
+                self.stopped = True
+                return
+            self.previous = load_file(str(last / layout.WEIGHTS))
+            self.previous_masks = {k: torch.from_numpy(v).bool()
+                                   for k, v in load_file(str(last / layout.MASKS)).items()}
+            self.fraction = info.get("prune_fraction_next", cfg.prune_fraction)
+            self.dense_error = _decision_error(layout.read_json(done[0][1] / layout.ROUND_MANIFEST)["metrics"])
+            self.masks = session.prune(self.previous, self.previous_masks, self.fraction)
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped or self.next_round >= self.cfg.rounds
+
+    def bar(self, progress):
+        first = 0 if self.next_round == 0 else self.session.start
+        return progress(f"seed {self.seed} round {self.next_round}", first, self.session.total,
+                        self.session.per_epoch) if progress else None
+
+    def record(self, metrics: dict, made: dict[str, np.ndarray] | None, began: float, bar=None) -> RoundReport:
+        """Round `next_round` has been trained into the session's model: gate it (adaptive), write it,
+        and prune the mask of the round after it."""
+        cfg, session, n = self.cfg, self.session, self.next_round
+        if made is not None:
+            self.rewind = made
+            _save_rewind(self.run, made, session.start)
+        if n > 0:
+            metrics["pruned_fraction"] = self.fraction
+        if cfg.schedule == "adaptive" and n > 0:
+            self.masks, metrics, self.fraction = _adaptive_round(
+                session, n, self.previous, self.previous_masks, self.masks, metrics, self.fraction,
+                self.dense_error, self.rewind, bar)
+        weights = numpy_state(session.model)
+        self.dense_error = _decision_error(metrics) if self.dense_error is None else self.dense_error
+        density = session.density(self.masks)
+        info = {"density": density, "metrics": metrics, "prune_fraction_next": self.fraction,
+                "wall_seconds": time.perf_counter() - began}
+        if n == 0 and self.start.notes:
+            info["start"] = self.start.notes
+        layout.write_round(self.run, n, weights,
+                           {k: v.cpu().numpy().astype(np.uint8) for k, v in self.masks.items()}, info)
+        shown = {**metrics, "prune_fraction_next": self.fraction} if cfg.schedule == "adaptive" else metrics
+        notes = ((self.start.notes if n == 0 else [])
+                 + ([self.continued] if self.continued and not self.reports else []))
+        report = RoundReport(self.seed, n, density, shown, notes)
+        self.reports.append(report)
+        self.next_round += 1
+        if cfg.target_density is not None and density <= cfg.target_density:
+            self.stopped = True
+        else:
+            self.previous, self.previous_masks = weights, self.masks
+            self.masks = session.prune(weights, self.masks, self.fraction)
+        return report
+
+
 def run_seed(cfg: IMPConfig, seed: int, run: Path, data: Dataset, device: torch.device, compile: bool = True,
              on_round: Callable[[RoundReport], None] | None = None,
              progress: Callable[[str, int, int, int], Callable[[int], None]] | None = None) -> list[RoundReport]:
     """All rounds of one seed into `run` (resuming after its last complete round).
 
     `progress(label, first_step, total_steps, steps_per_epoch)` returns a per-step callback."""
-    run.mkdir(parents=True, exist_ok=True)
-    continued = check_or_write_manifest(run, cfg.manifest_args(seed))
-    session = Session(cfg, seed, data, device, compile)
-    done = layout.complete_rounds(run)
-    if [i for i, _ in done] != list(range(len(done))):
-        raise FlowscanError(f"{run}: complete rounds are not 0..n-1 ({[i for i, _ in done]}); cannot resume")
-    start = starting_point(cfg, session) if (cfg.mask_from or cfg.init_from) and not done else Start()
-    masks, rewind = (start.masks or session.dense_masks()), start.rewind
-    previous, previous_masks = None, None
-    fraction, dense_error = cfg.prune_fraction, None
-    if rewind is not None:
-        _save_rewind(run, rewind, session.start)
-    if done:  # resume: rewind weights, and the mask that follows the last complete round
-        rewind = load_file(str(run / REWIND_FILE))
-        last = done[-1][1]
-        info = layout.read_json(last / layout.ROUND_MANIFEST)
-        if cfg.target_density is not None and info["density"] <= cfg.target_density:
-            return []
-        previous = load_file(str(last / layout.WEIGHTS))
-        previous_masks = {k: torch.from_numpy(v).bool() for k, v in load_file(str(last / layout.MASKS)).items()}
-        fraction = info.get("prune_fraction_next", cfg.prune_fraction)
-        dense_error = _decision_error(layout.read_json(done[0][1] / layout.ROUND_MANIFEST)["metrics"])
-        masks = session.prune(previous, previous_masks, fraction)
+    return _rounds_alone(SeedRun(cfg, seed, run, data, device, compile), on_round, progress)
 
-    reports = []
-    for n in range(len(done), cfg.rounds):
+
+def _rounds_alone(seed_run: SeedRun, on_round, progress) -> list[RoundReport]:
+    while not seed_run.finished:
         began = time.perf_counter()
-        first = 0 if n == 0 else session.start
-        bar = progress(f"seed {seed} round {n}", first, session.total, session.per_epoch) if progress else None
-        metrics, made = session.train_round(masks, rewind, bar)
-        if made is not None:
-            rewind = made
-            _save_rewind(run, rewind, session.start)
-        if n > 0:
-            metrics["pruned_fraction"] = fraction
-        if cfg.schedule == "adaptive" and n > 0:
-            masks, metrics, fraction = _adaptive_round(session, n, previous, previous_masks, masks, metrics,
-                                                      fraction, dense_error, rewind, bar)
-        weights = numpy_state(session.model)
-        dense_error = _decision_error(metrics) if dense_error is None else dense_error
-        density = session.density(masks)
-        info = {"density": density, "metrics": metrics, "prune_fraction_next": fraction,
-                "wall_seconds": time.perf_counter() - began}
-        if n == 0 and start.notes:
-            info["start"] = start.notes
-        layout.write_round(run, n, weights, {k: v.cpu().numpy().astype(np.uint8) for k, v in masks.items()}, info)
-        shown = {**metrics, "prune_fraction_next": fraction} if cfg.schedule == "adaptive" else metrics
-        notes = (start.notes if n == 0 else []) + ([continued] if continued and not reports else [])
-        report = RoundReport(seed, n, density, shown, notes)
-        reports.append(report)
+        bar = seed_run.bar(progress)
+        metrics, made = seed_run.session.train_round(seed_run.masks, seed_run.rewind, bar)
+        report = seed_run.record(metrics, made, began, bar)
         if on_round:
             on_round(report)
-        if cfg.target_density is not None and density <= cfg.target_density:
+    return seed_run.reports
+
+
+def run_seeds_packed(cfg: IMPConfig, seeds: list[int], runs: list[Path], data: Dataset, device: torch.device,
+                     compile: bool = True, on_round: Callable[[RoundReport], None] | None = None,
+                     progress=None, note: Callable[[str], None] | None = None) -> list[RoundReport]:
+    """The seeds' runs with the seeds of each round trained together in one packed model
+    (flowscan/train/packed.py); each run's folder, rounds and resume behaviour are those of
+    `run_seed`. Seeds resumed at different rounds catch up round by round. Models that do not
+    pack, and the adaptive schedule (its retries differ per seed), train one at a time;
+    `note` is told which was done, before the first round."""
+    from flowscan.train.packed import try_pack
+
+    seed_runs = [SeedRun(cfg, seed, run, data, device, compile) for seed, run in zip(seeds, runs)]
+    trainer, how = None, "seeds trained one at a time: the adaptive schedule's retries differ per seed"
+    if cfg.schedule != "adaptive":
+        trainer, how = try_pack([r.session.model for r in seed_runs], [r.masks for r in seed_runs],
+                                seed_runs[0].session.data, seed_runs[0].session.trainer.cfg, device)
+    if note:
+        note(how)
+    if trainer is None:
+        return [report for r in seed_runs for report in _rounds_alone(r, on_round, progress)]
+    trainers = {len(seed_runs): trainer}
+    while True:
+        live = [r for r in seed_runs if not r.finished]
+        if not live:
             break
-        previous, previous_masks = weights, masks
-        masks = session.prune(weights, masks, fraction)
-    return reports
+        n = min(r.next_round for r in live)
+        group = [r for r in live if r.next_round == n]
+        if len(group) not in trainers:   # seeds resumed at other rounds: a packing of this size
+            trainers[len(group)], _ = try_pack([r.session.model for r in group], [r.masks for r in group],
+                                               group[0].session.data, group[0].session.trainer.cfg, device)
+        trainer = trainers[len(group)]
+        trainer.models = [r.session.model for r in group]
+        began = time.perf_counter()
+
+        def together(start, stop, masks, data_seeds, bar):
+            trainer.set_seed_masks(masks)
+            return trainer.train_seeds(start, stop, data_seeds, bar)
+
+        bar = group[0].bar(progress)
+        results = train_rounds([r.session for r in group], [r.masks for r in group], [r.rewind for r in group],
+                               together, bar)
+        for seed_run, (metrics, made) in zip(group, results):
+            report = seed_run.record(metrics, made, began)
+            if on_round:
+                on_round(report)
+    return [report for r in seed_runs for report in r.reports]
 
 
 def _adaptive_round(session: Session, n: int, previous, previous_masks, masks, metrics, fraction: float,

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from flowscan.produce.imp import IMPConfig, RoundReport, run_seed
+from flowscan.produce.imp import IMPConfig, RoundReport, run_seed, run_seeds_packed
 from flowscan.train.data import load
 from flowscan.train.trainer import resolve_device
 
@@ -78,11 +78,20 @@ def check_model_and_data(cfg: IMPConfig, data) -> None:
 
 def produce(cfg: IMPConfig, seeds: Sequence[int], out: Path, device: str = "auto", parallel: int = 1,
             compile: bool = True, on_round: Callable[[RoundReport], None] | None = None,
-            progress=None) -> list[RoundReport]:
+            progress=None, pack: bool | None = None, note: Callable[[str], None] | None = None) -> list[RoundReport]:
+    """Every seed's run under `out`. `pack`: train the seeds of each round together in one model
+    (default: on a GPU with several seeds); else `parallel` processes, or one seed after another."""
     out = Path(out)
     data = load(cfg.data)
     check_model_and_data(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
+    on_gpu = resolve_device(device).type == "cuda"
+    if pack is None:
+        pack = on_gpu and len(seeds) > 1
+    if pack and len(seeds) > 1:
+        data = data.to(resolve_device(device))
+        return run_seeds_packed(cfg, list(seeds), [seed_folder(out, s) for s in seeds], data,
+                                resolve_device(device), compile, on_round, progress, note)
     if parallel <= 1 or len(seeds) <= 1:
         data = data.to(resolve_device(device))
         reports = []

@@ -91,44 +91,62 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             return F.cross_entropy(self.forward(self._inputs(x)), y)
 
-    def train(self, start: int, stop: int, seed: int, progress: Callable[[int], None] | None = None) -> dict:
-        """Steps start..stop-1 of the schedule; returns cost and the mean training loss."""
-        self.model.train()
-        opt = self._optimizer()
+    def _batches(self, seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches of one data order: shuffled per epoch by a CPU generator seeded
+        with `seed` (reproducible), augmented on the device with the same generator."""
         generator = torch.Generator().manual_seed(seed)
         x_all, y_all = self.data.x_train, self.data.y_train
         n = len(y_all)
         batch = min(self.cfg.batch_size, n)
         order, cursor = None, n
-        losses = []
-        if self.cuda:
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        for step in range(start, stop):
-            if cursor + batch > n:  # a new epoch: reshuffle (on the CPU generator: reproducible)
+
+        def next_batch():
+            nonlocal order, cursor
+            if cursor + batch > n:  # a new epoch: reshuffle
                 order, cursor = torch.randperm(n, generator=generator).to(x_all.device), 0
             idx = order[cursor: cursor + batch]
             cursor += batch
             x, y = x_all[idx], y_all[idx]
             if self.cfg.augment and self.data.kind == "image":
                 x = random_crop_flip(x, generator)
+            return x, y
+        return next_batch
+
+    def _losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss to minimise (a scalar here; one per model when packed)."""
+        return self._step_loss(x, y)
+
+    def _run_steps(self, start: int, stop: int, next_batch, progress) -> tuple[torch.Tensor | None, float]:
+        """Steps start..stop-1 of the schedule: (the recorded losses stacked, seconds)."""
+        self.model.train()
+        opt = self._optimizer()
+        losses = []
+        if self.cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for step in range(start, stop):
+            x, y = next_batch()
             for group in opt.param_groups:
                 group["lr"] = self.cfg.lr_at(step)
-            loss = self._step_loss(x, y)
+            each = self._losses(x, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            each.sum().backward()
             opt.step()
             self.apply_masks()
             if step % 50 == 0 or step == stop - 1:
-                losses.append(loss.detach().float().clone())  # CUDA graph outputs are reused
+                losses.append(each.detach().float().clone())  # CUDA graph outputs are reused
             if progress:
                 progress(1)
         if self.cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - began
-        train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        return (torch.stack(losses) if losses else None), time.perf_counter() - began
+
+    def train(self, start: int, stop: int, seed: int, progress: Callable[[int], None] | None = None) -> dict:
+        """Steps start..stop-1 of the schedule; returns cost and the mean training loss."""
+        losses, seconds = self._run_steps(start, stop, self._batches(seed), progress)
+        batch = min(self.cfg.batch_size, len(self.data.y_train))
         return {"train_steps": stop - start, "train_seconds": seconds, "train_images": (stop - start) * batch,
-                "train_loss": train_loss}
+                "train_loss": float(losses.mean()) if losses is not None else float("nan")}
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 1000) -> dict:
