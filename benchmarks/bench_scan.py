@@ -24,6 +24,9 @@ builds 5,000 small checkpoint files (1,000 runs x 5 rounds of a small MLP, safet
 prune-style) and times `flowscan inspect` over them (headers only), in checkpoints per second.
 
     python benchmarks/bench_scan.py --inner-loop    # the chunk reduction against numexpr, numba
+    python benchmarks/bench_scan.py --kernels --scale 0.25 --rounds 4
+        # the fused kernel (flowscan/_fused.c) against the numpy path (FLOWSCAN_KERNEL=numpy) for
+        # every weight x mask dtype pair, as fractions of a plain read; and the CLI's start-up
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -172,13 +176,14 @@ def drop_page_cache() -> bool:
         return False
 
 
-def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 5, cold: bool = False) -> dict:
+def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 5, cold: bool = False,
+            env: dict | None = None) -> dict:
     best = None
     for _ in range(repeat):
         if cold:
             drop_page_cache()
         out = subprocess.run([sys.executable, __file__, "--child", method, "--folder", str(folder), "--jobs", str(jobs)],
-                             check=True, capture_output=True, text=True).stdout
+                             check=True, capture_output=True, text=True, env=env).stdout
         result = json.loads(out.strip().splitlines()[-1])
         best = result if best is None or result["seconds"] < best["seconds"] else best
     return best
@@ -302,6 +307,61 @@ def many(data: Path, n_files: int, jobs: int) -> None:
               flush=True)
 
 
+KERNEL_PAIRS = [("float32", "uint8"), ("float32", "bool"), ("float32", "float32"), ("float32", None),
+                ("float16", "uint8"), ("float16", "float16"), ("bfloat16", "uint8"), ("bfloat16", "bfloat16"),
+                ("float64", "uint8")]
+
+
+def build_pair(folder: Path, wdtype: str, mdtype: str | None, rounds: int, scale: float) -> None:
+    """Per-round safetensors of ResNet-50 shapes in one weight x mask dtype pair."""
+    import torch
+    from safetensors.torch import save_file
+
+    marker = folder / "built.json"
+    if marker.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n in range(rounds):
+        tensors = {}
+        for k, shape in resnet50_shapes(scale).items():
+            tensors[k] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(getattr(torch, wdtype))
+            if mdtype:
+                keep = torch.from_numpy(rng.random(shape) < 0.8 ** n)
+                tensors[f"{k}_mask"] = keep if mdtype == "bool" else keep.to(getattr(torch, mdtype))
+        save_file(tensors, str(folder / f"round_{n}.safetensors"))
+    marker.write_text("{}")
+
+
+def kernels(data: Path, rounds: int, scale: float, cores: int) -> None:
+    """Warm throughput of the fused kernel and of the numpy path for every dtype pair, as a
+    fraction of a plain read of the same files; then the CLI's start-up on a small fixture."""
+    import os
+
+    numpy_env = {**os.environ, "FLOWSCAN_KERNEL": "numpy"}
+    print(f"{'weight x mask':<22} {'GB':>6} {'plain GB/s':>10} {'kernel':>14} {'numpy':>14}   (GB/s, x plain read; -j{cores})")
+    for wdtype, mdtype in KERNEL_PAIRS:
+        folder = data / f"pairs-r{rounds}-s{scale}" / f"{wdtype}-{mdtype or 'none'}"
+        build_pair(folder, wdtype, mdtype, rounds, scale)
+        size = archive_bytes(folder)
+        method_plain_read(folder)
+        plain = size / 1e9 / measure("plain-read", folder, 1, repeat=3)["seconds"]
+        fused = size / 1e9 / measure("flowscan", folder, cores, repeat=3)["seconds"]
+        slow = size / 1e9 / measure("flowscan", folder, cores, repeat=3, env=numpy_env)["seconds"]
+        print(f"{wdtype + ' x ' + str(mdtype):<22} {size / 1e9:>6.2f} {plain:>10.2f} {fused:>7.2f} {fused / plain:>5.2f}x "
+              f"{slow:>7.2f} {slow / plain:>5.2f}x", flush=True)
+    fixture = REPO / "fixtures" / "closed-form"
+    with tempfile.TemporaryDirectory() as out:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "flowscan", "analyze", str(fixture), "-o", out, "-q", "--no-cache"],
+                           check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    print(f"CLI start-up: flowscan analyze fixtures/closed-form: {min(times):.2f} s (best of 5, median "
+          f"{sorted(times)[2]:.2f} s)")
+
+
 def method_plain_read_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -320,6 +380,8 @@ def main() -> None:
     parser.add_argument("--many", type=int, metavar="N", help="time analyze, analyze --no-verify and inspect of N small checkpoint files "
                              "beside the naive torch.load loop instead")
     parser.add_argument("--inner-loop", action="store_true", help="time the chunk reduction against candidates")
+    parser.add_argument("--kernels", action="store_true",
+                        help="the fused kernel against the numpy path for every dtype pair, and the CLI start-up")
     parser.add_argument("--cores", type=int, default=None, help="jobs for the all-cores runs (default: all)")
     args = parser.parse_args()
     if args.child:
@@ -333,6 +395,9 @@ def main() -> None:
         return
     if args.inner_loop:
         inner_loop()
+        return
+    if args.kernels:
+        kernels(args.data, args.rounds, args.scale, cores)
         return
     data = args.data / f"r{args.rounds}-s{args.scale}"
     build(data, args.rounds, args.scale)

@@ -8,17 +8,42 @@ are applied afterwards, so results can be cached per round and regrouped without
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import Checksum, ChunkedArray
+from flowscan.io.arrays import BFLOAT16, Checksum, ChunkedArray, StoredArray, widen_bfloat16
 from flowscan.readers import names, registry
 from flowscan.readers.base import NameOptions, Round, TensorRef
 
 CHUNK = 1 << 18  # elements; 1 MiB float32 buffers stay in cache (measured fastest)
+
+# The fused kernel (flowscan/_fused.c): one pass per chunk instead of numpy's six. Optional: it is
+# compiled at install when a C compiler is there; FLOWSCAN_KERNEL=numpy turns it off. The numpy
+# path stays the reference: chunks of other dtypes, non-contiguous views, and every chunk the
+# kernel flags (a mask value other than 0/1, a non-finite weight) are reduced by numpy, so the
+# rules and messages are numpy's alone.
+try:
+    from flowscan import _fused as KERNEL
+except ImportError:   # no compiler at install time
+    KERNEL = None
+if os.environ.get("FLOWSCAN_KERNEL", "").lower() == "numpy":
+    KERNEL = None
+_WEIGHT_CODES = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8", np.dtype(np.float16): "f2"}
+_MASK_CODES = {np.dtype(np.uint8): "u1", np.dtype(np.bool_): "b1", np.dtype(np.float32): "f4",
+               np.dtype(np.float64): "f8", np.dtype(np.float16): "f2"}
+
+
+def kernel_status() -> str:
+    """Which reduction is in use, for `flowscan formats` and the README's promise."""
+    if KERNEL is not None:
+        return "compiled (flowscan._fused: one fused pass per chunk; AVX2 where the CPU has it)"
+    why = ("FLOWSCAN_KERNEL=numpy" if os.environ.get("FLOWSCAN_KERNEL", "").lower() == "numpy"
+           else "not compiled at install (no C compiler?)")
+    return f"numpy ({why}); reinstall with a C compiler for the fused kernel"
 
 
 @dataclass(frozen=True)
@@ -100,10 +125,12 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     With `verify`, zip members are CRC-checked on the way (`Checksum`), chunk by chunk with the
     reduction, while their bytes are in cache."""
     buffers = buffers or _Buffers()
-    weight = _flat(ref.weight)
+    # bfloat16 reaches the kernel as stored (uint16), widened in its registers, not in a copy
+    raw_bf16 = KERNEL is not None and isinstance(ref.weight, StoredArray) and ref.weight.dtype == BFLOAT16
+    weight = _flat(ref.weight.stored() if raw_bf16 else ref.weight)
     if weight.dtype.kind not in "fiubc":
         raise ScanError(ref.path, f"weight has non-numeric dtype {weight.dtype}", tensor=ref.name)
-    acc = _accumulator(weight.dtype)
+    acc = _accumulator(np.dtype(np.float32) if raw_bf16 else weight.dtype)
     mask = _flat(ref.mask) if ref.mask is not None else None
     if mask is not None and mask.dtype.kind not in "fiub":
         raise ScanError(ref.mask_path or ref.path, f"mask has non-numeric dtype {mask.dtype}", tensor=ref.name)
@@ -114,7 +141,7 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     bits = np.empty((n + 7) // 8, dtype=np.uint8) if mask is not None else None
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums are reported below
         abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, acc, buffers, checks,
-                                                              track_zeros, bits)
+                                                              track_zeros, bits, raw_bf16)
     if not math.isfinite(abs_sum):
         raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
     if bits is not None and n % 8:  # the last byte's padding bits count as pruned
@@ -140,20 +167,37 @@ def dtype_kind(array: Any) -> str:
         return "f" if str(dtype) == "bfloat16" else "?"
 
 
-def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits):
+def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, raw_bf16=False):
     """The chunked pass of `reduce_tensor`: (sum |m*w|, ones in the mask, nonzeros, packed bits)."""
     n = weight.size
     abs_sum, n_unpruned, n_nonzero = 0.0, 0, 0
+    codes = _kernel_codes(weight, mask, raw_bf16)
     for start in range(0, n, CHUNK):  # CHUNK is a multiple of 8: packed chunks concatenate
         stop = min(start + CHUNK, n)
-        buf = buffers.get(acc, stop - start)
-        if weight.dtype.kind in "iu":  # widen first: |INT_MIN| does not fit its own type
-            np.copyto(buf, weight[start:stop], casting="unsafe")
-            np.abs(buf, out=buf)
-        else:
-            np.abs(weight[start:stop], out=buf, casting="unsafe")
         for check in checks:
             check.update(start, stop)
+        w = weight[start:stop]
+        m = mask[start:stop] if mask is not None else None
+        if codes is not None:
+            fused = _fused_chunk(w, m, codes, bits, start, stop, track_zeros)
+            if fused is not None:
+                chunk_sum, ones, nonzero, zeros_bits = fused
+                abs_sum += chunk_sum
+                n_unpruned += ones
+                n_nonzero += nonzero
+                if zeros_bits is not None:
+                    if bits is None:  # the first zeros: every earlier entry was nonzero
+                        bits = np.full((n + 7) // 8, 0xFF, dtype=np.uint8)
+                    bits[start // 8:(stop + 7) // 8] = zeros_bits
+                continue
+        if raw_bf16:
+            w = widen_bfloat16(w)
+        buf = buffers.get(acc, stop - start)
+        if w.dtype.kind in "iu":  # widen first: |INT_MIN| does not fit its own type
+            np.copyto(buf, w, casting="unsafe")
+            np.abs(buf, out=buf)
+        else:
+            np.abs(w, out=buf, casting="unsafe")
         if mask is None:
             nonzero = np.count_nonzero(buf)  # only needed when masks are inferred from zeros
             n_nonzero += nonzero
@@ -162,7 +206,6 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits):
                     bits = np.full((n + 7) // 8, 0xFF, dtype=np.uint8)
                 bits[start // 8:(stop + 7) // 8] = np.packbits(buf != 0)
         else:
-            m = mask[start:stop]
             ones, as_bool = _ones(m, ref, buffers)
             n_unpruned += ones
             bits[start // 8:(stop + 7) // 8] = np.packbits(as_bool)
@@ -171,6 +214,29 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits):
     for check in checks:
         check.finish()
     return abs_sum, n_unpruned, n_nonzero, bits
+
+
+def _kernel_codes(weight, mask, raw_bf16: bool) -> tuple[str, str] | None:
+    """The kernel's dtype codes for this weight and mask, or None (numpy reduces it)."""
+    if KERNEL is None:
+        return None
+    wcode = "bf16" if raw_bf16 else _WEIGHT_CODES.get(weight.dtype)
+    mcode = "" if mask is None else _MASK_CODES.get(mask.dtype)
+    return None if wcode is None or mcode is None else (wcode, mcode)
+
+
+def _fused_chunk(w, m, codes, bits, start, stop, track_zeros):
+    """(sum, ones, nonzeros, packed nonzeros when some are zero) of one chunk by the kernel, or None
+    when numpy must reduce it (a view the kernel cannot take, or a chunk it flags)."""
+    if not (w.flags.c_contiguous and (m is None or m.flags.c_contiguous)):
+        return None
+    out = bits[start // 8:(stop + 7) // 8] if m is not None else (
+        np.empty((stop - start + 7) // 8, dtype=np.uint8) if track_zeros else None)
+    chunk_sum, ones, nonzero, status = KERNEL.reduce_chunk(w, codes[0], m, codes[1], out)
+    if status:
+        return None
+    zeros_bits = out if m is None and track_zeros and nonzero < stop - start else None
+    return chunk_sum, ones, (nonzero if m is None else 0), zeros_bits
 
 
 def _ones(m: np.ndarray, ref: TensorRef, buffers: _Buffers) -> tuple[int, np.ndarray]:

@@ -45,6 +45,7 @@ def formats(app) -> None:
     from flowscan.blocks import PRESETS
     from flowscan.io.location import store_status
     from flowscan.readers import registry
+    from flowscan.reduce import kernel_status
 
     readers = {r.name: (r.description, reader_status(r)) for r in registry.all_readers()}
     lines = ["formats (auto-detected in this order; force one with --format):"]
@@ -53,9 +54,11 @@ def formats(app) -> None:
     lines += [f"  {scheme:<14} {status}" for scheme, status in store_status().items()]
     lines.append("block presets (--blocks NAME):")
     lines += [f"  {preset.name:<22} {preset.description}" for preset in PRESETS.values()]
+    lines.append(f"reduction: {kernel_status()}")
     app.result("\n".join(lines))
     app.data({"formats": {name: {"description": d, "status": st} for name, (d, st) in readers.items()},
-              "stores": store_status(), "presets": {p.name: p.description for p in PRESETS.values()}})
+              "stores": store_status(), "presets": {p.name: p.description for p in PRESETS.values()},
+              "reduction": kernel_status()})
 
 
 def reader_status(reader) -> str:

@@ -65,6 +65,13 @@ def itemsize(dtype: object) -> int:
         return size
 
 
+def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values stored as uint16 bits, as float32 (exact)."""
+    widened = np.empty(bits.shape, dtype=np.uint32)
+    np.left_shift(bits, 16, out=widened, dtype=np.uint32, casting="unsafe")
+    return widened.view(np.float32)   # stays an array for 0-d tensors too
+
+
 class StorageFile(Frozen):
     """The storages of one file: where each one's bytes are, and their checksums.
 
@@ -250,24 +257,25 @@ class StoredArray(Frozen):
         return (self.offset == 0 and self.stride == contiguous_strides(self.shape)
                 and self.size * itemsize(self.dtype) == st.file.region_size(st.key))
 
-    def __array__(self, dtype=None, copy=None):
+    def stored(self) -> np.ndarray:
+        """The view as stored, zero-copy and read-only: bfloat16 as its raw uint16 bits."""
         item = np.dtype(np.uint16 if self.dtype == BFLOAT16 else self.dtype)
         st = self.storage
         if self.size == 0:
-            arr = np.zeros(self.shape, dtype=item)
-        else:
-            count = st.nbytes // item.itemsize
-            base = st.file.raw(st.key, item, count)[self.offset:]
-            if self.stride == contiguous_strides(self.shape):   # the common case, without as_strided's cost
-                arr = base[:self.size].reshape(self.shape)
-                arr.flags.writeable = False
-            else:
-                arr = np.lib.stride_tricks.as_strided(
-                    base, self.shape, tuple(s * item.itemsize for s in self.stride), writeable=False)
+            return np.zeros(self.shape, dtype=item)
+        count = st.nbytes // item.itemsize
+        base = st.file.raw(st.key, item, count)[self.offset:]
+        if self.stride == contiguous_strides(self.shape):   # the common case, without as_strided's cost
+            arr = base[:self.size].reshape(self.shape)
+            arr.flags.writeable = False
+            return arr
+        return np.lib.stride_tricks.as_strided(
+            base, self.shape, tuple(s * item.itemsize for s in self.stride), writeable=False)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.stored()
         if self.dtype == BFLOAT16:
-            widened = np.empty(self.shape, dtype=np.uint32)
-            np.left_shift(arr, 16, out=widened, dtype=np.uint32, casting="unsafe")
-            arr = widened.view(np.float32)   # stays an array for 0-d tensors too
+            arr = widen_bfloat16(arr)
         return _as_requested(arr, dtype, copy)
 
     def release(self) -> None:

@@ -1,0 +1,159 @@
+"""The compiled kernel (flowscan/_fused.c) against the numpy reduction: every weight x mask dtype
+pair, sizes around the chunk and byte boundaries, NaN/inf kept and pruned, and every kind of
+invalid mask give identical counts, bits and messages, and sums within 1e-12 relative."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flowscan import reduce
+from flowscan.errors import ScanError
+from flowscan.io import safetensors_file
+from flowscan.readers.base import TensorRef
+
+pytestmark = pytest.mark.skipif(reduce.KERNEL is None, reason="the fused kernel is not compiled here")
+
+WEIGHTS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+MASKS = [None, torch.uint8, torch.bool, torch.float32, torch.float64, torch.float16]
+SIZES = [0, 1, 7, 8, 9, 63, 64, 65, 200]   # with a chunk of 64 elements: 0 to 4 chunks
+CASES = ["plain", "zeros", "nan_kept", "nan_pruned", "inf_pruned", "neg_zero_mask", "mask_2", "mask_half",
+         "mask_negative", "mask_nan", "bool_byte_2"]
+
+
+class Spy:
+    """The kernel, counting the chunks it reduced itself (status 0)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.reduced = kernel, 0
+
+    def reduce_chunk(self, *args):
+        result = self.kernel.reduce_chunk(*args)
+        self.reduced += result[3] == 0
+        return result
+
+
+def _case(size: int, case: str, wdtype, mdtype, rng) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    w = torch.from_numpy(rng.standard_normal(size) * 3).to(wdtype)
+    m = torch.from_numpy((rng.random(size) < 0.6).astype(np.uint8)) if mdtype is not None else None
+    at = min(size - 1, size // 2 + (size > 64) * 40)   # past the first chunk when there are several
+    if size == 0 and case != "plain":
+        return None
+    if case == "zeros":
+        w[::3] = 0
+    elif case in ("nan_kept", "nan_pruned", "inf_pruned"):
+        w[at] = float("nan") if case.startswith("nan") else float("inf")
+        if m is not None:
+            m[at] = 1 if case == "nan_kept" else 0
+    elif case == "neg_zero_mask":
+        if mdtype is None or not mdtype.is_floating_point:
+            return None
+        return w, torch.where(m.bool(), torch.tensor(1.0), torch.tensor(-0.0)).to(mdtype)
+    elif case.startswith("mask_"):
+        if mdtype is None or mdtype == torch.bool:
+            return None
+        if case != "mask_2" and not mdtype.is_floating_point:
+            return None
+        m = m.to(mdtype)
+        m[at] = {"mask_2": 2, "mask_half": 0.5, "mask_negative": -1, "mask_nan": float("nan")}[case]
+        return w, m
+    elif case == "bool_byte_2":
+        if mdtype != torch.bool:
+            return None
+        m[at] = 2
+        return w, m.view(torch.bool)   # a corrupt bool: byte 2
+    if m is not None:
+        m = m.view(torch.bool) if mdtype == torch.bool else m.to(mdtype)
+    return w, m
+
+
+def _reduce(ref: TensorRef, kernel):
+    saved = reduce.KERNEL
+    reduce.KERNEL = kernel
+    try:
+        sums, bits = reduce.reduce_tensor(ref)
+        return ("ok", sums, bits)
+    except ScanError as exc:
+        return ("error", str(exc), None)
+    finally:
+        reduce.KERNEL = saved
+
+
+@pytest.mark.parametrize("wdtype", WEIGHTS, ids=str)
+def test_kernel_and_numpy_agree_on_every_dtype_pair_and_bad_value(tmp_path, monkeypatch, wdtype):
+    monkeypatch.setattr(reduce, "CHUNK", 64)
+    rng = np.random.default_rng(7)
+    spy, compared, errors = Spy(reduce.KERNEL), 0, 0
+    for mdtype in MASKS:
+        tensors, cases = {}, []
+        for size in SIZES:
+            for case in CASES:
+                made = _case(size, case, wdtype, mdtype, rng)
+                if made is None:
+                    continue
+                key = f"{size}_{case}"
+                tensors[f"w{key}"] = made[0].reshape(-1, 1) if size % 2 == 0 and size else made[0]
+                if made[1] is not None:
+                    tensors[f"m{key}"] = made[1]
+                cases.append(key)
+        path = tmp_path / f"{str(mdtype).replace('torch.', '')}.safetensors"
+        save_file(tensors, str(path))
+        arrays, _ = safetensors_file.load(path)
+        for key in cases:
+            ref = TensorRef(key, arrays[f"w{key}"], arrays.get(f"m{key}"), path)
+            fused, plain = _reduce(ref, spy), _reduce(ref, None)
+            assert fused[0] == plain[0], (key, mdtype, fused, plain)
+            compared += 1
+            if fused[0] == "error":
+                assert fused[1] == plain[1]   # the same message, word for word
+                errors += 1
+                continue
+            a, b = fused[1], plain[1]
+            assert (a.n_params, a.masked, a.n_unpruned, a.n_nonzero, a.kind) == \
+                   (b.n_params, b.masked, b.n_unpruned, b.n_nonzero, b.kind), (key, mdtype)
+            assert a.abs_sum == pytest.approx(b.abs_sum, rel=1e-12, abs=0), (key, mdtype)
+            assert (fused[2] is None) == (plain[2] is None), (key, mdtype)
+            if fused[2] is not None:
+                assert np.array_equal(fused[2], plain[2]), (key, mdtype)
+    # the kernel did the work where it can; numpy only where a chunk holds something to report
+    assert spy.reduced > 0.6 * compared and errors > 0
+    # and every bad-value case was caught (a mask value or a non-finite weight in some chunk)
+    assert errors >= len([1 for m in MASKS for s in SIZES if s])   # at least nan_kept per size
+
+
+def test_kernel_reduces_real_sized_tensors_as_numpy_does(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 3 * reduce.CHUNK + 1001
+    tensors = {"w32": torch.from_numpy(rng.standard_normal(n).astype(np.float32)),
+               "wbf": torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(torch.bfloat16),
+               "wf16": torch.from_numpy(rng.standard_normal(n).astype(np.float16)),
+               "m8": torch.from_numpy((rng.random(n) < 0.2).astype(np.uint8)),
+               "mf": torch.from_numpy((rng.random(n) < 0.7).astype(np.float32))}
+    path = tmp_path / "big.safetensors"
+    save_file(tensors, str(path))
+    arrays, _ = safetensors_file.load(path)
+    for w in ("w32", "wbf", "wf16"):
+        for m in ("m8", "mf", None):
+            ref = TensorRef(w, arrays[w], arrays.get(m) if m else None, path)
+            fused, plain = _reduce(ref, reduce.KERNEL), _reduce(ref, None)
+            assert fused[1].n_unpruned == plain[1].n_unpruned
+            assert fused[1].abs_sum == pytest.approx(plain[1].abs_sum, rel=1e-12)
+            assert (fused[2] is None and plain[2] is None) or np.array_equal(fused[2], plain[2])
+            # and against a third computation: float64 sums of the stored values
+            values = tensors[w].double().numpy()
+            kept = tensors[m].double().numpy() if m else np.ones(n)
+            assert fused[1].abs_sum == pytest.approx(float(np.abs(values * kept).sum()), rel=1e-12)
+
+
+def test_kernel_can_be_turned_off_and_formats_says_which_path_runs():
+    env = {**os.environ, "FLOWSCAN_KERNEL": "numpy"}
+    off = subprocess.run([sys.executable, "-m", "flowscan", "formats"], env=env, capture_output=True, text=True)
+    on = subprocess.run([sys.executable, "-m", "flowscan", "formats"], capture_output=True, text=True)
+    assert "reduction: numpy (FLOWSCAN_KERNEL=numpy)" in off.stdout
+    assert "reduction: compiled (flowscan._fused" in on.stdout
