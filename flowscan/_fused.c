@@ -114,6 +114,7 @@ static ALWAYS_INLINE Sums fused(const void *w, const int wk, const void *m, cons
     const v4di inf = {0x7FF0000000000000LL, 0x7FF0000000000000LL, 0x7FF0000000000000LL, 0x7FF0000000000000LL};
     v4d sum_lo = {0, 0, 0, 0}, sum_hi = {0, 0, 0, 0};   /* 8 float64 lanes */
     v4di ones = {0, 0, 0, 0}, zeros = {0, 0, 0, 0}, bad = {0, 0, 0, 0};
+    uint64_t seen = 0, byte_ones = 0;   /* byte masks */
     /* the last n % 8 elements go through the same code from zero-padded copies */
     unsigned char wtail[64] = {0}, mtail[64] = {0};
     Py_ssize_t whole = n - n % 8, pad = n % 8 ? 8 - n % 8 : 0;
@@ -127,6 +128,19 @@ static ALWAYS_INLINE Sums fused(const void *w, const int wk, const void *m, cons
         }
         v4d lo = abs4(wp, wk, at), hi = abs4(wp, wk, at + 4);
         v4di keep_lo, keep_hi, zero_lo, zero_hi;
+        bad |= (as_v4di(lo) >= inf) | (as_v4di(hi) >= inf);
+        if (mk == M_BYTE) {   /* 8 mask bytes as one word: bits and count by multiplication */
+            uint64_t word;
+            memcpy(&word, (const uint8_t *)mp + at, 8);
+            seen |= word;   /* a byte above 1 anywhere: the mask is not 0/1 */
+            unsigned byte = (unsigned)((word * 0x8040201008040201ULL) >> 56);   /* byte j -> bit 7-j */
+            byte_ones += (word * 0x0101010101010101ULL) >> 56;                   /* the bytes' sum */
+            v4di spread = {byte, byte, byte, byte};
+            keep_lo = (spread & high) != 0, keep_hi = (spread & low) != 0;
+            sum_lo += as_v4d(as_v4di(lo) & keep_lo), sum_hi += as_v4d(as_v4di(hi) & keep_hi);
+            if (bits) bits[i / 8] = (uint8_t)byte;
+            continue;
+        }
         if (mk == M_NONE) {
             keep_lo = lo != 0.0, keep_hi = hi != 0.0;   /* NaN != 0: kept, as numpy counts it */
             sum_lo += lo, sum_hi += hi;
@@ -137,7 +151,6 @@ static ALWAYS_INLINE Sums fused(const void *w, const int wk, const void *m, cons
             zeros -= zero_lo + zero_hi;
         }
         ones -= keep_lo + keep_hi;
-        bad |= (as_v4di(lo) >= inf) | (as_v4di(hi) >= inf);
         if (bits) {
             v4di b = (keep_lo & high) | (keep_hi & low);
             bits[i / 8] = (uint8_t)(b[0] | b[1] | b[2] | b[3]);
@@ -147,6 +160,11 @@ static ALWAYS_INLINE Sums fused(const void *w, const int wk, const void *m, cons
     s.abs_sum = ((sum_lo[0] + sum_lo[1]) + (sum_lo[2] + sum_lo[3])) + ((sum_hi[0] + sum_hi[1]) + (sum_hi[2] + sum_hi[3]));
     int64_t kept = ones[0] + ones[1] + ones[2] + ones[3];
     int64_t zero = zeros[0] + zeros[1] + zeros[2] + zeros[3] - (mk == M_NONE ? 0 : pad);
+    if (mk == M_BYTE) {   /* every byte 0 or 1: the ones and zeros add up by construction */
+        kept = (int64_t)byte_ones;
+        zero = n - kept;
+        if (seen & 0xFEFEFEFEFEFEFEFEULL) s.status = 1;
+    }
     s.ones = mk == M_NONE ? 0 : kept;
     s.nonzero = kept;
     if (mk != M_NONE && kept + zero != n) s.status = 1;

@@ -339,9 +339,11 @@ class SeedRun:
     def finished(self) -> bool:
         return self.stopped or self.next_round >= self.cfg.rounds
 
-    def bar(self, progress):
+    def bar(self, progress, seeds: str | None = None):
+        """The progress bar of the next round (`seeds`: the label of seeds trained together)."""
         first = 0 if self.next_round == 0 else self.session.start
-        return progress(f"seed {self.seed} round {self.next_round}", first, self.session.total,
+        label = f"seeds {seeds}" if seeds else f"seed {self.seed}"
+        return progress(f"{label} round {self.next_round}", first, self.session.total,
                         self.session.per_epoch) if progress else None
 
     def record(self, metrics: dict, made: dict[str, np.ndarray] | None, began: float, bar=None) -> RoundReport:
@@ -437,7 +439,7 @@ def run_seeds_packed(cfg: IMPConfig, seeds: list[int], runs: list[Path], data: D
             trainer.set_seed_masks(masks)
             return trainer.train_seeds(start, stop, data_seeds, bar)
 
-        bar = group[0].bar(progress)
+        bar = group[0].bar(progress, seeds=", ".join(str(r.seed) for r in group))
         results = train_rounds([r.session for r in group], [r.masks for r in group], [r.rewind for r in group],
                                together, bar)
         for seed_run, (metrics, made) in zip(group, results):
