@@ -57,10 +57,9 @@ def _packed_module(module: nn.Module, seeds: int) -> nn.Module:
         if module.padding_mode != "zeros":
             raise NotPackable(f"Conv2d with padding_mode={module.padding_mode!r}")
         c = module
-        packed = nn.Conv2d(c.in_channels * seeds, c.out_channels * seeds, c.kernel_size, c.stride, c.padding,
-                           c.dilation, c.groups * seeds, c.bias is not None, device=c.weight.device,
-                           dtype=c.weight.dtype)
-        return packed
+        return nn.Conv2d(c.in_channels * seeds, c.out_channels * seeds, c.kernel_size, c.stride, c.padding,
+                         c.dilation, c.groups * seeds, c.bias is not None, device=c.weight.device,
+                         dtype=c.weight.dtype)
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
         b = module
         return type(b)(b.num_features * seeds, b.eps, b.momentum, b.affine, b.track_running_stats,

@@ -87,10 +87,6 @@ class Trainer:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _step_loss(self, x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            return F.cross_entropy(self.forward(self._inputs(x)), y)
-
     def _batches(self, seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """The training batches of one data order: shuffled per epoch by a CPU generator seeded
         with `seed` (reproducible), augmented on the device with the same generator."""
@@ -114,7 +110,8 @@ class Trainer:
 
     def _losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss to minimise (a scalar here; one per model when packed)."""
-        return self._step_loss(x, y)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            return F.cross_entropy(self.forward(self._inputs(x)), y)
 
     def _run_steps(self, start: int, stop: int, next_batch, progress) -> tuple[torch.Tensor | None, float]:
         """Steps start..stop-1 of the schedule: (the recorded losses stacked, seconds)."""
