@@ -26,11 +26,12 @@ CHUNK = 1 << 18  # elements; 1 MiB float32 buffers stay in cache (measured faste
 # path stays the reference: chunks of other dtypes, non-contiguous views, and every chunk the
 # kernel flags (a mask value other than 0/1, a non-finite weight) are reduced by numpy, so the
 # rules and messages are numpy's alone.
+_TURNED_OFF = os.environ.get("FLOWSCAN_KERNEL", "").lower() == "numpy"
 try:
     from flowscan import _fused as KERNEL
 except ImportError:   # no compiler at install time
     KERNEL = None
-if os.environ.get("FLOWSCAN_KERNEL", "").lower() == "numpy":
+if _TURNED_OFF:
     KERNEL = None
 _WEIGHT_CODES = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8", np.dtype(np.float16): "f2"}
 _MASK_CODES = {np.dtype(np.uint8): "u1", np.dtype(np.bool_): "b1", np.dtype(np.float32): "f4",
@@ -40,9 +41,9 @@ _MASK_CODES = {np.dtype(np.uint8): "u1", np.dtype(np.bool_): "b1", np.dtype(np.f
 def kernel_status() -> str:
     """Which reduction is in use, for `flowscan formats` and the README's promise."""
     if KERNEL is not None:
-        return "compiled (flowscan._fused: one fused pass per chunk; AVX2 where the CPU has it)"
-    why = ("FLOWSCAN_KERNEL=numpy" if os.environ.get("FLOWSCAN_KERNEL", "").lower() == "numpy"
-           else "not compiled at install (no C compiler?)")
+        return ("compiled (flowscan._fused: one fused pass per chunk; on x86-64 Linux an AVX2 build "
+                "where the CPU has it)")
+    why = "FLOWSCAN_KERNEL=numpy" if _TURNED_OFF else "not compiled at install (no C compiler?)"
     return f"numpy ({why}); reinstall with a C compiler for the fused kernel"
 
 
@@ -186,9 +187,7 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, r
                 n_unpruned += ones
                 n_nonzero += nonzero
                 if zeros_bits is not None:
-                    if bits is None:  # the first zeros: every earlier entry was nonzero
-                        bits = np.full((n + 7) // 8, 0xFF, dtype=np.uint8)
-                    bits[start // 8:(stop + 7) // 8] = zeros_bits
+                    bits = _with_zero_bits(bits, n, start, stop, zeros_bits)
                 continue
         if raw_bf16:
             w = widen_bfloat16(w)
@@ -202,9 +201,7 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, r
             nonzero = np.count_nonzero(buf)  # only needed when masks are inferred from zeros
             n_nonzero += nonzero
             if track_zeros and nonzero < stop - start:
-                if bits is None:  # the first zeros: every earlier entry was nonzero
-                    bits = np.full((n + 7) // 8, 0xFF, dtype=np.uint8)
-                bits[start // 8:(stop + 7) // 8] = np.packbits(buf != 0)
+                bits = _with_zero_bits(bits, n, start, stop, np.packbits(buf != 0))
         else:
             ones, as_bool = _ones(m, ref, buffers)
             n_unpruned += ones
@@ -214,6 +211,15 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, r
     for check in checks:
         check.finish()
     return abs_sum, n_unpruned, n_nonzero, bits
+
+
+def _with_zero_bits(bits, n: int, start: int, stop: int, packed: np.ndarray) -> np.ndarray:
+    """The nonzero bits of a weight without a mask, with a chunk holding zeros written in; they
+    are made at the first such chunk (every earlier entry was nonzero)."""
+    if bits is None:
+        bits = np.full((n + 7) // 8, 0xFF, dtype=np.uint8)
+    bits[start // 8:(stop + 7) // 8] = packed
+    return bits
 
 
 def _kernel_codes(weight, mask, raw_bf16: bool) -> tuple[str, str] | None:

@@ -85,18 +85,17 @@ def produce(cfg: IMPConfig, seeds: Sequence[int], out: Path, device: str = "auto
     data = load(cfg.data)
     check_model_and_data(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
-    on_gpu = resolve_device(device).type == "cuda"
+    torch_device = resolve_device(device)
     if pack is None:
-        pack = on_gpu and len(seeds) > 1
+        pack = torch_device.type == "cuda" and len(seeds) > 1
     if pack and len(seeds) > 1:
-        data = data.to(resolve_device(device))
-        return run_seeds_packed(cfg, list(seeds), [seed_folder(out, s) for s in seeds], data,
-                                resolve_device(device), compile, on_round, progress, note)
+        return run_seeds_packed(cfg, list(seeds), [seed_folder(out, s) for s in seeds], data.to(torch_device),
+                                torch_device, compile, on_round, progress, note)
     if parallel <= 1 or len(seeds) <= 1:
-        data = data.to(resolve_device(device))
+        data = data.to(torch_device)
         reports = []
         for seed in seeds:
-            reports += run_seed(cfg, seed, seed_folder(out, seed), data, resolve_device(device), compile,
+            reports += run_seed(cfg, seed, seed_folder(out, seed), data, torch_device, compile,
                                 on_round, progress)
         return reports
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
