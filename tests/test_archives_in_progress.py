@@ -3,6 +3,7 @@ packed masks, a run given as PATH. Never a silent answer, never a lost analysis.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -385,8 +386,10 @@ class Watcher:
             time.sleep(0.05)
 
     def rounds_written(self) -> set:
+        # one open and one read: polars reads a path in several opens, and the watcher may rename a
+        # new table over it between two of them (the tables are replaced atomically, not in place)
         path = self.out / "rounds.parquet"
-        return set(pl.read_parquet(path)["round"]) if path.exists() else set()
+        return set(pl.read_parquet(io.BytesIO(path.read_bytes()))["round"]) if path.exists() else set()
 
     def __enter__(self):
         return self
