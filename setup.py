@@ -8,4 +8,4 @@ import os
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("flowscan._fused", ["flowscan/_fused.c"], optional=True,
-                             extra_compile_args=["/O2"] if os.name == "nt" else ["-O3"])])
+                             extra_compile_args=["/O2"] if os.name == "nt" else ["-O3", "-Wno-psabi"])])

@@ -41,8 +41,8 @@ _MASK_CODES = {np.dtype(np.uint8): "u1", np.dtype(np.bool_): "b1", np.dtype(np.f
 def kernel_status() -> str:
     """Which reduction is in use, for `flowscan formats` and the README's promise."""
     if KERNEL is not None:
-        return ("compiled (flowscan._fused: one fused pass per chunk; on x86-64 Linux an AVX2 build "
-                "where the CPU has it)")
+        loop = {"avx2": "its AVX2 loop", "portable": "its portable loop (no AVX2 loop for this CPU)"}
+        return f"compiled (flowscan._fused: one fused pass per chunk, {loop.get(KERNEL.ISA, KERNEL.ISA)})"
     why = "FLOWSCAN_KERNEL=numpy" if _TURNED_OFF else "not compiled at install (no C compiler?)"
     return f"numpy ({why}); reinstall with a C compiler for the fused kernel"
 
@@ -127,12 +127,13 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     reduction, while their bytes are in cache."""
     buffers = buffers or _Buffers()
     # bfloat16 reaches the kernel as stored (uint16), widened in its registers, not in a copy
-    raw_bf16 = KERNEL is not None and isinstance(ref.weight, StoredArray) and ref.weight.dtype == BFLOAT16
+    raw_bf16 = _raw_bfloat16(ref.weight)
     weight = _flat(ref.weight.stored() if raw_bf16 else ref.weight)
     if weight.dtype.kind not in "fiubc":
         raise ScanError(ref.path, f"weight has non-numeric dtype {weight.dtype}", tensor=ref.name)
     acc = _accumulator(np.dtype(np.float32) if raw_bf16 else weight.dtype)
-    mask = _flat(ref.mask) if ref.mask is not None else None
+    raw_bf16_mask = _raw_bfloat16(ref.mask)
+    mask = None if ref.mask is None else _flat(ref.mask.stored() if raw_bf16_mask else ref.mask)
     if mask is not None and mask.dtype.kind not in "fiub":
         raise ScanError(ref.mask_path or ref.path, f"mask has non-numeric dtype {mask.dtype}", tensor=ref.name)
     checks = [c for c in (Checksum.for_array(ref.weight), Checksum.for_array(ref.mask))
@@ -142,7 +143,7 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     bits = np.empty((n + 7) // 8, dtype=np.uint8) if mask is not None else None
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums are reported below
         abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, acc, buffers, checks,
-                                                              track_zeros, bits, raw_bf16)
+                                                              track_zeros, bits, raw_bf16, raw_bf16_mask)
     if not math.isfinite(abs_sum):
         raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
     if bits is not None and n % 8:  # the last byte's padding bits count as pruned
@@ -157,6 +158,11 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     return sums, bits
 
 
+def _raw_bfloat16(array) -> bool:
+    """A stored bfloat16 array the kernel takes as its raw uint16 bits."""
+    return KERNEL is not None and isinstance(array, StoredArray) and array.dtype == BFLOAT16
+
+
 def dtype_kind(array: Any) -> str:
     """numpy's dtype kind of a (lazy) array; bfloat16 is floating point."""
     dtype = getattr(array, "dtype", None)
@@ -168,11 +174,13 @@ def dtype_kind(array: Any) -> str:
         return "f" if str(dtype) == "bfloat16" else "?"
 
 
-def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, raw_bf16=False):
-    """The chunked pass of `reduce_tensor`: (sum |m*w|, ones in the mask, nonzeros, packed bits)."""
+def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, raw_bf16=False,
+                   raw_bf16_mask=False):
+    """The chunked pass of `reduce_tensor`: (sum |m*w|, ones in the mask, nonzeros, packed bits).
+    `raw_bf16`/`raw_bf16_mask`: the weight/mask is bfloat16 as its raw bits (for the kernel)."""
     n = weight.size
     abs_sum, n_unpruned, n_nonzero = 0.0, 0, 0
-    codes = _kernel_codes(weight, mask, raw_bf16)
+    codes = _kernel_codes(weight, mask, raw_bf16, raw_bf16_mask)
     for start in range(0, n, CHUNK):  # CHUNK is a multiple of 8: packed chunks concatenate
         stop = min(start + CHUNK, n)
         for check in checks:
@@ -191,6 +199,8 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, r
                 continue
         if raw_bf16:
             w = widen_bfloat16(w)
+        if raw_bf16_mask:
+            m = widen_bfloat16(m)
         buf = buffers.get(acc, stop - start)
         if w.dtype.kind in "iu":  # widen first: |INT_MIN| does not fit its own type
             np.copyto(buf, w, casting="unsafe")
@@ -222,12 +232,12 @@ def _with_zero_bits(bits, n: int, start: int, stop: int, packed: np.ndarray) -> 
     return bits
 
 
-def _kernel_codes(weight, mask, raw_bf16: bool) -> tuple[str, str] | None:
+def _kernel_codes(weight, mask, raw_bf16: bool, raw_bf16_mask: bool) -> tuple[str, str] | None:
     """The kernel's dtype codes for this weight and mask, or None (numpy reduces it)."""
     if KERNEL is None:
         return None
     wcode = "bf16" if raw_bf16 else _WEIGHT_CODES.get(weight.dtype)
-    mcode = "" if mask is None else _MASK_CODES.get(mask.dtype)
+    mcode = "" if mask is None else "bf16" if raw_bf16_mask else _MASK_CODES.get(mask.dtype)
     return None if wcode is None or mcode is None else (wcode, mcode)
 
 

@@ -21,20 +21,23 @@ from flowscan.readers.base import TensorRef
 pytestmark = pytest.mark.skipif(reduce.KERNEL is None, reason="the fused kernel is not compiled here")
 
 WEIGHTS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-MASKS = [None, torch.uint8, torch.bool, torch.float32, torch.float64, torch.float16]
+MASKS = [None, torch.uint8, torch.bool, torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 7, 8, 9, 63, 64, 65, 200]   # with a chunk of 64 elements: 0 to 4 chunks
 CASES = ["plain", "zeros", "nan_kept", "nan_pruned", "inf_pruned", "neg_zero_mask", "mask_2", "mask_half",
          "mask_negative", "mask_nan", "bool_byte_2"]
 
 
-class Spy:
-    """The kernel, counting the chunks it reduced itself (status 0)."""
+ISAS = reduce.KERNEL.ISAS if reduce.KERNEL is not None else ()
 
-    def __init__(self, kernel):
-        self.kernel, self.reduced = kernel, 0
+
+class Spy:
+    """The kernel's loop for one instruction set, counting the chunks it reduced itself (status 0)."""
+
+    def __init__(self, kernel, isa: str):
+        self.kernel, self.isa, self.reduced = kernel, isa, 0
 
     def reduce_chunk(self, *args):
-        result = self.kernel.reduce_chunk(*args)
+        result = self.kernel.reduce_chunk(*args, self.isa)
         self.reduced += result[3] == 0
         return result
 
@@ -85,11 +88,12 @@ def _reduce(ref: TensorRef, kernel):
         reduce.KERNEL = saved
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wdtype", WEIGHTS, ids=str)
-def test_kernel_and_numpy_agree_on_every_dtype_pair_and_bad_value(tmp_path, monkeypatch, wdtype):
+def test_kernel_and_numpy_agree_on_every_dtype_pair_and_bad_value(tmp_path, monkeypatch, wdtype, isa):
     monkeypatch.setattr(reduce, "CHUNK", 64)
     rng = np.random.default_rng(7)
-    spy, compared, errors = Spy(reduce.KERNEL), 0, 0
+    spy, compared, errors = Spy(reduce.KERNEL, isa), 0, 0
     for mdtype in MASKS:
         tensors, cases = {}, []
         for size in SIZES:
@@ -127,7 +131,8 @@ def test_kernel_and_numpy_agree_on_every_dtype_pair_and_bad_value(tmp_path, monk
     assert errors >= len([1 for m in MASKS for s in SIZES if s])   # at least nan_kept per size
 
 
-def test_kernel_reduces_real_sized_tensors_as_numpy_does(tmp_path):
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_reduces_real_sized_tensors_as_numpy_does(tmp_path, isa):
     rng = np.random.default_rng(3)
     n = 3 * reduce.CHUNK + 1001
     tensors = {"w32": torch.from_numpy(rng.standard_normal(n).astype(np.float32)),
@@ -141,7 +146,7 @@ def test_kernel_reduces_real_sized_tensors_as_numpy_does(tmp_path):
     for w in ("w32", "wbf", "wf16"):
         for m in ("m8", "mf", None):
             ref = TensorRef(w, arrays[w], arrays.get(m) if m else None, path)
-            fused, plain = _reduce(ref, reduce.KERNEL), _reduce(ref, None)
+            fused, plain = _reduce(ref, Spy(reduce.KERNEL, isa)), _reduce(ref, None)
             assert fused[1].n_unpruned == plain[1].n_unpruned
             assert fused[1].abs_sum == pytest.approx(plain[1].abs_sum, rel=1e-12)
             assert (fused[2] is None and plain[2] is None) or np.array_equal(fused[2], plain[2])
