@@ -35,6 +35,7 @@ import argparse
 import shutil
 import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -176,6 +177,14 @@ def drop_page_cache() -> bool:
         return False
 
 
+def child_env(env: dict | None = None) -> dict:
+    """The children's environment, with Python's bytecode cache allowed as after `pip install`
+    (a shell's PYTHONDONTWRITEBYTECODE would make every run recompile the modules it imports)."""
+    env = dict(os.environ if env is None else env)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 5, cold: bool = False,
             env: dict | None = None) -> dict:
     best = None
@@ -183,7 +192,7 @@ def measure(method: str, folder: Path, jobs: int = 1, repeat: int = 5, cold: boo
         if cold:
             drop_page_cache()
         out = subprocess.run([sys.executable, __file__, "--child", method, "--folder", str(folder), "--jobs", str(jobs)],
-                             check=True, capture_output=True, text=True, env=env).stdout
+                             check=True, capture_output=True, text=True, env=child_env(env)).stdout
         result = json.loads(out.strip().splitlines()[-1])
         best = result if best is None or result["seconds"] < best["seconds"] else best
     return best
@@ -301,7 +310,7 @@ def many(data: Path, n_files: int, jobs: int) -> None:
                         ("inspect", ["inspect", str(folder), "-q"])):
         shutil.rmtree(data / "many-out", ignore_errors=True)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flowscan", *args], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "flowscan", *args], check=True, capture_output=True, env=child_env())
         seconds = time.perf_counter() - start
         print(f"{label:<17} {files / seconds:6.0f} files/s ({seconds:.2f} s) = {files / seconds / naive:.2f} x naive",
               flush=True)
@@ -336,7 +345,6 @@ def build_pair(folder: Path, wdtype: str, mdtype: str | None, rounds: int, scale
 def kernels(data: Path, rounds: int, scale: float, cores: int) -> None:
     """Warm throughput of the fused kernel and of the numpy path for every dtype pair, as a
     fraction of a plain read of the same files; then the CLI's start-up on a small fixture."""
-    import os
 
     numpy_env = {**os.environ, "FLOWSCAN_KERNEL": "numpy"}
     print(f"{'weight x mask':<22} {'GB':>6} {'plain GB/s':>10} {'kernel':>14} {'numpy':>14}   (GB/s, x plain read; -j{cores})")
@@ -356,7 +364,7 @@ def kernels(data: Path, rounds: int, scale: float, cores: int) -> None:
         for _ in range(5):
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "flowscan", "analyze", str(fixture), "-o", out, "-q", "--no-cache"],
-                           check=True, capture_output=True)
+                           check=True, capture_output=True, env=child_env())
             times.append(time.perf_counter() - start)
     print(f"CLI start-up: flowscan analyze fixtures/closed-form: {min(times):.2f} s (best of 5, median "
           f"{sorted(times)[2]:.2f} s)")

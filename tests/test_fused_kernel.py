@@ -162,3 +162,15 @@ def test_kernel_can_be_turned_off_and_formats_says_which_path_runs():
     on = subprocess.run([sys.executable, "-m", "flowscan", "formats"], capture_output=True, text=True)
     assert "reduction: numpy (FLOWSCAN_KERNEL=numpy)" in off.stdout
     assert "reduction: compiled (flowscan._fused" in on.stdout
+
+
+def test_survival_counts_bits_kept_in_both_rounds_as_numpy_does():
+    rng = np.random.default_rng(11)
+    for n in (0, 1, 7, 8, 9, 63, 64, 1001, 1 << 16):
+        a, b = rng.integers(0, 256, n, dtype=np.uint8), rng.integers(0, 256, n, dtype=np.uint8)
+        expected = int(np.unpackbits(a & b).sum())   # a second path: unpacked bits, not a popcount
+        assert reduce.KERNEL.count_both(a, b) == expected
+        assert reduce.count_both(a, b) == expected
+        assert reduce.count_both(a[::2], b[::2]) == int(np.unpackbits(a[::2] & b[::2]).sum())   # strided: numpy
+    with pytest.raises(ValueError):
+        reduce.KERNEL.count_both(np.zeros(3, np.uint8), np.zeros(4, np.uint8))

@@ -107,3 +107,36 @@ def test_garbage_is_a_clear_error(tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(ScanError, match="file is empty"):
         torch_file.load(tmp_path / "empty.pth")
+
+
+class _FakeMapping:
+    """A stand-in for a file's memory map that records the pages handed back."""
+
+    def __init__(self, size):
+        self.size, self.advised = size, []
+
+    def __len__(self):
+        return self.size
+
+    def madvise(self, advice, start, length):
+        self.advised.append((start, start + length))
+
+
+def test_read_storages_are_handed_back_in_batches_of_adjacent_pages(tmp_path, monkeypatch):
+    from flowscan.io import arrays
+
+    page = arrays._PAGE
+    monkeypatch.setattr(arrays, "RELEASE_BATCH", 8 * page)
+    mm = _FakeMapping(64 * page)
+    file = arrays.StorageFile(tmp_path / "x.safetensors", mm)
+    # weights in pages 0-7, their masks in pages 32-39: read in turn, weight then mask
+    for i in range(4):
+        file.set_region(f"w{i}", 2 * i * page, 2 * page)
+        file.set_region(f"m{i}", (32 + 2 * i) * page, 2 * page)
+    for i in range(4):
+        file.release(f"w{i}")
+        file.release(f"m{i}")
+    # two batches of 8 pages, each one call per run of adjacent storages: 4 calls, not 8
+    assert mm.advised == [(0, 4 * page), (32 * page, 36 * page), (4 * page, 8 * page), (36 * page, 40 * page)]
+    file.release("w0")   # a storage released twice is noted again, harmlessly
+    assert len(mm.advised) == 4   # below a batch: nothing handed back yet

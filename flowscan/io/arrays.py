@@ -72,6 +72,32 @@ def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
     return widened.view(np.float32)   # stays an array for 0-d tensors too
 
 
+class _PendingRelease:
+    """Byte ranges of read storages not yet handed back to the kernel, and their total."""
+
+    __slots__ = ("ranges", "nbytes")
+
+    def __init__(self):
+        self.ranges, self.nbytes = [], 0
+
+    def add(self, start: int, end: int) -> bool:
+        """Note a range; True when the batch is full."""
+        self.ranges.append((start, end))
+        self.nbytes += end - start
+        return self.nbytes >= RELEASE_BATCH
+
+    def take(self) -> list[tuple[int, int]]:
+        """The ranges noted, adjacent or overlapping ones merged, in file order; the batch empties."""
+        merged: list[list[int]] = []
+        for start, end in sorted(self.ranges):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self.ranges, self.nbytes = [], 0
+        return [(start, end) for start, end in merged]
+
+
 class StorageFile(Frozen):
     """The storages of one file: where each one's bytes are, and their checksums.
 
@@ -83,7 +109,8 @@ class StorageFile(Frozen):
     __slots__ = ("path", "_mm", "_regions", "_crc", "_verified", "_unneeded")
 
     def __init__(self, path: Path, mm: "mmap.mmap | RemoteBytes | None"):
-        self._init(path=location(path), _mm=mm, _regions={}, _crc={}, _verified=set(), _unneeded=[0, 0])
+        self._init(path=location(path), _mm=mm, _regions={}, _crc={}, _verified=set(),
+                   _unneeded=_PendingRelease())
 
     def set_region(self, key: str, offset: int, nbytes: int, crc: int | None = None,
                    crc_prefix: int = 0) -> None:
@@ -115,27 +142,21 @@ class StorageFile(Frozen):
             raise ScanError(self.path, f"storage {key} has no data in the file") from None
 
     def release(self, key: str) -> None:
-        """Let the kernel drop the pages of a storage that has been read. Adjacent storages are
-        released together, at least RELEASE_BATCH bytes a call: each call flushes the TLB of every
-        thread of the process, which per tensor cost a fifth of the scan's time."""
+        """Let the kernel drop the pages of a storage that has been read. Storages are handed back
+        in batches of RELEASE_BATCH bytes, adjacent ones in one call: each call flushes the TLB of
+        every thread of the process, which per tensor cost a fifth of the scan's time. (What a file
+        still holds when it is closed goes with its mapping.)"""
         offset, nbytes = self._regions.get(key, (0, 0))
         if isinstance(self._mm, RemoteBytes):
             self._mm.forget(offset, nbytes)
             return
         if nbytes <= 0 or not hasattr(self._mm, "madvise"):
             return
-        start, end = offset - offset % _PAGE, offset + nbytes
-        pending = self._unneeded
-        if pending[1] > pending[0] and (start > pending[1] or end < pending[0]):
-            self._advise_unneeded()   # not adjacent: release what is pending first
-        pending[0] = start if pending[1] <= pending[0] else min(pending[0], start)
-        pending[1] = max(pending[1], end)
-        if pending[1] - pending[0] >= RELEASE_BATCH:
-            self._advise_unneeded()
+        if self._unneeded.add(offset - offset % _PAGE, offset + nbytes):
+            for start, end in self._unneeded.take():
+                self._advise_unneeded(start, end)
 
-    def _advise_unneeded(self) -> None:
-        start, end = self._unneeded
-        self._unneeded[:] = [0, 0]
+    def _advise_unneeded(self, start: int, end: int) -> None:
         # whole pages only: the last one may hold the start of a storage not yet read
         end -= end % _PAGE if end < len(self._mm) else 0
         if end > start:
