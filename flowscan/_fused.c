@@ -176,150 +176,164 @@ static ALWAYS_INLINE Sums fused_portable(const void *w, const int wk, const void
     return s;
 }
 
-/* The AVX2 loop (x86-64 with GCC or Clang; picked at import when the CPU has AVX2, F16C and POPCNT):
- * the same sums, with what the portable vectors cannot say: float16 widened by F16C, the kept
- * entries read off as a bit mask (movemask) and counted by popcount, two groups of 8 per step. */
+/* The AVX2 loop (x86-64 with GCC or Clang; picked at import when the CPU has AVX2, F16C and POPCNT).
+ * It takes 32 elements a step and keeps to in-lane instructions (lane-crossing ones cost 2-4x on
+ * some CPUs): 128-bit lane 0 holds elements 0-15 of the step and lane 1 elements 16-31, so weights,
+ * masks and their keep bits move between 8-, 16- and 32-bit lanes by unpacking and packing alone.
+ * The float64 sum takes no conversion instruction: the bits of |w| as a float32, shifted left by
+ * 29 into a 64-bit lane, are a float64 of exactly |w| * 2^-896 (normal and subnormal alike, zero
+ * stays zero), so the lanes sum |w| scaled by a power of two and the total is scaled back once.
+ * Float64 weights or masks take the portable loop, compiled for AVX2. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_AVX2 1
 #include <cpuid.h>
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,f16c,popcnt")))
-
-static uint8_t REVERSED[256];   /* byte with its bits reversed: movemask is LSB first, packbits MSB */
+#define STEP 32
+/* elements e and e + 16 of a step in lanes 0 and 1: `count` elements per lane from each */
+#define LOAD_LANES(p, half) _mm256_loadu2_m128i((const __m128i *)((p) + (half)), (const __m128i *)(p))
 
 typedef struct {
-    __m256d sum[2];
-    __m256i bad;                    /* non-finite |w| seen, 32-bit or 64-bit lanes */
-    int64_t ones, zeros;
-    uint64_t seen;                  /* byte masks: every byte ORed (a byte above 1: not 0/1) */
+    __m256d sum[4];      /* |w| * 2^-896 of kept entries */
+    __m256i largest;     /* largest |w| bits seen (32- or 16-bit lanes): above the finite ones = inf/NaN */
+    __m256i seen;        /* byte masks: largest byte */
+    __m256i valid;       /* float masks: all ones while every entry is exactly 0 or 1 */
+    int64_t ones;
 } Acc;
 
-/* |w| of 8 elements as float32: exact for float32/16 and bfloat16, NaN and infinity kept */
-static AVX2 ALWAYS_INLINE __m256 abs8(const void *w, const int wk, Py_ssize_t i) {
-    __m256 x;
-    if (wk == W_F32) {
-        x = _mm256_loadu_ps((const float *)w + i);
-    } else if (wk == W_F16) {
-        x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
-    } else {   /* bfloat16: the high half of a float32 */
-        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
-        x = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-    }
-    return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+/* adds four float32 |w| (bits in the 32-bit lanes of x, kept entries only) to the sums, as above */
+static AVX2 ALWAYS_INLINE void add_f32_bits(Acc *acc, __m256i x, int k) {
+    const __m256i zero = _mm256_setzero_si256();
+    acc->sum[k] = _mm256_add_pd(acc->sum[k], _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_unpacklo_epi32(x, zero), 29)));
+    acc->sum[k + 1] = _mm256_add_pd(acc->sum[k + 1], _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_unpackhi_epi32(x, zero), 29)));
 }
 
-/* mask elements i..i+7 in 32-bit lanes: all ones where the mask is exactly 1 (*keep) or 0 (*zero;
- * float masks only: a byte mask is checked by its bytes, `seen`) */
-static AVX2 ALWAYS_INLINE void mask8(const void *m, const int mk, Py_ssize_t i, __m256i *keep, __m256i *zero,
-                                    uint64_t *seen) {
+/* the keep mask of one step as bytes (lane 0: elements 0-15), from the mask itself; 16-bit masks
+ * arrive as two vectors in the weights' 16-bit layout, float32 masks as four in the 32-bit one */
+static AVX2 ALWAYS_INLINE __m256i keep_bytes(const void *m, const int mk, Py_ssize_t i, Acc *acc,
+                                            __m256i keep16[2], __m256i keep32[4]) {
     if (mk == M_BYTE) {
-        __m128i raw = _mm_loadl_epi64((const __m128i *)((const uint8_t *)m + i));
-        *seen |= (uint64_t)_mm_cvtsi128_si64(raw);
-        *keep = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(raw), _mm256_set1_epi32(1));
-    } else if (mk == M_F32) {
-        __m256 x = _mm256_loadu_ps((const float *)m + i);
-        *keep = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_EQ_OQ));
-        *zero = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
-    } else if (mk == M_F16 || mk == M_BF16) {
-        __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)m + i)));
-        *keep = _mm256_cmpeq_epi32(x, _mm256_set1_epi32(ONE16(mk)));
-        *zero = _mm256_cmpeq_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7FFF)), _mm256_setzero_si256());
-    } else {   /* float64: compared in 64-bit lanes, narrowed to 32 */
-        const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-        __m256d lo = _mm256_loadu_pd((const double *)m + i), hi = _mm256_loadu_pd((const double *)m + i + 4);
-        __m256i k[2] = {_mm256_castpd_si256(_mm256_cmp_pd(lo, _mm256_set1_pd(1.0), _CMP_EQ_OQ)),
-                        _mm256_castpd_si256(_mm256_cmp_pd(hi, _mm256_set1_pd(1.0), _CMP_EQ_OQ))};
-        __m256i z[2] = {_mm256_castpd_si256(_mm256_cmp_pd(lo, _mm256_setzero_pd(), _CMP_EQ_OQ)),
-                        _mm256_castpd_si256(_mm256_cmp_pd(hi, _mm256_setzero_pd(), _CMP_EQ_OQ))};
-        *keep = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(k[0], evens),
-                                          _mm256_permutevar8x32_epi32(k[1], evens), 0x20);
-        *zero = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(z[0], evens),
-                                          _mm256_permutevar8x32_epi32(z[1], evens), 0x20);
+        __m256i x = _mm256_loadu_si256((const __m256i *)((const uint8_t *)m + i));
+        acc->seen = _mm256_max_epu8(acc->seen, x);
+        return _mm256_cmpeq_epi8(x, _mm256_set1_epi8(1));
     }
+    if (mk == M_F32) {
+        for (int j = 0; j < 4; j++) {
+            __m256 x = _mm256_castsi256_ps(LOAD_LANES((const float *)m + i + 4 * j, 16));
+            __m256i one = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_EQ_OQ));
+            __m256i zero = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
+            acc->valid = _mm256_and_si256(acc->valid, _mm256_or_si256(one, zero));
+            keep32[j] = one;
+        }
+        keep16[0] = _mm256_packs_epi32(keep32[0], keep32[1]);
+        keep16[1] = _mm256_packs_epi32(keep32[2], keep32[3]);
+    } else {   /* float16 or bfloat16 */
+        for (int j = 0; j < 2; j++) {
+            __m256i x = LOAD_LANES((const uint16_t *)m + i + 8 * j, 16);
+            __m256i one = _mm256_cmpeq_epi16(x, _mm256_set1_epi16(ONE16(mk)));
+            __m256i zero = _mm256_cmpeq_epi16(_mm256_and_si256(x, _mm256_set1_epi16(0x7FFF)), _mm256_setzero_si256());
+            acc->valid = _mm256_and_si256(acc->valid, _mm256_or_si256(one, zero));
+            keep16[j] = one;
+        }
+    }
+    return _mm256_packs_epi16(keep16[0], keep16[1]);
 }
 
-/* one group of 8 elements: sums into acc, the kept entries' bits returned (element j: bit j) */
-static AVX2 ALWAYS_INLINE int group8(const void *w, const int wk, const void *m, const int mk, Py_ssize_t i,
-                                     Acc *acc) {
-    __m256i keep, zero = _mm256_setzero_si256();
-    if (wk == W_F64) {   /* float64 weights: 64-bit lanes throughout */
-        const __m256d magnitude = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFLL));
-        __m256d lo = _mm256_and_pd(_mm256_loadu_pd((const double *)w + i), magnitude);
-        __m256d hi = _mm256_and_pd(_mm256_loadu_pd((const double *)w + i + 4), magnitude);
-        const __m256i finite = _mm256_set1_epi64x(0x7FEFFFFFFFFFFFFFLL);
-        acc->bad = _mm256_or_si256(acc->bad, _mm256_or_si256(_mm256_cmpgt_epi64(_mm256_castpd_si256(lo), finite),
-                                                             _mm256_cmpgt_epi64(_mm256_castpd_si256(hi), finite)));
-        __m256d klo, khi;
-        if (mk == M_NONE) {
-            klo = _mm256_cmp_pd(lo, _mm256_setzero_pd(), _CMP_NEQ_UQ);   /* NaN != 0: kept, as numpy counts */
-            khi = _mm256_cmp_pd(hi, _mm256_setzero_pd(), _CMP_NEQ_UQ);
-        } else {
-            mask8(m, mk, i, &keep, &zero, &acc->seen);
-            klo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(keep)));
-            khi = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(keep, 1)));
+/* one step of 32 elements; returns the kept entries' bits, element e at bit e */
+static AVX2 ALWAYS_INLINE uint32_t step32(const void *w, const int wk, const void *m, const int mk, Py_ssize_t i,
+                                          Acc *acc) {
+    __m256i keep8 = _mm256_setzero_si256(), keep16[2], keep32[4], nonzero16[2], nonzero32[4];
+    const __m256i ones = _mm256_set1_epi32(-1);
+    if (mk != M_NONE) {
+        keep8 = keep_bytes(m, mk, i, acc, keep16, keep32);
+        if (mk == M_BYTE) {   /* bytes widened to the weights' lanes by unpacking with themselves */
+            keep16[0] = _mm256_unpacklo_epi8(keep8, keep8), keep16[1] = _mm256_unpackhi_epi8(keep8, keep8);
         }
-        acc->sum[0] = _mm256_add_pd(acc->sum[0], _mm256_and_pd(lo, klo));
-        acc->sum[1] = _mm256_add_pd(acc->sum[1], _mm256_and_pd(hi, khi));
-        if (mk == M_NONE) return _mm256_movemask_pd(klo) | _mm256_movemask_pd(khi) << 4;
-    } else {
-        __m256 a = abs8(w, wk, i);
-        acc->bad = _mm256_or_si256(acc->bad, _mm256_cmpgt_epi32(_mm256_castps_si256(a), _mm256_set1_epi32(0x7F7FFFFF)));
-        if (mk == M_NONE) keep = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_NEQ_UQ));
-        else mask8(m, mk, i, &keep, &zero, &acc->seen);
-        __m256 kept = _mm256_and_ps(a, _mm256_castsi256_ps(keep));
-        acc->sum[0] = _mm256_add_pd(acc->sum[0], _mm256_cvtps_pd(_mm256_castps256_ps128(kept)));
-        acc->sum[1] = _mm256_add_pd(acc->sum[1], _mm256_cvtps_pd(_mm256_extractf128_ps(kept, 1)));
+        if (wk == W_F32 && mk != M_F32) {
+            keep32[0] = _mm256_unpacklo_epi16(keep16[0], keep16[0]), keep32[1] = _mm256_unpackhi_epi16(keep16[0], keep16[0]);
+            keep32[2] = _mm256_unpacklo_epi16(keep16[1], keep16[1]), keep32[3] = _mm256_unpackhi_epi16(keep16[1], keep16[1]);
+        }
     }
-    if (mk != M_NONE && mk != M_BYTE) acc->zeros += _mm_popcnt_u32((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(zero)));
-    return _mm256_movemask_ps(_mm256_castsi256_ps(keep));
+    if (wk == W_F32) {
+        for (int j = 0; j < 4; j++) {
+            __m256i a = _mm256_and_si256(LOAD_LANES((const float *)w + i + 4 * j, 16), _mm256_set1_epi32(0x7FFFFFFF));
+            acc->largest = _mm256_max_epu32(acc->largest, a);
+            if (mk == M_NONE) nonzero32[j] = _mm256_xor_si256(_mm256_cmpeq_epi32(a, _mm256_setzero_si256()), ones);
+            else a = _mm256_and_si256(a, keep32[j]);
+            add_f32_bits(acc, a, 2 * (j & 1));
+        }
+        if (mk == M_NONE) {
+            keep8 = _mm256_packs_epi16(_mm256_packs_epi32(nonzero32[0], nonzero32[1]),
+                                       _mm256_packs_epi32(nonzero32[2], nonzero32[3]));
+        }
+    } else {   /* 16-bit weights, 16 elements a vector */
+        for (int j = 0; j < 2; j++) {
+            __m256i a = _mm256_and_si256(LOAD_LANES((const uint16_t *)w + i + 8 * j, 16), _mm256_set1_epi16(0x7FFF));
+            acc->largest = _mm256_max_epu16(acc->largest, a);
+            if (mk == M_NONE) nonzero16[j] = _mm256_xor_si256(_mm256_cmpeq_epi16(a, _mm256_setzero_si256()), ones);
+            else a = _mm256_and_si256(a, keep16[j]);
+            if (wk == W_BF16) {   /* a bfloat16 is the high half of a float32: its bits, shifted 16 + 29 */
+                const __m256i zero = _mm256_setzero_si256();
+                __m256i lo = _mm256_unpacklo_epi16(zero, a), hi = _mm256_unpackhi_epi16(zero, a);
+                add_f32_bits(acc, lo, 0);
+                add_f32_bits(acc, hi, 2);
+            } else {   /* float16 widened by F16C (subnormal halves become normal floats) */
+                __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(a)), hi = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
+                /* lo holds elements 0-7 of lane 0, hi those of lane 1: the sums do not mind the order */
+                add_f32_bits(acc, _mm256_castps_si256(lo), 0);
+                add_f32_bits(acc, _mm256_castps_si256(hi), 2);
+            }
+        }
+        if (mk == M_NONE) keep8 = _mm256_packs_epi16(nonzero16[0], nonzero16[1]);
+    }
+    /* packbits order (element 0 in the high bit) by reversing each 8 bytes before taking the bits */
+    const __m256i reverse = _mm256_setr_epi8(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8,
+                                             7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+    uint32_t kept = (uint32_t)_mm256_movemask_epi8(_mm256_shuffle_epi8(keep8, reverse));
+    acc->ones += _mm_popcnt_u32(kept);
+    return kept;
 }
 
 static AVX2 ALWAYS_INLINE Sums fused_avx2(const void *w, const int wk, const void *m, const int mk,
                                           uint8_t *bits, Py_ssize_t n) {
-    Acc acc[2];   /* two groups per step, each with its own sums: the adds do not wait on each other */
-    for (int k = 0; k < 2; k++) {
-        acc[k].sum[0] = acc[k].sum[1] = _mm256_setzero_pd();
-        acc[k].bad = _mm256_setzero_si256();
-        acc[k].ones = acc[k].zeros = 0;
-        acc[k].seen = 0;
+    Acc acc;
+    for (int k = 0; k < 4; k++) acc.sum[k] = _mm256_setzero_pd();
+    acc.largest = acc.seen = _mm256_setzero_si256();
+    acc.valid = _mm256_set1_epi32(-1);
+    acc.ones = 0;
+    Py_ssize_t whole = n - n % STEP, i = 0;
+    for (; i < whole; i += STEP) {
+        uint32_t kept = step32(w, wk, m, mk, i, &acc);
+        if (bits) memcpy(bits + i / 8, &kept, 4);
     }
-    Py_ssize_t whole = n - n % 8, i = 0;
-    for (; i + 16 <= whole; i += 16) {
-        for (int k = 0; k < 2; k++) {
-            int kept = group8(w, wk, m, mk, i + 8 * k, &acc[k]);
-            acc[k].ones += _mm_popcnt_u32((unsigned)kept);
-            if (bits) bits[(i >> 3) + k] = REVERSED[kept];
-        }
-    }
-    /* the last groups, and the last n % 8 elements from zero-padded copies */
-    unsigned char wtail[64] = {0}, mtail[64] = {0};
-    for (; i < n; i += 8) {
-        const void *wp = w, *mp = m;
-        Py_ssize_t at = i;
-        if (i == whole) {
-            memcpy(wtail, (const char *)w + i * ITEM[wk], (n - i) * ITEM[wk]);
-            if (mk != M_NONE) memcpy(mtail, (const char *)m + i * MASK_ITEM[mk], (n - i) * MASK_ITEM[mk]);
-            wp = wtail, mp = mtail, at = 0;
-        }
-        int kept = group8(wp, wk, mp, mk, at, &acc[0]);
-        acc[0].ones += _mm_popcnt_u32((unsigned)kept);
-        if (bits) bits[i >> 3] = REVERSED[kept];
+    if (i < n) {   /* the last n % 32 elements, from zero-padded copies (zeros: pruned, valid) */
+        unsigned char wtail[STEP * 4] = {0}, mtail[STEP * 4] = {0};
+        memcpy(wtail, (const char *)w + i * ITEM[wk], (n - i) * ITEM[wk]);
+        if (mk != M_NONE) memcpy(mtail, (const char *)m + i * MASK_ITEM[mk], (n - i) * MASK_ITEM[mk]);
+        uint32_t kept = step32(wtail, wk, mtail, mk, 0, &acc);
+        if (bits) memcpy(bits + i / 8, &kept, (n - i + 7) / 8);   /* little-endian: bytes in element order */
     }
     Sums s = {0.0, 0, 0, 0};
-    __m256d sum = _mm256_add_pd(_mm256_add_pd(acc[0].sum[0], acc[0].sum[1]), _mm256_add_pd(acc[1].sum[0], acc[1].sum[1]));
     double lanes[4];
-    _mm256_storeu_pd(lanes, sum);
-    s.abs_sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-    int64_t kept = acc[0].ones + acc[1].ones, pad = n % 8 ? 8 - n % 8 : 0;
-    s.ones = mk == M_NONE ? 0 : kept;
-    s.nonzero = kept;
+    _mm256_storeu_pd(lanes, _mm256_add_pd(_mm256_add_pd(acc.sum[0], acc.sum[1]), _mm256_add_pd(acc.sum[2], acc.sum[3])));
+    s.abs_sum = ldexp((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]), 896);
+    s.ones = mk == M_NONE ? 0 : acc.ones;
+    s.nonzero = acc.ones;
     if (mk == M_BYTE) {
-        if ((acc[0].seen | acc[1].seen) & 0xFEFEFEFEFEFEFEFEULL) s.status = 1;
-    } else if (mk != M_NONE && kept + acc[0].zeros + acc[1].zeros - pad != n) {
+        if (_mm256_movemask_epi8(_mm256_cmpgt_epi8(_mm256_min_epu8(acc.seen, _mm256_set1_epi8(2)), _mm256_set1_epi8(1))))
+            s.status = 1;   /* a byte above 1 */
+    } else if (mk != M_NONE && _mm256_movemask_epi8(acc.valid) != -1) {
         s.status = 1;
     }
-    if (!s.status && !_mm256_testz_si256(_mm256_or_si256(acc[0].bad, acc[1].bad), _mm256_or_si256(acc[0].bad, acc[1].bad)))
-        s.status = 2;
+    /* the largest |w| bits against the largest finite ones: 32-bit lanes for float32, else 16-bit */
+    uint32_t top[8];
+    _mm256_storeu_si256((__m256i *)top, acc.largest);
+    for (int k = 0; k < 8 && !s.status; k++) {
+        int bad = wk == W_F32 ? top[k] > 0x7F7FFFFFu
+                : wk == W_F16 ? ((top[k] & 0xFFFF) > 0x7BFF || (top[k] >> 16) > 0x7BFF)
+                              : ((top[k] & 0xFFFF) > 0x7F7F || (top[k] >> 16) > 0x7F7F);
+        if (bad) s.status = 2;
+    }
     return s;
 }
 #endif
@@ -342,8 +356,11 @@ typedef Sums (*Loop)(const void *, const void *, uint8_t *, Py_ssize_t);
 ALL_PAIRS(portable, )
 static const Loop PORTABLE[4][6] = TABLE(portable);
 #ifdef HAVE_AVX2
-ALL_PAIRS(avx2, AVX2)
-static const Loop AVX2_LOOPS[4][6] = TABLE(avx2);
+/* float64 weights or masks: the portable loop, compiled for AVX2 */
+#define fused_avx2_or_portable(w, wk, m, mk, bits, n) \
+    ((wk) == W_F64 || (mk) == M_F64 ? fused_portable(w, wk, m, mk, bits, n) : fused_avx2(w, wk, m, mk, bits, n))
+ALL_PAIRS(avx2_or_portable, AVX2)
+static const Loop AVX2_LOOPS[4][6] = TABLE(avx2_or_portable);
 #endif
 static const Loop (*LOOPS)[6] = PORTABLE;   /* the fastest the CPU runs: set at import */
 static const char *ISA_NAME = "portable";
@@ -470,11 +487,6 @@ static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_fused", "flowscan's
 
 PyMODINIT_FUNC PyInit__fused(void) {
 #ifdef HAVE_AVX2
-    for (int b = 0; b < 256; b++) {
-        int r = 0;
-        for (int j = 0; j < 8; j++) r |= ((b >> j) & 1) << (7 - j);
-        REVERSED[b] = (uint8_t)r;
-    }
     unsigned eax, ebx, ecx, edx;
     __builtin_cpu_init();
     if (__builtin_cpu_supports("popcnt")) count_both_loop = count_both_popcnt;

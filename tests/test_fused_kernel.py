@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(reduce.KERNEL is None, reason="the fused kernel 
 WEIGHTS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MASKS = [None, torch.uint8, torch.bool, torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 7, 8, 9, 63, 64, 65, 200]   # with a chunk of 64 elements: 0 to 4 chunks
-CASES = ["plain", "zeros", "nan_kept", "nan_pruned", "inf_pruned", "neg_zero_mask", "mask_2", "mask_half",
+CASES = ["plain", "zeros", "subnormal", "nan_kept", "nan_pruned", "inf_pruned", "neg_zero_mask", "mask_2", "mask_half",
          "mask_negative", "mask_nan", "bool_byte_2"]
 
 
@@ -50,6 +50,9 @@ def _case(size: int, case: str, wdtype, mdtype, rng) -> tuple[torch.Tensor, torc
         return None
     if case == "zeros":
         w[::3] = 0
+    elif case == "subnormal":   # every weight subnormal in its own format: the sums scale exactly
+        tiny = {torch.float16: 6e-8, torch.float64: 1e-310}.get(wdtype, 1e-40)
+        w = (torch.tensor(tiny, dtype=torch.float64) * (1 + torch.arange(size) % 200)).to(wdtype)
     elif case in ("nan_kept", "nan_pruned", "inf_pruned"):
         w[at] = float("nan") if case.startswith("nan") else float("inf")
         if m is not None:
