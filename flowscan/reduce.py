@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import BFLOAT16, Checksum, ChunkedArray, StoredArray, widen_bfloat16
+from flowscan.io.arrays import Checksum, ChunkedArray, StoredArray, is_bfloat16, widen_bfloat16
 from flowscan.readers import names, registry
 from flowscan.readers.base import NameOptions, Round, TensorRef
 
@@ -104,12 +104,14 @@ class _Buffers:
         return buf[:n]
 
 
-def _flat(array: Any) -> np.ndarray:
-    """The array flattened; an array read in slices stays lazy (its slices are read per chunk)."""
+def _flat(array: Any, raw: bool = False) -> np.ndarray:
+    """The array flattened; an array read in slices stays lazy (its slices are read per chunk).
+    `raw`: a stored bfloat16 array as its raw bits."""
+    if isinstance(array, StoredArray):
+        return array.flat(raw)
     if isinstance(array, ChunkedArray):   # indexes as its flattened form already
         return array
-    arr = np.asarray(array)
-    return arr.reshape(-1)
+    return np.asarray(array).reshape(-1)
 
 
 def _accumulator(dtype: np.dtype) -> np.dtype:
@@ -128,12 +130,12 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     buffers = buffers or _Buffers()
     # bfloat16 reaches the kernel as stored (uint16), widened in its registers, not in a copy
     raw_bf16 = _raw_bfloat16(ref.weight)
-    weight = _flat(ref.weight.stored() if raw_bf16 else ref.weight)
+    weight = _flat(ref.weight, raw_bf16)
     if weight.dtype.kind not in "fiubc":
         raise ScanError(ref.path, f"weight has non-numeric dtype {weight.dtype}", tensor=ref.name)
     acc = _accumulator(np.dtype(np.float32) if raw_bf16 else weight.dtype)
     raw_bf16_mask = _raw_bfloat16(ref.mask)
-    mask = None if ref.mask is None else _flat(ref.mask.stored() if raw_bf16_mask else ref.mask)
+    mask = None if ref.mask is None else _flat(ref.mask, raw_bf16_mask)
     if mask is not None and mask.dtype.kind not in "fiub":
         raise ScanError(ref.mask_path or ref.path, f"mask has non-numeric dtype {mask.dtype}", tensor=ref.name)
     checks = [c for c in (Checksum.for_array(ref.weight), Checksum.for_array(ref.mask))
@@ -160,7 +162,7 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
 
 def _raw_bfloat16(array) -> bool:
     """A stored bfloat16 array the kernel takes as its raw uint16 bits."""
-    return KERNEL is not None and isinstance(array, StoredArray) and array.dtype == BFLOAT16
+    return KERNEL is not None and isinstance(array, StoredArray) and is_bfloat16(array.dtype)
 
 
 def dtype_kind(array: Any) -> str:

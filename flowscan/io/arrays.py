@@ -65,6 +65,25 @@ def itemsize(dtype: object) -> int:
         return size
 
 
+_STORED_DTYPES: dict = {}
+
+
+def is_bfloat16(dtype: object) -> bool:
+    # numpy dtypes compared with a string parse it first: test the type before the value
+    return type(dtype) is str and dtype == BFLOAT16
+
+
+def stored_dtype(dtype: object) -> np.dtype:
+    """The numpy dtype an array's bytes are viewed as: bfloat16 as its raw uint16 bits."""
+    try:
+        return _STORED_DTYPES[dtype]
+    except KeyError:
+        item = np.dtype(np.uint16 if dtype == BFLOAT16 else dtype)
+        if len(_STORED_DTYPES) < 256:
+            _STORED_DTYPES[dtype] = item
+        return item
+
+
 def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
     """bfloat16 values stored as uint16 bits, as float32 (exact)."""
     widened = np.empty(bits.shape, dtype=np.uint32)
@@ -129,7 +148,7 @@ class StorageFile(Frozen):
         offset, nbytes = self._region(key)
         if count == 0:
             return np.zeros(0, dtype=dtype)
-        if count * np.dtype(dtype).itemsize > nbytes:
+        if count * itemsize(dtype) > nbytes:
             raise ScanError(self.path, f"storage {key} holds {nbytes} bytes, fewer than its tensors need")
         if isinstance(self._mm, RemoteBytes):
             return np.frombuffer(self._mm.fetch(offset, nbytes), dtype=dtype, count=count)
@@ -267,6 +286,22 @@ class StoredArray(Frozen):
         _check_view(storage, offset, shape, stride, dtype, owner.path, tensor)
         self._init(shape=shape, dtype=dtype, storage=storage, offset=offset, stride=stride)
 
+    @classmethod
+    def whole(cls, storage: Storage, shape: tuple[int, ...], *, owner: StorageFile,
+              tensor: str | None = None) -> "StoredArray":
+        """All of `storage` in C order, as safetensors lays a tensor out. `shape` must be a tuple of
+        non-negative ints (the reader checked them); the view then lies inside its storage exactly
+        when its size is the storage's, so that is the one check left."""
+        if type(storage) is not Storage or storage.file is not owner:
+            raise ScanError(owner.path, f"a tensor is built over {_describe(storage)}, not over a "
+                                        "storage of this file (refused)", tensor=tensor)
+        if len(shape) > MAX_DIMS or math.prod(shape) != storage.numel:
+            raise ScanError(owner.path, f"tensor of shape {shape} does not fill its storage of "
+                                        f"{storage.numel} elements", tensor=tensor)
+        view = object.__new__(cls)
+        view._init(shape=shape, dtype=storage.dtype, storage=storage, offset=0, stride=contiguous_strides(shape))
+        return view
+
     @property
     def size(self) -> int:
         return math.prod(self.shape)
@@ -280,22 +315,38 @@ class StoredArray(Frozen):
 
     def stored(self) -> np.ndarray:
         """The view as stored, zero-copy and read-only: bfloat16 as its raw uint16 bits."""
-        item = np.dtype(np.uint16 if self.dtype == BFLOAT16 else self.dtype)
+        flat = self._contiguous()
+        if flat is not None:
+            return flat.reshape(self.shape)
+        item = stored_dtype(self.dtype)
         st = self.storage
-        if self.size == 0:
-            return np.zeros(self.shape, dtype=item)
-        count = st.nbytes // item.itemsize
-        base = st.file.raw(st.key, item, count)[self.offset:]
-        if self.stride == contiguous_strides(self.shape):   # the common case, without as_strided's cost
-            arr = base[:self.size].reshape(self.shape)
-            arr.flags.writeable = False
-            return arr
+        base = st.file.raw(st.key, item, st.nbytes // item.itemsize)[self.offset:]
         return np.lib.stride_tricks.as_strided(
             base, self.shape, tuple(s * item.itemsize for s in self.stride), writeable=False)
 
+    def flat(self, raw: bool = False) -> np.ndarray:
+        """The view flattened (zero-copy when contiguous); bfloat16 as its raw bits with `raw`,
+        else widened to float32."""
+        flat = self._contiguous()
+        if flat is None:
+            flat = self.stored().reshape(-1)
+        return widen_bfloat16(flat) if is_bfloat16(self.dtype) and not raw else flat
+
+    def _contiguous(self) -> np.ndarray | None:
+        """The elements as a read-only 1-D array when the view is C-contiguous (the common case,
+        without as_strided's cost), else None."""
+        if self.stride != contiguous_strides(self.shape):
+            return None
+        item, st, size = stored_dtype(self.dtype), self.storage, self.size
+        if size == 0:
+            return np.zeros(0, dtype=item)
+        arr = st.file.raw(st.key, item, self.offset + size)[self.offset:]
+        arr.flags.writeable = False
+        return arr
+
     def __array__(self, dtype=None, copy=None):
         arr = self.stored()
-        if self.dtype == BFLOAT16:
+        if is_bfloat16(self.dtype):
             arr = widen_bfloat16(arr)
         return _as_requested(arr, dtype, copy)
 

@@ -103,5 +103,5 @@ def load(path: Path) -> tuple[dict[str, StoredArray], dict]:
     for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
         file.set_region(name, start + begin, end - begin)
         storage = Storage(dtype, (end - begin) // itemsize(dtype), file, name)
-        out[name] = StoredArray(storage, 0, shape, owner=file, tensor=name)
+        out[name] = StoredArray.whole(storage, shape, owner=file, tensor=name)
     return out, meta

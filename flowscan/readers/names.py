@@ -112,9 +112,11 @@ def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
 
 def is_packed_mask(mask: Any, weight: Any) -> bool:
     """A mask stored as `jnp.packbits(mask)`: uint8 of ceil(n/8) entries beside a weight of n > 1."""
-    n = math.prod(tuple(weight.shape))
-    return (str(mask.dtype) == "uint8" and len(tuple(mask.shape)) == 1 and n > 1
-            and tuple(mask.shape) != tuple(weight.shape) and mask.shape[0] == (n + 7) // 8)
+    shape, weight_shape = tuple(mask.shape), tuple(weight.shape)
+    if len(shape) != 1 or shape == weight_shape:   # the cheap tests first: this runs per tensor
+        return False
+    n = math.prod(weight_shape)
+    return n > 1 and shape[0] == (n + 7) // 8 and str(mask.dtype) == "uint8"
 
 
 def unpacked(mask: Any, weight: Any) -> LoadedArray:
