@@ -2,8 +2,8 @@
 message) by `reduce_task(round, names, verify)`; an engine runs the tasks and yields
 (run number, outcome) as they complete.
 
-- `threads` (the default): a thread pool in this process. The chunk reductions are numpy
-  calls on 1 MiB buffers, which release the GIL, so threads scale with the cores without
+- `threads` (the default): a thread pool in this process. The chunk reductions (the compiled
+  kernel, or numpy on 1 MiB buffers) release the GIL, so threads scale with the cores without
   spawning or pickling anything; memory stays one chunk buffer per thread.
 - `processes`: a process pool, for isolation: a worker that dies (a crash, the out-of-memory
   killer) costs only its own round.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -36,6 +37,10 @@ CONNECT_TIMEOUT = "30s"   # to reach a dask scheduler
 AUTO_PROCESSES_ROUNDS = 200
 AUTO_PROCESSES_MEAN_BYTES = 4 << 20
 MAX_BATCH = 32   # rounds handed to a worker process at a time
+# While reduction threads run, the GIL changes hands every millisecond instead of Python's 5: a thread
+# back from the kernel waits less for one that runs Python (reading headers, bookkeeping). A scan of
+# 8 ResNet-50 rounds in bfloat16 at -j2: median 0.18 -> 0.15 s.
+GIL_TURN_SECONDS = 0.001
 
 
 def choose(rounds, jobs: int) -> tuple[str, str]:
@@ -88,8 +93,19 @@ def _step(progress) -> None:
         progress(1)
 
 
+@contextlib.contextmanager
+def _short_gil_turns():
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, GIL_TURN_SECONDS))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def _threads(work, options, progress, reduce_task):
-    with ThreadPoolExecutor(max_workers=min(options.jobs, len(work)), thread_name_prefix="flowscan") as pool:
+    with _short_gil_turns(), \
+            ThreadPoolExecutor(max_workers=min(options.jobs, len(work)), thread_name_prefix="flowscan") as pool:
         futures = {pool.submit(reduce_task, rnd, options.names, options.verify): i
                    for i, rnd in work}
         try:
