@@ -22,17 +22,21 @@ from flowscan.readers.base import NameOptions, Round, TensorRef
 CHUNK = 1 << 18  # elements; 1 MiB float32 buffers stay in cache (measured fastest)
 
 # The fused kernel (flowscan/_fused.c): one pass per chunk instead of numpy's six. Optional: it is
-# compiled at install when a C compiler is there; FLOWSCAN_KERNEL=numpy turns it off. The numpy
-# path stays the reference: chunks of other dtypes, non-contiguous views, and every chunk the
-# kernel flags (a mask value other than 0/1, a non-finite weight) are reduced by numpy, so the
-# rules and messages are numpy's alone.
-_TURNED_OFF = os.environ.get("FLOWSCAN_KERNEL", "").lower() == "numpy"
+# compiled at install when a C compiler is there. FLOWSCAN_KERNEL=numpy turns it off and
+# FLOWSCAN_KERNEL=portable keeps it off the CPU-specific (AVX2) loop. The numpy path stays the
+# reference: chunks of other dtypes, non-contiguous views, and every chunk the kernel flags (a mask
+# value other than 0/1, a non-finite weight) are reduced by numpy, so the rules and messages are
+# numpy's alone.
+KERNEL_CHOICES = ("", "numpy", "portable")
+_CHOICE = os.environ.get("FLOWSCAN_KERNEL", "").strip().lower()
+_TURNED_OFF = _CHOICE == "numpy"
 try:
     from flowscan import _fused as KERNEL
 except ImportError:   # no compiler at install time
     KERNEL = None
 if _TURNED_OFF:
     KERNEL = None
+_ISA = "portable" if _CHOICE == "portable" else ""   # "": the fastest loop the CPU runs
 _WEIGHT_CODES = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8", np.dtype(np.float16): "f2"}
 _MASK_CODES = {np.dtype(np.uint8): "u1", np.dtype(np.bool_): "b1", np.dtype(np.float32): "f4",
                np.dtype(np.float64): "f8", np.dtype(np.float16): "f2"}
@@ -40,11 +44,16 @@ _MASK_CODES = {np.dtype(np.uint8): "u1", np.dtype(np.bool_): "b1", np.dtype(np.f
 
 def kernel_status() -> str:
     """Which reduction is in use, for `flowscan formats` and the README's promise."""
+    unknown = (f"; FLOWSCAN_KERNEL={_CHOICE!r} is not one of numpy, portable, so it is ignored"
+               if _CHOICE not in KERNEL_CHOICES else "")
     if KERNEL is not None:
-        loop = {"avx2": "its AVX2 loop", "portable": "its portable loop (no AVX2 loop for this CPU)"}
-        return f"compiled (flowscan._fused: one fused pass per chunk, {loop.get(KERNEL.ISA, KERNEL.ISA)})"
+        isa = _ISA or KERNEL.ISA
+        loop = {"avx2": "its AVX2 loop",
+                "portable": "its portable loop (FLOWSCAN_KERNEL=portable)" if _ISA else
+                            "its portable loop (no AVX2 loop for this CPU)"}
+        return f"compiled (flowscan._fused: one fused pass per chunk, {loop.get(isa, isa)}){unknown}"
     why = "FLOWSCAN_KERNEL=numpy" if _TURNED_OFF else "not compiled at install (no C compiler?)"
-    return f"numpy ({why}); reinstall with a C compiler for the fused kernel"
+    return f"numpy ({why}); reinstall with a C compiler for the fused kernel{unknown}"
 
 
 @dataclass(frozen=True)
@@ -250,7 +259,7 @@ def _fused_chunk(w, m, codes, bits, start, stop, track_zeros):
         return None
     out = bits[start // 8:(stop + 7) // 8] if m is not None else (
         np.empty((stop - start + 7) // 8, dtype=np.uint8) if track_zeros else None)
-    chunk_sum, ones, nonzero, status = KERNEL.reduce_chunk(w, codes[0], m, codes[1], out)
+    chunk_sum, ones, nonzero, status = KERNEL.reduce_chunk(w, codes[0], m, codes[1], out, _ISA)
     if status:
         return None
     zeros_bits = out if m is None and track_zeros and nonzero < stop - start else None

@@ -37,7 +37,7 @@ class Spy:
         self.kernel, self.isa, self.reduced = kernel, isa, 0
 
     def reduce_chunk(self, *args):
-        result = self.kernel.reduce_chunk(*args, self.isa)
+        result = self.kernel.reduce_chunk(*args[:5], self.isa)   # in place of the default loop
         self.reduced += result[3] == 0
         return result
 
@@ -160,11 +160,17 @@ def test_kernel_reduces_real_sized_tensors_as_numpy_does(tmp_path, isa):
 
 
 def test_kernel_can_be_turned_off_and_formats_says_which_path_runs():
-    env = {**os.environ, "FLOWSCAN_KERNEL": "numpy"}
-    off = subprocess.run([sys.executable, "-m", "flowscan", "formats"], env=env, capture_output=True, text=True)
-    on = subprocess.run([sys.executable, "-m", "flowscan", "formats"], capture_output=True, text=True)
-    assert "reduction: numpy (FLOWSCAN_KERNEL=numpy)" in off.stdout
-    assert "reduction: compiled (flowscan._fused" in on.stdout
+    def formats(choice: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "FLOWSCAN_KERNEL"}
+        if choice is not None:
+            env["FLOWSCAN_KERNEL"] = choice
+        out = subprocess.run([sys.executable, "-m", "flowscan", "formats"], env=env, capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    assert formats("numpy").startswith("reduction: numpy (FLOWSCAN_KERNEL=numpy)")
+    assert formats(None).startswith("reduction: compiled (flowscan._fused")
+    assert "its portable loop (FLOWSCAN_KERNEL=portable)" in formats("portable")
+    assert "FLOWSCAN_KERNEL='fast' is not one of numpy, portable, so it is ignored" in formats("fast")
 
 
 def test_survival_counts_bits_kept_in_both_rounds_as_numpy_does():
