@@ -40,7 +40,9 @@ typedef struct {
     int status;
 } Sums;
 
-/* The portable loop. GCC/Clang vector extensions: SSE2 everywhere on x86-64, NEON on arm64. */
+/* The portable loop. GCC/Clang vector extensions: SSE2 everywhere on x86-64, NEON on arm64. Its
+ * integer work is done in 32-bit lanes (SSE2 has no 64-bit compares: they would go scalar); only
+ * the kept |w| are widened to float64 for the sum. */
 typedef double v4d __attribute__((vector_size(32)));
 typedef long long v4di __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
@@ -53,125 +55,137 @@ static ALWAYS_INLINE v4d as_v4d(v4di x) { v4d d; memcpy(&d, &x, sizeof d); retur
 static ALWAYS_INLINE v4di as_v4di(v4d x) { v4di d; memcpy(&d, &x, sizeof d); return d; }
 static ALWAYS_INLINE v4f as_v4f(v4u x) { v4f f; memcpy(&f, &x, sizeof f); return f; }
 
-/* |w| of elements i..i+3 as numpy's reducer sees them (float32 values, float64 for float64
- * weights), widened to float64. NaN and infinity stay non-finite (half: exponent 31). */
-static ALWAYS_INLINE v4d abs4(const void *w, const int wk, Py_ssize_t i) {
-    const v4di clear_sign = {0x7FFFFFFFFFFFFFFFLL, 0x7FFFFFFFFFFFFFFFLL, 0x7FFFFFFFFFFFFFFFLL,
-                             0x7FFFFFFFFFFFFFFFLL};
-    v4d d;
-    if (wk == W_F64) {
-        memcpy(&d, (const double *)w + i, sizeof d);
-    } else if (wk == W_F32) {
-        v4f f;
+/* the bits of |w| of elements i..i+3 as float32 (the values numpy's reducer sums), for every weight
+ * dtype but float64; NaN and infinity stay above 0x7F7FFFFF (half: exponent 31 becomes infinity) */
+static ALWAYS_INLINE v4u abs4(const void *w, const int wk, Py_ssize_t i) {
+    if (wk == W_F32) {
+        v4u f;
         memcpy(&f, (const float *)w + i, sizeof f);
-        d = __builtin_convertvector(f, v4d);
-    } else {
-        v4u16 raw;
-        memcpy(&raw, (const uint16_t *)w + i, sizeof raw);
-        v4u h = __builtin_convertvector(raw, v4u);
-        if (wk == W_BF16) {
-            d = __builtin_convertvector(as_v4f(h << 16), v4d);
-        } else {   /* float16: normal numbers by rebiasing, subnormals by scaling, inf/NaN kept */
-            v4u mag = h & 0x7FFFu, exp = mag >> 10;
-            v4u normal = (mag << 13) + (112u << 23);
-            v4u sub;
-            v4f subf = __builtin_convertvector(mag, v4f) * (1.0f / 16777216.0f);
-            memcpy(&sub, &subf, sizeof sub);
-            v4u is_sub = (v4u)(exp == 0), is_special = (v4u)(exp == 31);
-            v4u bits = (normal & ~is_sub) | (sub & is_sub) | (is_special & 0x7F800000u);
-            d = __builtin_convertvector(as_v4f(bits), v4d);
-        }
+        return f & 0x7FFFFFFFu;
     }
-    return as_v4d(as_v4di(d) & clear_sign);
+    v4u16 raw;
+    memcpy(&raw, (const uint16_t *)w + i, sizeof raw);
+    v4u h = __builtin_convertvector(raw, v4u);
+    if (wk == W_BF16) return (h << 16) & 0x7FFFFFFFu;
+    /* float16: normal numbers by rebiasing, subnormals by scaling, inf/NaN kept */
+    v4u mag = h & 0x7FFFu, exp = mag >> 10;
+    v4u normal = (mag << 13) + (112u << 23);
+    v4u sub;
+    v4f subf = __builtin_convertvector(mag, v4f) * (1.0f / 16777216.0f);
+    memcpy(&sub, &subf, sizeof sub);
+    v4u is_sub = (v4u)(exp == 0), is_special = (v4u)(exp == 31);
+    return (normal & ~is_sub) | (sub & is_sub) | (is_special & 0x7F800000u);
 }
 
 /* mask elements i..i+3: -1 where the mask is exactly 1 (keep) or exactly 0 (zero), else 0 */
-static ALWAYS_INLINE void mask4(const void *m, const int mk, Py_ssize_t i, v4di *keep, v4di *zero) {
+static ALWAYS_INLINE void mask4(const void *m, const int mk, Py_ssize_t i, v4si *keep, v4si *zero) {
     if (mk == M_BYTE) {
         v4u8 raw;
         memcpy(&raw, (const uint8_t *)m + i, sizeof raw);
-        v4si x = __builtin_convertvector(raw, v4si);   /* compared in 32-bit lanes: cheaper */
-        *keep = __builtin_convertvector(x == 1, v4di);
-        *zero = __builtin_convertvector(x == 0, v4di);
+        v4si x = __builtin_convertvector(raw, v4si);
+        *keep = x == 1;
+        *zero = x == 0;
     } else if (mk == M_F32) {
         v4f x;
         memcpy(&x, (const float *)m + i, sizeof x);
-        *keep = __builtin_convertvector(x == 1.0f, v4di);
-        *zero = __builtin_convertvector(x == 0.0f, v4di);
+        *keep = x == 1.0f;
+        *zero = x == 0.0f;
     } else if (mk == M_F64) {
         v4d x;
         memcpy(&x, (const double *)m + i, sizeof x);
-        *keep = x == 1.0;
-        *zero = x == 0.0;
+        *keep = __builtin_convertvector(x == 1.0, v4si);
+        *zero = __builtin_convertvector(x == 0.0, v4si);
     } else {   /* float16 or bfloat16 */
         v4u16 raw;
         memcpy(&raw, (const uint16_t *)m + i, sizeof raw);
         v4si x = __builtin_convertvector(raw, v4si);
-        *keep = __builtin_convertvector(x == ONE16(mk), v4di);
-        *zero = __builtin_convertvector((x & 0x7FFF) == 0, v4di);
+        *keep = x == ONE16(mk);
+        *zero = (x & 0x7FFF) == 0;
     }
 }
 
+/* |w| of 4 elements kept by `keep` (32-bit lanes), as float64, and whether one is not finite */
+static ALWAYS_INLINE v4d kept4(const void *w, const int wk, Py_ssize_t i, v4si keep, v4si *bad) {
+    if (wk == W_F64) {
+        const v4di magnitude = {0x7FFFFFFFFFFFFFFFLL, 0x7FFFFFFFFFFFFFFFLL, 0x7FFFFFFFFFFFFFFFLL, 0x7FFFFFFFFFFFFFFFLL};
+        const v4d largest = {1.7976931348623157e308, 1.7976931348623157e308, 1.7976931348623157e308, 1.7976931348623157e308};
+        v4d x;
+        memcpy(&x, (const double *)w + i, sizeof x);
+        x = as_v4d(as_v4di(x) & magnitude);
+        *bad |= __builtin_convertvector(~(x <= largest), v4si);   /* NaN and infinity fail x <= DBL_MAX */
+        return as_v4d(as_v4di(x) & __builtin_convertvector(keep, v4di));
+    }
+    v4u a = abs4(w, wk, i);
+    *bad |= (v4si)a > 0x7F7FFFFF;
+    return __builtin_convertvector(as_v4f(a & (v4u)keep), v4d);
+}
+
+/* the nonzero entries of 4 weights (for weights without a mask); NaN counts, as numpy counts it */
+static ALWAYS_INLINE v4si nonzero4(const void *w, const int wk, Py_ssize_t i) {
+    if (wk == W_F64) {
+        v4d x;
+        memcpy(&x, (const double *)w + i, sizeof x);
+        return __builtin_convertvector(x != 0.0, v4si);
+    }
+    return abs4(w, wk, i) != 0u;
+}
+
 static ALWAYS_INLINE Sums fused_portable(const void *w, const int wk, const void *m, const int mk,
-                                uint8_t *bits, Py_ssize_t n) {
-    const v4di high = {128, 64, 32, 16}, low = {8, 4, 2, 1};
-    const v4di inf = {0x7FF0000000000000LL, 0x7FF0000000000000LL, 0x7FF0000000000000LL, 0x7FF0000000000000LL};
+                                         uint8_t *bits, Py_ssize_t n) {
+    const v4si high = {128, 64, 32, 16}, low = {8, 4, 2, 1}, none = {0, 0, 0, 0};
     v4d sum_lo = {0, 0, 0, 0}, sum_hi = {0, 0, 0, 0};   /* 8 float64 lanes */
-    v4di ones = {0, 0, 0, 0}, zeros = {0, 0, 0, 0}, bad = {0, 0, 0, 0};
-    uint64_t seen = 0, byte_ones = 0;   /* byte masks */
+    v4si bad = none;
+    int64_t ones = 0, zeros = 0;
+    uint64_t seen = 0;   /* byte masks: every 8 bytes ORed (a byte above 1: not 0/1) */
     /* the last n % 8 elements go through the same code from zero-padded copies */
     unsigned char wtail[64] = {0}, mtail[64] = {0};
     Py_ssize_t whole = n - n % 8, pad = n % 8 ? 8 - n % 8 : 0;
-    for (Py_ssize_t i = 0; i < n; i += 8) {
-        const void *wp = w, *mp = m;
-        Py_ssize_t at = i;
-        if (i == whole) {   /* the tail */
-            memcpy(wtail, (const char *)w + i * ITEM[wk], (n - i) * ITEM[wk]);
-            if (mk != M_NONE) memcpy(mtail, (const char *)m + i * MASK_ITEM[mk], (n - i) * MASK_ITEM[mk]);
-            wp = wtail, mp = mtail, at = 0;
+    for (Py_ssize_t block = 0; block < n; block += 1 << 24) {   /* 32-bit lane counts flushed per block */
+        v4si block_ones = none, block_zeros = none;
+        Py_ssize_t stop = n - block > (1 << 24) ? block + (1 << 24) : n;
+        for (Py_ssize_t i = block; i < stop; i += 8) {
+            const void *wp = w, *mp = m;
+            Py_ssize_t at = i;
+            if (i == whole) {   /* the tail */
+                memcpy(wtail, (const char *)w + i * ITEM[wk], (n - i) * ITEM[wk]);
+                if (mk != M_NONE) memcpy(mtail, (const char *)m + i * MASK_ITEM[mk], (n - i) * MASK_ITEM[mk]);
+                wp = wtail, mp = mtail, at = 0;
+            }
+            v4si keep_lo, keep_hi, zero_lo, zero_hi;
+            if (mk == M_NONE) {
+                keep_lo = nonzero4(wp, wk, at), keep_hi = nonzero4(wp, wk, at + 4);
+                v4si all = ~none;
+                sum_lo += kept4(wp, wk, at, all, &bad), sum_hi += kept4(wp, wk, at + 4, all, &bad);
+            } else {
+                mask4(mp, mk, at, &keep_lo, &zero_lo);
+                mask4(mp, mk, at + 4, &keep_hi, &zero_hi);
+                if (mk == M_BYTE) {
+                    uint64_t word;
+                    memcpy(&word, (const uint8_t *)mp + at, 8);
+                    seen |= word;
+                } else {
+                    block_zeros -= zero_lo + zero_hi;
+                }
+                sum_lo += kept4(wp, wk, at, keep_lo, &bad), sum_hi += kept4(wp, wk, at + 4, keep_hi, &bad);
+            }
+            block_ones -= keep_lo + keep_hi;
+            if (bits) {
+                v4si b = (keep_lo & high) | (keep_hi & low);
+                bits[i / 8] = (uint8_t)(b[0] | b[1] | b[2] | b[3]);
+            }
         }
-        v4d lo = abs4(wp, wk, at), hi = abs4(wp, wk, at + 4);
-        v4di keep_lo, keep_hi, zero_lo, zero_hi;
-        bad |= (as_v4di(lo) >= inf) | (as_v4di(hi) >= inf);
-        if (mk == M_BYTE) {   /* 8 mask bytes as one word: bits and count by multiplication */
-            uint64_t word;
-            memcpy(&word, (const uint8_t *)mp + at, 8);
-            seen |= word;   /* a byte above 1 anywhere: the mask is not 0/1 */
-            unsigned byte = (unsigned)((word * 0x8040201008040201ULL) >> 56);   /* byte j -> bit 7-j */
-            byte_ones += (word * 0x0101010101010101ULL) >> 56;                   /* the bytes' sum */
-            v4di spread = {byte, byte, byte, byte};
-            keep_lo = (spread & high) != 0, keep_hi = (spread & low) != 0;
-            sum_lo += as_v4d(as_v4di(lo) & keep_lo), sum_hi += as_v4d(as_v4di(hi) & keep_hi);
-            if (bits) bits[i / 8] = (uint8_t)byte;
-            continue;
-        }
-        if (mk == M_NONE) {
-            keep_lo = lo != 0.0, keep_hi = hi != 0.0;   /* NaN != 0: kept, as numpy counts it */
-            sum_lo += lo, sum_hi += hi;
-        } else {
-            mask4(mp, mk, at, &keep_lo, &zero_lo);
-            mask4(mp, mk, at + 4, &keep_hi, &zero_hi);
-            sum_lo += as_v4d(as_v4di(lo) & keep_lo), sum_hi += as_v4d(as_v4di(hi) & keep_hi);
-            zeros -= zero_lo + zero_hi;
-        }
-        ones -= keep_lo + keep_hi;
-        if (bits) {
-            v4di b = (keep_lo & high) | (keep_hi & low);
-            bits[i / 8] = (uint8_t)(b[0] | b[1] | b[2] | b[3]);
-        }
+        ones += (int64_t)block_ones[0] + block_ones[1] + block_ones[2] + block_ones[3];
+        zeros += (int64_t)block_zeros[0] + block_zeros[1] + block_zeros[2] + block_zeros[3];
     }
     Sums s = {0.0, 0, 0, 0};
     s.abs_sum = ((sum_lo[0] + sum_lo[1]) + (sum_lo[2] + sum_lo[3])) + ((sum_hi[0] + sum_hi[1]) + (sum_hi[2] + sum_hi[3]));
-    int64_t kept = ones[0] + ones[1] + ones[2] + ones[3];
-    int64_t zero = zeros[0] + zeros[1] + zeros[2] + zeros[3] - (mk == M_NONE ? 0 : pad);
-    if (mk == M_BYTE) {   /* every byte 0 or 1: the ones and zeros add up by construction */
-        kept = (int64_t)byte_ones;
-        zero = n - kept;
-        if (seen & 0xFEFEFEFEFEFEFEFEULL) s.status = 1;
+    s.ones = mk == M_NONE ? 0 : ones;
+    s.nonzero = ones;
+    if (mk == M_BYTE) {
+        if (seen & 0xFEFEFEFEFEFEFEFEULL) s.status = 1;   /* a byte above 1 */
+    } else if (mk != M_NONE && ones + zeros - pad != n) {
+        s.status = 1;
     }
-    s.ones = mk == M_NONE ? 0 : kept;
-    s.nonzero = kept;
-    if (mk != M_NONE && kept + zero != n) s.status = 1;
     if (!s.status && (bad[0] | bad[1] | bad[2] | bad[3])) s.status = 2;
     return s;
 }
