@@ -152,9 +152,8 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     n = weight.size
     track_zeros = mask is None and len(ref.shape) >= 2  # a mask may be inferred from its zeros
     bits = np.empty((n + 7) // 8, dtype=np.uint8) if mask is not None else None
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums are reported below
-        abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, acc, buffers, checks,
-                                                              track_zeros, bits, raw_bf16, raw_bf16_mask)
+    abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, acc, buffers, checks,
+                                                          track_zeros, bits, raw_bf16, raw_bf16_mask)
     if not math.isfinite(abs_sum):
         raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
     if bits is not None and n % 8:  # the last byte's padding bits count as pruned
@@ -162,7 +161,7 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     for array in (ref.weight, ref.mask):
         if hasattr(array, "release"):
             array.release()
-    sums = TensorSums(shape=tuple(int(s) for s in ref.shape), n_params=int(n), masked=mask is not None,
+    sums = TensorSums(shape=tuple(map(int, ref.shape)), n_params=int(n), masked=mask is not None,
                       n_unpruned=int(n_unpruned if mask is not None else n),
                       n_nonzero=int(n_unpruned if mask is not None else n_nonzero),
                       abs_sum=abs_sum, path=str(ref.path), kind=dtype_kind(ref.weight))
@@ -179,6 +178,8 @@ def dtype_kind(array: Any) -> str:
     dtype = getattr(array, "dtype", None)
     if dtype is None:
         return "?"
+    if isinstance(dtype, np.dtype):   # the common case, without np.dtype()'s parsing
+        return dtype.kind
     try:
         return np.dtype(dtype).kind
     except TypeError:
@@ -208,30 +209,40 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, r
                 if zeros_bits is not None:
                     bits = _with_zero_bits(bits, n, start, stop, zeros_bits)
                 continue
-        if raw_bf16:
-            w = widen_bfloat16(w)
-        if raw_bf16_mask:
-            m = widen_bfloat16(m)
-        buf = buffers.get(acc, stop - start)
-        if w.dtype.kind in "iu":  # widen first: |INT_MIN| does not fit its own type
-            np.copyto(buf, w, casting="unsafe")
-            np.abs(buf, out=buf)
-        else:
-            np.abs(w, out=buf, casting="unsafe")
-        if mask is None:
-            nonzero = np.count_nonzero(buf)  # only needed when masks are inferred from zeros
-            n_nonzero += nonzero
-            if track_zeros and nonzero < stop - start:
-                bits = _with_zero_bits(bits, n, start, stop, np.packbits(buf != 0))
-        else:
-            ones, as_bool = _ones(m, ref, buffers)
-            n_unpruned += ones
-            bits[start // 8:(stop + 7) // 8] = np.packbits(as_bool)
-            np.multiply(buf, m, out=buf, casting="unsafe")
-        abs_sum += float(buf.sum(dtype=np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums are reported by the caller
+            chunk_sum, ones, nonzero, bits = _numpy_chunk(w, m, ref, acc, buffers, track_zeros, bits, n, start, stop,
+                                                          raw_bf16, raw_bf16_mask)
+        abs_sum += chunk_sum
+        n_unpruned += ones
+        n_nonzero += nonzero
     for check in checks:
         check.finish()
     return abs_sum, n_unpruned, n_nonzero, bits
+
+
+def _numpy_chunk(w, m, ref, acc, buffers, track_zeros, bits, n, start, stop, raw_bf16, raw_bf16_mask):
+    """(sum, ones, nonzeros, bits) of one chunk by numpy: the reference path (float32 |w|*m with reused
+    buffers, summed in float64)."""
+    ones = nonzero = 0
+    if raw_bf16:
+        w = widen_bfloat16(w)
+    if raw_bf16_mask:
+        m = widen_bfloat16(m)
+    buf = buffers.get(acc, stop - start)
+    if w.dtype.kind in "iu":  # widen first: |INT_MIN| does not fit its own type
+        np.copyto(buf, w, casting="unsafe")
+        np.abs(buf, out=buf)
+    else:
+        np.abs(w, out=buf, casting="unsafe")
+    if m is None:
+        nonzero = np.count_nonzero(buf)  # only needed when masks are inferred from zeros
+        if track_zeros and nonzero < stop - start:
+            bits = _with_zero_bits(bits, n, start, stop, np.packbits(buf != 0))
+    else:
+        ones, as_bool = _ones(m, ref, buffers)
+        bits[start // 8:(stop + 7) // 8] = np.packbits(as_bool)
+        np.multiply(buf, m, out=buf, casting="unsafe")
+    return float(buf.sum(dtype=np.float64)), ones, nonzero, bits
 
 
 def _with_zero_bits(bits, n: int, start: int, stop: int, packed: np.ndarray) -> np.ndarray:
