@@ -351,7 +351,7 @@ def kernels(data: Path, rounds: int, scale: float, cores: int) -> None:
 
     envs = {"kernel": None, "portable": {**os.environ, "FLOWSCAN_KERNEL": "portable"},
             "numpy": {**os.environ, "FLOWSCAN_KERNEL": "numpy"}}
-    isa = reduce.KERNEL.ISA if reduce.KERNEL is not None else "not compiled"
+    isa = getattr(reduce.KERNEL, "ISA", "compiled") if reduce.KERNEL is not None else "not compiled"
     print(f"flowscan analyze -j{cores} against one plain read of the same files (warm page cache); "
           f"kernel: its {isa} loop")
     print(f"{'weight x mask':<22} {'GB':>6} {'plain GB/s':>10}" + "".join(f" {k:>14}" for k in envs) + "   (GB/s, x plain read)")

@@ -57,6 +57,27 @@ def test_threads_cover_every_task_once_and_report_errors_as_messages(tmp_path):
     assert len(steps) == 20
 
 
+def test_threads_hand_the_gil_over_sooner_while_they_run_and_restore_it(tmp_path):
+    import sys
+
+    seen = []
+
+    def reduce_task(rnd, names, verify):
+        seen.append(sys.getswitchinterval())
+        return "ok"
+    before = sys.getswitchinterval()
+    tasks = [(0, Round(i, "x", (tmp_path / f"{i}.pt",))) for i in range(6)]
+    assert len(list(engines.map_rounds(tasks, pipeline.Options(jobs=2), None, reduce_task))) == 6
+    assert seen and max(seen) <= engines.GIL_TURN_SECONDS < before
+    assert sys.getswitchinterval() == before
+    # and after an error in the pool too
+    def failing(rnd, names, verify):
+        raise RuntimeError("worker bug")
+    with pytest.raises(RuntimeError):
+        list(engines.map_rounds(tasks, pipeline.Options(jobs=2), None, failing))
+    assert sys.getswitchinterval() == before
+
+
 def test_unknown_engine_and_unreachable_scheduler_are_named_errors(tmp_path, monkeypatch):
     from flowscan.errors import FlowscanError
 

@@ -140,3 +140,18 @@ def test_read_storages_are_handed_back_in_batches_of_adjacent_pages(tmp_path, mo
     assert mm.advised == [(0, 4 * page), (32 * page, 36 * page), (4 * page, 8 * page), (36 * page, 40 * page)]
     file.release("w0")   # a storage released twice is noted again, harmlessly
     assert len(mm.advised) == 4   # below a batch: nothing handed back yet
+
+
+def test_a_whole_storage_view_checks_its_shape_and_its_owner(tmp_path):
+    from flowscan.io import arrays
+
+    file = arrays.StorageFile(tmp_path / "x.safetensors", _FakeMapping(4096))
+    other = arrays.StorageFile(tmp_path / "y.safetensors", _FakeMapping(4096))
+    file.set_region("w", 0, 24)
+    storage = arrays.Storage(np.dtype(np.float32), 6, file, "w")
+    assert arrays.StoredArray.whole(storage, (2, 3), owner=file).stride == (3, 1)
+    for shape in ([2, 3], (2, -3), (True, 6), (2.0, 3), (4, 2), (6,) * 40):
+        with pytest.raises(ScanError):
+            arrays.StoredArray.whole(storage, shape, owner=file)
+    with pytest.raises(ScanError, match="not over a storage of this file"):
+        arrays.StoredArray.whole(storage, (6,), owner=other)

@@ -293,12 +293,13 @@ class StoredArray(Frozen):
     @classmethod
     def whole(cls, storage: Storage, shape: tuple[int, ...], *, owner: StorageFile,
               tensor: str | None = None) -> "StoredArray":
-        """All of `storage` in C order, as safetensors lays a tensor out. `shape` must be a tuple of
-        non-negative ints (the reader checked them); the view then lies inside its storage exactly
-        when its size is the storage's, so that is the one check left."""
+        """All of `storage` in C order, as safetensors lays a tensor out: a shape of non-negative
+        ints whose size is the storage's is all there is to check (no offset, no strides)."""
         if type(storage) is not Storage or storage.file is not owner:
             raise ScanError(owner.path, f"a tensor is built over {_describe(storage)}, not over a "
                                         "storage of this file (refused)", tensor=tensor)
+        if type(shape) is not tuple or not all(type(v) is int and v >= 0 for v in shape):
+            raise ScanError(owner.path, f"tensor shape {shape!r} is not non-negative integers", tensor=tensor)
         if len(shape) > MAX_DIMS or math.prod(shape) != storage.numel:
             raise ScanError(owner.path, f"tensor of shape {shape} does not fill its storage of "
                                         f"{storage.numel} elements", tensor=tensor)
