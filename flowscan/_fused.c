@@ -204,8 +204,10 @@ static ALWAYS_INLINE Sums fused_portable(const void *w, const int wk, const void
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,f16c,popcnt")))
 #define STEP 32
-/* elements e and e + 16 of a step in lanes 0 and 1: `count` elements per lane from each */
-#define LOAD_LANES(p, half) _mm256_loadu2_m128i((const __m128i *)((p) + (half)), (const __m128i *)(p))
+/* 16 bytes from p into lane 0 and 16 from p + half (elements) into lane 1 (what GCC 10's
+ * _mm256_loadu2_m128i does, spelled for older compilers) */
+#define LOAD_LANES(p, half) _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p))), \
+                                                    _mm_loadu_si128((const __m128i *)((p) + (half))), 1)
 
 typedef struct {
     __m256d sum[4];      /* |w| * 2^-896 of kept entries */
