@@ -104,15 +104,16 @@ static ALWAYS_INLINE void mask4(const void *m, const int mk, Py_ssize_t i, v4si 
     }
 }
 
-/* |w| of 4 elements kept by `keep` (32-bit lanes), as float64, and whether one is not finite */
-static ALWAYS_INLINE v4d kept4(const void *w, const int wk, Py_ssize_t i, v4si keep, v4si *bad) {
+/* |w| of 4 elements kept by `keep` (32-bit lanes), as float64; a non-finite |w| is noted in `bad`
+ * (float64 weights: in `bad64`, compared as doubles, which needs no 64-bit integer compare) */
+static ALWAYS_INLINE v4d kept4(const void *w, const int wk, Py_ssize_t i, v4si keep, v4si *bad, v4di *bad64) {
     if (wk == W_F64) {
         const v4di magnitude = {0x7FFFFFFFFFFFFFFFLL, 0x7FFFFFFFFFFFFFFFLL, 0x7FFFFFFFFFFFFFFFLL, 0x7FFFFFFFFFFFFFFFLL};
         const v4d largest = {1.7976931348623157e308, 1.7976931348623157e308, 1.7976931348623157e308, 1.7976931348623157e308};
         v4d x;
         memcpy(&x, (const double *)w + i, sizeof x);
         x = as_v4d(as_v4di(x) & magnitude);
-        *bad |= __builtin_convertvector(~(x <= largest), v4si);   /* NaN and infinity fail x <= DBL_MAX */
+        *bad64 |= ~(x <= largest);   /* NaN and infinity fail x <= DBL_MAX */
         return as_v4d(as_v4di(x) & __builtin_convertvector(keep, v4di));
     }
     v4u a = abs4(w, wk, i);
@@ -135,6 +136,7 @@ static ALWAYS_INLINE Sums fused_portable(const void *w, const int wk, const void
     const v4si high = {128, 64, 32, 16}, low = {8, 4, 2, 1}, none = {0, 0, 0, 0};
     v4d sum_lo = {0, 0, 0, 0}, sum_hi = {0, 0, 0, 0};   /* 8 float64 lanes */
     v4si bad = none;
+    v4di bad64 = {0, 0, 0, 0};
     int64_t ones = 0, zeros = 0;
     uint64_t seen = 0;   /* byte masks: every 8 bytes ORed (a byte above 1: not 0/1) */
     /* the last n % 8 elements go through the same code from zero-padded copies */
@@ -155,7 +157,7 @@ static ALWAYS_INLINE Sums fused_portable(const void *w, const int wk, const void
             if (mk == M_NONE) {
                 keep_lo = nonzero4(wp, wk, at), keep_hi = nonzero4(wp, wk, at + 4);
                 v4si all = ~none;
-                sum_lo += kept4(wp, wk, at, all, &bad), sum_hi += kept4(wp, wk, at + 4, all, &bad);
+                sum_lo += kept4(wp, wk, at, all, &bad, &bad64), sum_hi += kept4(wp, wk, at + 4, all, &bad, &bad64);
             } else {
                 mask4(mp, mk, at, &keep_lo, &zero_lo);
                 mask4(mp, mk, at + 4, &keep_hi, &zero_hi);
@@ -166,7 +168,7 @@ static ALWAYS_INLINE Sums fused_portable(const void *w, const int wk, const void
                 } else {
                     block_zeros -= zero_lo + zero_hi;
                 }
-                sum_lo += kept4(wp, wk, at, keep_lo, &bad), sum_hi += kept4(wp, wk, at + 4, keep_hi, &bad);
+                sum_lo += kept4(wp, wk, at, keep_lo, &bad, &bad64), sum_hi += kept4(wp, wk, at + 4, keep_hi, &bad, &bad64);
             }
             block_ones -= keep_lo + keep_hi;
             if (bits) {
@@ -186,7 +188,7 @@ static ALWAYS_INLINE Sums fused_portable(const void *w, const int wk, const void
     } else if (mk != M_NONE && ones + zeros - pad != n) {
         s.status = 1;
     }
-    if (!s.status && (bad[0] | bad[1] | bad[2] | bad[3])) s.status = 2;
+    if (!s.status && (bad[0] | bad[1] | bad[2] | bad[3] | bad64[0] | bad64[1] | bad64[2] | bad64[3])) s.status = 2;
     return s;
 }
 
