@@ -49,7 +49,6 @@ typedef float v4f __attribute__((vector_size(16)));
 typedef int v4si __attribute__((vector_size(16)));
 typedef unsigned v4u __attribute__((vector_size(16)));
 typedef unsigned short v4u16 __attribute__((vector_size(8)));
-typedef unsigned char v4u8 __attribute__((vector_size(4)));
 
 static ALWAYS_INLINE v4d as_v4d(v4di x) { v4d d; memcpy(&d, &x, sizeof d); return d; }
 static ALWAYS_INLINE v4di as_v4di(v4d x) { v4di d; memcpy(&d, &x, sizeof d); return d; }
@@ -77,15 +76,9 @@ static ALWAYS_INLINE v4u abs4(const void *w, const int wk, Py_ssize_t i) {
     return (normal & ~is_sub) | (sub & is_sub) | (is_special & 0x7F800000u);
 }
 
-/* mask elements i..i+3: -1 where the mask is exactly 1 (keep) or exactly 0 (zero), else 0 */
+/* float mask elements i..i+3: -1 where the mask is exactly 1 (keep) or exactly 0 (zero), else 0 */
 static ALWAYS_INLINE void mask4(const void *m, const int mk, Py_ssize_t i, v4si *keep, v4si *zero) {
-    if (mk == M_BYTE) {
-        v4u8 raw;
-        memcpy(&raw, (const uint8_t *)m + i, sizeof raw);
-        v4si x = __builtin_convertvector(raw, v4si);
-        *keep = x == 1;
-        *zero = x == 0;
-    } else if (mk == M_F32) {
+    if (mk == M_F32) {
         v4f x;
         memcpy(&x, (const float *)m + i, sizeof x);
         *keep = x == 1.0f;
@@ -159,13 +152,17 @@ static ALWAYS_INLINE Sums fused_portable(const void *w, const int wk, const void
                 v4si all = ~none;
                 sum_lo += kept4(wp, wk, at, all, &bad, &bad64), sum_hi += kept4(wp, wk, at + 4, all, &bad, &bad64);
             } else {
-                mask4(mp, mk, at, &keep_lo, &zero_lo);
-                mask4(mp, mk, at + 4, &keep_hi, &zero_hi);
-                if (mk == M_BYTE) {
+                if (mk == M_BYTE) {   /* 8 bytes as one word: their bits by one multiplication (SSE2
+                                       * would widen 4 bytes to 4 ints one byte at a time) */
                     uint64_t word;
                     memcpy(&word, (const uint8_t *)mp + at, 8);
                     seen |= word;
+                    int byte = (int)((word * 0x8040201008040201ULL) >> 56);   /* byte j -> bit 7-j */
+                    v4si spread = {byte, byte, byte, byte};
+                    keep_lo = (spread & high) != 0, keep_hi = (spread & low) != 0;
                 } else {
+                    mask4(mp, mk, at, &keep_lo, &zero_lo);
+                    mask4(mp, mk, at + 4, &keep_hi, &zero_hi);
                     block_zeros -= zero_lo + zero_hi;
                 }
                 sum_lo += kept4(wp, wk, at, keep_lo, &bad, &bad64), sum_hi += kept4(wp, wk, at + 4, keep_hi, &bad, &bad64);
