@@ -23,7 +23,8 @@ the parent's only: workers hold one round each) and the ratios the targets are s
 builds 5,000 small checkpoint files (1,000 runs x 5 rounds of a small MLP, safetensors and
 prune-style) and times `flowscan inspect` over them (headers only), in checkpoints per second.
 
-    python benchmarks/bench_scan.py --inner-loop    # the chunk reduction against numexpr, numba
+    python benchmarks/bench_scan.py --inner-loop    # the chunk reduction against numexpr, numba and
+        # the kernel's loops; then each loop per dtype pair on one chunk in cache
     python benchmarks/bench_scan.py --kernels --scale 0.25 --rounds 4
         # the fused kernel (flowscan/_fused.c: its fastest loop, and FLOWSCAN_KERNEL=portable)
         # against the numpy path (FLOWSCAN_KERNEL=numpy) for every weight x mask dtype pair, as
@@ -246,9 +247,16 @@ def inner_loop(n: int = 25_000_000) -> None:
     m = (rng.random(n) < 0.5).astype(np.uint8)
     gb = (w.nbytes + m.nbytes) / 1e9
 
-    def numpy_chunks():
-        bits = np.empty((n + 7) // 8, np.uint8)
-        return _reduce_chunks(w, m, TensorRef("x", w, m, "p"), np.dtype(np.float32), _Buffers(), [], False, bits)[0]
+    from flowscan import reduce
+
+    def numpy_chunks():   # flowscan's numpy path: the kernel set aside
+        saved, reduce.KERNEL = reduce.KERNEL, None
+        try:
+            bits = np.empty((n + 7) // 8, np.uint8)
+            return _reduce_chunks(w, m, TensorRef("x", w, m, "p"), np.dtype(np.float32), _Buffers(), [], False,
+                                  bits)[0]
+        finally:
+            reduce.KERNEL = saved
 
     candidates = {"numpy, chunked (flowscan)": numpy_chunks}
     try:
@@ -286,6 +294,15 @@ def inner_loop(n: int = 25_000_000) -> None:
         candidates["numba"] = numba_pass
     except ImportError:
         print("numba: not installed")
+    if reduce.KERNEL is not None:
+        for isa in getattr(reduce.KERNEL, "ISAS", ()):
+            def kernel_pass(isa=isa):
+                bits, total = np.empty((n + 7) // 8, np.uint8), 0.0
+                for s in range(0, n, CHUNK):
+                    total += reduce.KERNEL.reduce_chunk(w[s:s + CHUNK], "f4", m[s:s + CHUNK], "u1",
+                                                        bits[s // 8:(s + CHUNK) // 8], isa)[0]
+                return total
+            candidates[f"flowscan kernel, {isa} loop"] = kernel_pass
     reference = numpy_chunks()
     for name, fn in candidates.items():
         times = []
@@ -294,6 +311,43 @@ def inner_loop(n: int = 25_000_000) -> None:
             value = fn()
             times.append(time.perf_counter() - start)
         print(f"{name:<28} {gb / min(times):6.2f} GB/s  (relative difference {abs(value - reference) / reference:.1e})")
+
+
+def kernel_loops(repeat: int = 200) -> None:
+    """Each loop of the compiled kernel on one chunk held in cache, per weight x mask dtype pair, in
+    G elements/s: the loop's own speed, without memory, page faults or Python around it."""
+    from flowscan import reduce
+    from flowscan.reduce import CHUNK
+
+    if reduce.KERNEL is None:
+        print("the kernel is not compiled here")
+        return
+    rng = np.random.default_rng(0)
+    w32 = rng.standard_normal(CHUNK, dtype=np.float32)
+    keep = rng.random(CHUNK) < 0.5
+    weights = {"float32": (w32, "f4"), "float16": (w32.astype(np.float16), "f2"),
+               "bfloat16": ((w32.view(np.uint32) >> 16).astype(np.uint16), "bf16"),
+               "float64": (w32.astype(np.float64), "f8")}
+    masks = {"none": (None, ""), "uint8": (keep.astype(np.uint8), "u1"), "float32": (keep.astype(np.float32), "f4"),
+             "float16": (keep.astype(np.float16), "f2")}
+    bits = np.empty(CHUNK // 8, np.uint8)
+    for _ in range(50):   # warm up: the first calls of a process run slow
+        reduce.KERNEL.reduce_chunk(w32, "f4", None, "", bits)
+    isas = getattr(reduce.KERNEL, "ISAS", ("one loop",))   # an older build has a single loop
+    print(f"{'weight x mask':<20}" + "".join(f" {isa:>10}" for isa in isas) + "   (G elements/s, one chunk in cache)")
+    for wname, (w, wcode) in weights.items():
+        for mname, (m, mcode) in masks.items():
+            cells = ""
+            for isa in isas:
+                args = (w, wcode, m, mcode, bits) + ((isa,) if hasattr(reduce.KERNEL, "ISAS") else ())
+                best = float("inf")
+                for _ in range(5):   # the best of 5 batches: noise only adds time
+                    start = time.perf_counter()
+                    for _ in range(repeat // 5):
+                        reduce.KERNEL.reduce_chunk(*args)
+                    best = min(best, time.perf_counter() - start)
+                cells += f" {CHUNK * (repeat // 5) / best / 1e9:>10.2f}"
+            print(f"{wname + ' x ' + mname:<20}{cells}", flush=True)
 
 
 def many(data: Path, n_files: int, jobs: int) -> None:
@@ -404,7 +458,7 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
     parser.add_argument("--many", type=int, metavar="N", help="time analyze, analyze --no-verify and inspect of N small checkpoint files "
                              "beside the naive torch.load loop instead")
-    parser.add_argument("--inner-loop", action="store_true", help="time the chunk reduction against candidates")
+    parser.add_argument("--inner-loop", action="store_true", help="time the chunk reduction against candidates, and the kernel's loops per dtype pair")
     parser.add_argument("--kernels", action="store_true",
                         help="the fused kernel against the numpy path for every dtype pair, and the CLI start-up")
     parser.add_argument("--cores", type=int, default=None, help="jobs for the all-cores runs (default: all)")
@@ -420,6 +474,7 @@ def main() -> None:
         return
     if args.inner_loop:
         inner_loop()
+        kernel_loops()
         return
     if args.kernels:
         kernels(args.data, args.rounds, args.scale, cores)
