@@ -253,8 +253,7 @@ def inner_loop(n: int = 25_000_000) -> None:
         saved, reduce.KERNEL = reduce.KERNEL, None
         try:
             bits = np.empty((n + 7) // 8, np.uint8)
-            return _reduce_chunks(w, m, TensorRef("x", w, m, "p"), np.dtype(np.float32), _Buffers(), [], False,
-                                  bits)[0]
+            return _reduce_chunks(w, m, TensorRef("x", w, m, "p"), _Buffers(), [], False, bits)[0]
         finally:
             reduce.KERNEL = saved
 

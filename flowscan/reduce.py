@@ -142,7 +142,6 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     weight = _flat(ref.weight, raw_bf16)
     if weight.dtype.kind not in "fiubc":
         raise ScanError(ref.path, f"weight has non-numeric dtype {weight.dtype}", tensor=ref.name)
-    acc = _accumulator(np.dtype(np.float32) if raw_bf16 else weight.dtype)
     raw_bf16_mask = _raw_bfloat16(ref.mask)
     mask = None if ref.mask is None else _flat(ref.mask, raw_bf16_mask)
     if mask is not None and mask.dtype.kind not in "fiub":
@@ -152,7 +151,7 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     n = weight.size
     track_zeros = mask is None and len(ref.shape) >= 2  # a mask may be inferred from its zeros
     bits = np.empty((n + 7) // 8, dtype=np.uint8) if mask is not None else None
-    abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, acc, buffers, checks,
+    abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, buffers, checks,
                                                           track_zeros, bits, raw_bf16, raw_bf16_mask)
     if not math.isfinite(abs_sum):
         raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
@@ -186,7 +185,7 @@ def dtype_kind(array: Any) -> str:
         return "f" if str(dtype) == "bfloat16" else "?"
 
 
-def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, raw_bf16=False,
+def _reduce_chunks(weight, mask, ref, buffers, checks, track_zeros, bits, raw_bf16=False,
                    raw_bf16_mask=False):
     """The chunked pass of `reduce_tensor`: (sum |m*w|, ones in the mask, nonzeros, packed bits).
     `raw_bf16`/`raw_bf16_mask`: the weight/mask is bfloat16 as its raw bits (for the kernel)."""
@@ -210,7 +209,7 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, r
                     bits = _with_zero_bits(bits, n, start, stop, zeros_bits)
                 continue
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums are reported by the caller
-            chunk_sum, ones, nonzero, bits = _numpy_chunk(w, m, ref, acc, buffers, track_zeros, bits, n, start, stop,
+            chunk_sum, ones, nonzero, bits = _numpy_chunk(w, m, ref, buffers, track_zeros, bits, n, start, stop,
                                                           raw_bf16, raw_bf16_mask)
         abs_sum += chunk_sum
         n_unpruned += ones
@@ -220,7 +219,7 @@ def _reduce_chunks(weight, mask, ref, acc, buffers, checks, track_zeros, bits, r
     return abs_sum, n_unpruned, n_nonzero, bits
 
 
-def _numpy_chunk(w, m, ref, acc, buffers, track_zeros, bits, n, start, stop, raw_bf16, raw_bf16_mask):
+def _numpy_chunk(w, m, ref, buffers, track_zeros, bits, n, start, stop, raw_bf16, raw_bf16_mask):
     """(sum, ones, nonzeros, bits) of one chunk by numpy: the reference path (float32 |w|*m with reused
     buffers, summed in float64)."""
     ones = nonzero = 0
@@ -228,7 +227,7 @@ def _numpy_chunk(w, m, ref, acc, buffers, track_zeros, bits, n, start, stop, raw
         w = widen_bfloat16(w)
     if raw_bf16_mask:
         m = widen_bfloat16(m)
-    buf = buffers.get(acc, stop - start)
+    buf = buffers.get(_accumulator(w.dtype), stop - start)
     if w.dtype.kind in "iu":  # widen first: |INT_MIN| does not fit its own type
         np.copyto(buf, w, casting="unsafe")
         np.abs(buf, out=buf)
