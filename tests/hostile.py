@@ -211,6 +211,12 @@ def _spoof(state: dict):
     return Build(New(Global("evil", "FakeStorage")), state)
 
 
+def _spoof_container(interface: dict):
+    """An allow-listed container whose BUILD state claims to be an array."""
+    return Build(Call(_ORDERED_DICT), {"shape": interface["shape"], "dtype": "float32",
+                                       "__array_interface__": interface})
+
+
 def _raw_deep(levels: int) -> Raw:
     return Raw(b"]" * levels + b"a" * (levels - 1))   # EMPTY_LIST x n, APPEND x (n-1)
 
@@ -297,6 +303,24 @@ def payloads(canary: Path, t: Tensors) -> dict[str, object]:
                                                      (None, {"_fn": Global("collections", "OrderedDict")})),
         "BUILD on a stub class": lambda: Build(Global("evil", "Thing"), (None, {"__array_interface__": {}})),
         "BUILD on OrderedDict": lambda: Build(Global("collections", "OrderedDict"), {"__init__": 1}),
+        # allow-listed containers posing as arrays (numpy would follow the interface)
+        "OrderedDict with a buffer interface": lambda: _spoof_container({"data": b"\x00", "shape": (1 << 16,),
+                                                                         "typestr": "<f4", "version": 3}),
+        "OrderedDict with a pointer interface": lambda: _spoof_container({"data": (4096, False), "shape": (16,),
+                                                                          "typestr": "<f4", "version": 3}),
+        "Parameter of an OrderedDict posing as an array": lambda: Call(
+            Global("torch._utils", "_rebuild_parameter"),
+            _spoof_container({"data": (4096, False), "shape": (16,), "typestr": "<f4", "version": 3}), False,
+            Call(_ORDERED_DICT)),
+        "numpy _frombuffer of a size": lambda: Call(Global("numpy._core.numeric", "_frombuffer"), 1 << 33,
+                                                    Call(Global("numpy", "dtype"), "f4", False, True), (1 << 31,), "C"),
+        # code-execution gadgets outside the obvious families
+        "pydoc.pipepager": lambda: Call(Global("pydoc", "pipepager"), "x", f"touch {c}"),
+        "uuid._get_command_stdout": lambda: Call(Global("uuid", "_get_command_stdout"), "touch", str(c)),
+        "numpy.ctypeslib.load_library": lambda: Call(Global("numpy.ctypeslib", "load_library"), "libc", "/lib"),
+        "logging.config.listen": lambda: Call(Global("logging.config", "listen"), 0),
+        "idlelib.pyshell.ModifiedInterpreter": lambda: Call(Global("idlelib.pyshell", "ModifiedInterpreter"), None),
+        "lib2to3.main.main": lambda: Call(Global("lib2to3.main", "main"), "lib2to3.fixes"),
         # stub attribute spoofing: a fake storage handed to a tensor rebuilder
         "stub storage with pointer interface": lambda: rebuild(_spoof({
             "shape": (1 << 20,), "dtype": "float32", "numel": 1 << 20,
@@ -360,7 +384,8 @@ ZIP_ONLY = ("flipped tensor bytes (CRC-32)", "zip bomb data.pkl", "compressed st
             "member listed twice", "zip flag 0x1 (encrypted)", "zip flag 0x20 (patched)",
             "zip flag 0x40 (strong encryption)", "local header names another member",
             "second pickle stream in data.pkl", "two data.pkl members", "protocol-0 pickle without magic",
-            "protocol-1 pickle without magic", "7z-wrapped checkpoint", "broken pickle after a hostile global")
+            "protocol-1 pickle without magic", "7z-wrapped checkpoint", "broken pickle after a hostile global",
+            "hostile pickle before a valid zip (polyglot)", "one byte before a valid zip")
 
 
 # -- planting ----------------------------------------------------------------------------------
@@ -463,6 +488,10 @@ def zip_damage(kind: str, dest: Path, canary: Path = Path("/nonexistent")) -> Pa
         target.write_bytes(b"7z\xbc\xaf\x27\x1c\x00\x04" + b"\x00" * 24 + data)
     elif kind == "broken pickle after a hostile global":
         target.write_bytes(b"\x80\x02cos\nsystem\nq\x00X\x05\x00\x00\x00touch")
+    elif kind in ("hostile pickle before a valid zip (polyglot)", "one byte before a valid zip"):
+        write_zip(target, data, t.storages)   # torch.load sees no zip at byte 0 and unpickles the start
+        prefix = dumps(_canary_call("os", "system", canary)) if "polyglot" in kind else b"\x00"
+        target.write_bytes(prefix + target.read_bytes())
     elif kind == "member listed twice":
         with warnings.catch_warnings():   # zipfile warns, rightly
             warnings.simplefilter("ignore")

@@ -23,12 +23,14 @@ stored, nesting past a limit, and sizes past the stream's end.
 from __future__ import annotations
 
 import _compat_pickle
+import builtins
 import codecs
 import collections
 import hashlib
 import io
 import pickle
 import pickletools
+import sys
 import threading
 from collections import Counter
 from typing import Any, Callable
@@ -54,13 +56,28 @@ HOSTILE_MODULES = frozenset({
     "venv", "distutils", "setuptools", "torch.hub", "torch.serialization", "torch._inductor",
     "torch.jit", "torch.package", "torch._dynamo", "torch.utils.cpp_extension", "numpy.testing",
     "numpy.f2py", "numpy.distutils",
+    # standard-library families whose classes, too, run programs, open files or listen on sockets
+    "pydoc", "idlelib", "lib2to3", "logging", "zipfile", "tarfile", "shelve", "dbm", "sqlite3",
+    "mailbox", "xmlrpc", "socketserver", "wsgiref", "tkinter", "turtle", "turtledemo", "doctest",
+    "unittest", "cgi", "cgitb", "concurrent", "sched", "mmap", "fcntl", "select", "selectors",
+    "imaplib", "poplib", "nntplib", "mimetypes", "compileall", "py_compile", "zipapp", "fileinput",
+    "linecache", "tabnanny", "pstats", "resource", "pwd", "grp", "termios", "tty", "curses",
+    "readline", "rlcompleter", "sysconfig", "_sitebuiltins", "antigravity",
+    # third-party gadgets: native libraries, graph code generation, pickle and YAML loaders
+    "numpy.ctypeslib", "numpy.lib.npyio", "numpy.lib._npyio_impl", "numpy.lib.format",
+    "numpy.lib._format_impl", "torch.fx", "torch._ops", "torch.ops", "torch.distributed",
+    "torch.multiprocessing", "torch.testing", "torch._C", "torch.library", "torch.compiler",
+    "torch.utils._config_module", "yaml", "ruamel", "jinja2", "mako", "pandas.io", "IPython",
+    "huggingface_hub", "transformers.dynamic_module_utils", "keras.utils", "tensorflow.io",
+    "sklearn.externals", "_pytest", "pytest",
 })
 # Single names that run code, load pickles or touch files.
 HOSTILE_NAMES = frozenset({
     ("builtins", n) for n in ("eval", "exec", "execfile", "compile", "__import__", "getattr",
                               "setattr", "delattr", "open", "input", "breakpoint", "globals",
                               "locals", "vars", "apply", "file", "reload", "exit", "quit", "help",
-                              "__loader__", "__build_class__", "memoryview", "type", "super")
+                              "__loader__", "__build_class__", "memoryview", "type", "super",
+                              "map", "filter", "property", "classmethod", "staticmethod")
 } | {
     ("operator", "attrgetter"), ("operator", "methodcaller"), ("_operator", "attrgetter"),
     ("_operator", "methodcaller"), ("functools", "partial"), ("functools", "reduce"),
@@ -87,16 +104,44 @@ MAX_MEMO_INDEX = 1 << 24       # pickle writes memo indices 0, 1, 2, ... in orde
 MAX_STACK_DEPTH = 5_000        # nesting; a pickled BERT module reaches a few dozen
 
 
+# Standard-library names that are data types although not written in CapWords
+STDLIB_DATA = frozenset({
+    ("datetime", "datetime"), ("datetime", "date"), ("datetime", "time"), ("datetime", "timedelta"),
+    ("datetime", "timezone"), ("collections", "deque"), ("collections", "defaultdict"),
+    ("array", "array"), ("array", "_array_reconstructor"), ("copyreg", "_reconstructor"),
+    ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("_codecs", "encode"),
+})
+_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ())) | {"__builtin__", "copy_reg"}
+
+
+def _is_class_name(name: str) -> bool:
+    return name[:1].isupper()
+
+
 def is_hostile(module: str, name: str) -> bool:
-    """A name that can run code, load a pickle or touch files (refused); benign data types are not."""
-    if (module, name) in BENIGN_NAMES:
+    """A name that can run code, load a pickle or touch files (refused); data types are not.
+
+    Besides the families named above: a function of the standard library (a name not written as a
+    class, or a private one), or a method reached through a dotted name, is a callable that can run
+    code, never a data type, so naming one makes the file hostile even though nothing would call it
+    here. Unknown classes of other packages stay inert records."""
+    if (module, name) in BENIGN_NAMES or (module, name) in STDLIB_DATA:
         return False
     if (module, name) in HOSTILE_NAMES:
         return True
     if any(module == m or module.startswith(m + ".") for m in HOSTILE_MODULES):
         return True
-    # a dotted name is resolved attribute by attribute by pickle (`posixpath` + `os.system`)
-    return any(part in _HOSTILE_COMPONENTS for part in name.split(".")) and "." in name
+    parts = name.split(".")
+    # a dotted name is resolved attribute by attribute by pickle (`posixpath` + `os.system`,
+    # `pathlib.Path.write_text`): only nested classes are data
+    if len(parts) > 1 and (any(p in _HOSTILE_COMPONENTS for p in parts) or not _is_class_name(parts[-1])):
+        return True
+    top = module.split(".")[0]
+    if top in _STDLIB:
+        if top in ("builtins", "__builtin__"):
+            return not isinstance(getattr(builtins, name, None), type)
+        return top.startswith("_") or not _is_class_name(parts[-1])
+    return False
 
 
 class _Rejected(Exception):
@@ -275,7 +320,10 @@ def _ndarray_reconstruct(cls, shape, typecode):
 
 
 def _np_frombuffer(buffer, dtype, shape, order):
-    # numpy's protocol-5 arrays: numpy._core.numeric._frombuffer(buf, dtype, shape, order)
+    # numpy's protocol-5 arrays: numpy._core.numeric._frombuffer(buf, dtype, shape, order); the
+    # buffer must be bytes the pickle holds (`bytes(n)` of an integer would make n bytes from nothing)
+    if type(buffer) not in (bytes, bytearray, memoryview):
+        raise _Rejected(f"numpy _frombuffer of a {type(buffer).__name__}, not of bytes the file holds")
     dtype = _np_dtype(dtype)
     if order not in ("C", "F"):
         raise _Rejected(f"numpy _frombuffer with order {order!r}")
@@ -286,6 +334,43 @@ def _scalar(dtype, data=None):
     if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
         raise _Rejected("numpy scalar of a non-numeric dtype")
     return _np_scalar(dtype, data)
+
+
+# Attribute names that would make a container look like an array (or change how Python treats it)
+_ARRAY_ATTRIBUTES = frozenset({"shape", "dtype", "ndim", "strides", "data", "size", "itemsize", "nbytes"})
+
+
+class PickledOrderedDict(collections.OrderedDict):
+    """`collections.OrderedDict` as a pickle rebuilds it. A real OrderedDict has a `__dict__`, so a
+    pickle's BUILD could give it `shape`, `dtype` and `__array_interface__` and numpy would follow a
+    pointer of the attacker's choice. Here BUILD's state (torch keeps a state dict's `_metadata`
+    there) is kept in a private slot, never as attributes; array-like or dunder names are refused."""
+
+    __slots__ = ("_pickled_state",)
+
+    def __setstate__(self, state):
+        names = stub_state_names(state)
+        bad = sorted(n for n in names if not isinstance(n, str) or n.startswith("__") or n in _ARRAY_ATTRIBUTES)
+        if bad:
+            raise _Rejected(f"a pickle tried to give collections.OrderedDict the attribute {bad[0]!r}")
+        object.__setattr__(self, "_pickled_state", state)
+
+    def __setattr__(self, name, value):
+        raise _Rejected(f"a pickle tried to set attribute {name!r} of collections.OrderedDict")
+
+    __delattr__ = __setattr__
+
+
+def stub_state_names(state) -> list:
+    """The attribute names a BUILD state would set: keys of a dict, or of both halves of (dict, slots)."""
+    parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
+    names: list = []
+    for part in parts:
+        if isinstance(part, dict):
+            names.extend(part)
+        elif part is not None:
+            raise _Rejected(f"BUILD state of a {type(part).__name__} for collections.OrderedDict")
+    return names
 
 
 def _defaultdict(*args):
@@ -305,7 +390,7 @@ _BASE_ALLOWED: dict[tuple[str, str], Any] = {}
 
 def _make_base_allowed() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,   # immutable C types
+        ("collections", "OrderedDict"): PickledOrderedDict,   # these and the C types below take no attributes
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("builtins", "slice"): slice,

@@ -71,4 +71,11 @@ def unique_members(path: Path, zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo
         raise ScanError(path, f"archive lists member {twice[0]!r} twice (which copy is meant?)")
     for info in infos:
         check_flags(info, path)
+    start = min((i.header_offset for i in infos), default=0)
+    if start:
+        # zipfile finds an archive from its end, so bytes before it go unread here; torch.load,
+        # numpy.load and Keras look at the first bytes, see no zip and unpickle them
+        raise ScanError(path, f"the zip archive starts at byte {start}, after {start} bytes of something "
+                              "else: a disguised file (torch.load would read those bytes as a pickle "
+                              "and run it); refused")
     return {i.filename: i for i in infos}

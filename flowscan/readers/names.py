@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import LoadedArray
+from flowscan.io.arrays import ChunkedArray, LoadedArray, StoredArray
 from flowscan.io.torch_file import UnreadableTensor
 from flowscan.readers.base import NameOptions, RawRound, TensorRef
 
@@ -38,8 +38,14 @@ def canonical(name: str, opts: NameOptions) -> str | None:
     return name
 
 
+# The array types readers build themselves. Nothing else is a tensor, whatever attributes it has:
+# an object from a file that carried `shape`, `dtype` and `__array_interface__` would have numpy
+# follow a pointer the file chose.
+LAZY_ARRAY_TYPES = (StoredArray, LoadedArray, ChunkedArray)
+
+
 def is_array(value: Any) -> bool:
-    return hasattr(value, "shape") and hasattr(value, "dtype")
+    return type(value) is np.ndarray or isinstance(value, LAZY_ARRAY_TYPES)   # not a subclass of ndarray
 
 
 def is_tensor(value: Any) -> bool:
