@@ -153,3 +153,4 @@ def big_run(folder: Path, rounds: int = 3, shape=(512, 1024)) -> tuple[Path, Pat
         torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}},
                    pt / f"{r}checkpoint.pth.tar")
     return st, pt
+

@@ -236,3 +236,52 @@ def test_remote_scans_never_ask_above_the_url_given(tmp_path, archive):
         run_cli("inspect", f"{server.url}/{archive}", "-q")
     above = [p for p in server.paths if not p.startswith(f"/{archive}/") and p != f"/{archive}"]
     assert server.paths and not above, above
+
+
+@pytest.mark.parametrize("where", ["another port", "above the URL", "beside the URL", "another scheme"])
+def test_a_redirect_that_leaves_the_url_given_is_refused_by_name(tmp_path, monkeypatch, where):
+    import servers
+
+    root = tmp_path / "archive"
+    for run in ("runs/good", "runs/moved", "runsx/moved"):
+        shutil.copytree(FIXTURES / "closed-form" / "safetensors", root / run)
+    original = servers._Handler.do_GET
+    targets = {}
+
+    def redirect_one_file(self):
+        if self.path == "/runs/moved/round_1.safetensors":
+            self.send_response(302)
+            self.send_header("Location", targets[where])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        return original(self)
+
+    monkeypatch.setattr(servers._Handler, "do_GET", redirect_one_file)
+    monkeypatch.setattr(servers._Handler, "do_HEAD", redirect_one_file)
+    with file_server(root) as real, file_server(root) as front:
+        port = real.url.rsplit(":", 1)[1]
+        targets.update({"another port": f"{real.url}/runs/moved/round_1.safetensors", "above the URL": "/secret",
+                        "beside the URL": "/runsx/moved/round_1.safetensors",
+                        "another scheme": f"https://127.0.0.1:{port}/runs/moved/round_1.safetensors"})
+        result = run_cli("analyze", f"{front.url}/runs/", "-o", tmp_path / "out", "-q", expect=1)
+    runs = pl.read_parquet(tmp_path / "out" / "runs.parquet")
+    status, errors = dict(zip(runs["run"], runs["status"])), dict(zip(runs["run"], runs["error"]))
+    assert status["good"] == "ok" and status["moved"] == "error", runs
+    assert "round_1.safetensors redirects to" in errors["moved"] and "(not followed)" in errors["moved"], errors["moved"]
+    assert "Traceback" not in result.output
+    assert not real.paths or where != "another port", real.paths   # never asked
+
+
+def test_a_redirect_below_the_url_given_is_followed(tmp_path):
+    from flowscan.io.location import within
+
+    assert within("http://h:8/a/b/c", "http://h:8/a/b/") and within("http://h/a/b", "http://h:80/a/b")
+    assert not within("http://h:9/a/b/c", "http://h:8/a/b/") and not within("https://h:8/a/b/c", "http://h:8/a/b")
+    assert not within("http://h:8/a/bc", "http://h:8/a/b") and not within("http://g:8/a/b/c", "http://h:8/a/b")
+    assert not within("http://h:x/a/b", "http://h/a/b")
+    root = tmp_path / "archive"
+    shutil.copytree(FIXTURES / "closed-form" / "safetensors", root / "runs" / "good")
+    with file_server(root) as server:   # http.server redirects a folder without its slash to one with it
+        analyze(f"{server.url}/runs", tmp_path / "out")
+        assert "/runs/good" in server.paths and "/runs/good/" in server.paths

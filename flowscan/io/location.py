@@ -124,7 +124,8 @@ class Store:
                 return self._listings[folder]
         try:
             entries = self.fs.ls(folder, detail=True)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            refused_redirect(exc, folder)
             entries = []
         found = {}
         for entry in entries:
@@ -214,8 +215,9 @@ def _store(url: str) -> tuple[Store, str]:
 
     fsspec = extras.require("fsspec", f"{url}: reading remote archives")
     protocol = _URL.match(url).group(1).lower()
+    options = {"client_kwargs": {"trace_configs": [_redirect_guard(url)]}} if protocol in ("http", "https") else {}
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         package = PROTOCOLS.get(protocol, ("its fsspec implementation", None))[0]
         raise FlowscanError(f"{url}: {protocol}:// needs {package}: {extras.install_hint(package)} ({exc})") from None
@@ -224,6 +226,51 @@ def _store(url: str) -> tuple[Store, str]:
     key = (protocol, getattr(fs, "_fs_token", id(fs)))
     store = _STORES.setdefault(key, Store(fs, protocol))
     return store, path
+
+
+class RedirectRefused(OSError):
+    """A web server sent a read elsewhere than below the URL given."""
+
+
+def within(url: str, prefix: str) -> bool:
+    """Whether `url` is `prefix` or below it: same scheme, host and port, and a path under its path."""
+    from urllib.parse import urlsplit
+
+    a, b = urlsplit(url), urlsplit(prefix)
+    try:
+        same_server = (a.scheme.lower(), a.hostname, a.port or _PORTS.get(a.scheme.lower())) == \
+            (b.scheme.lower(), b.hostname, b.port or _PORTS.get(b.scheme.lower()))
+    except ValueError:   # a port that is not a number
+        return False
+    top = b.path.rstrip("/")
+    return same_server and (a.path.rstrip("/") == top or a.path.startswith(top + "/"))
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+def refused_redirect(exc: BaseException, where) -> None:
+    """Raise the refused redirect behind `exc` (fsspec reports it as "not found") as this path's error."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, RedirectRefused):
+            raise ScanError(where, str(seen)) from None
+        seen = seen.__cause__ or seen.__context__
+
+
+def _redirect_guard(prefix: str):
+    """An aiohttp trace that stops a redirect leaving `prefix` before it is followed (one that stays
+    below it, such as a folder's added slash, is followed)."""
+    import aiohttp
+
+    async def on_redirect(_session, _context, params) -> None:
+        target = str(params.url.join(aiohttp.client.URL(params.response.headers.get("Location", ""))))
+        if not within(target, prefix):
+            raise RedirectRefused(f"{params.url} redirects to {target}, outside {prefix} (not followed)")
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(on_redirect)
+    return trace
 
 
 class RemotePath:
@@ -333,7 +380,12 @@ class RemotePath:
         if entry is None or entry.get("type") != "file":
             raise FileNotFoundError(2, "no such file", str(self))
         if entry.get("size") is None:  # HTTP listings have no sizes: ask for them once
-            entry.update({k: v for k, v in self.store.fs.info(self.path).items() if k != "type"})
+            try:
+                info = self.store.fs.info(self.path)
+            except FileNotFoundError as exc:
+                refused_redirect(exc, self)
+                raise
+            entry.update({k: v for k, v in info.items() if k != "type"})
         if entry.get("size") is None:
             raise ScanError(self, "the server does not report this file's size (no Content-Length)")
         stamp = entry.get("ETag") or entry.get("etag") or entry.get("LastModified") or entry.get("mtime") or ""
