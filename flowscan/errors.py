@@ -5,9 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 
+# Control characters (C0, DEL, C1) and the bidirectional overrides that reorder what a terminal
+# shows: a name holding them could retitle the terminal, move the cursor or forge a line of output.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+_CONTROLS.update({c: f"\\u{c:04x}" for c in (0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_CONTROLS_BUT_NEWLINES = {c: v for c, v in _CONTROLS.items() if c != ord("\n")}
+
+
 def printable(text: str) -> str:
-    """Text safe to print and to store in parquet: bytes of non-UTF-8 file names become \\xNN."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A name (or one-line message) safe to print and to store in parquet: bytes of non-UTF-8 file
+    names become \\xNN, control characters \\n, \\x1b, ... (escaped, never interpreted)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_CONTROLS)
+
+
+def terminal_safe(text: str) -> str:
+    """Output of several lines with every control character but the newline escaped."""
+    return text.translate(_CONTROLS_BUT_NEWLINES)
 
 
 class FlowscanError(Exception):

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
+from flowscan.errors import printable
 from flowscan.flow import relevance
 from flowscan.pipeline import Inspection, RunResult
 
@@ -122,7 +123,7 @@ def inspection_text(items: Sequence[Inspection]) -> str:
     lines = []
     for item in items:
         run = item.run
-        lines.append(f"run {run.name}  [format {run.format}]  {run.path}")
+        lines.append(f"run {run.name}  [format {run.format}]  {printable(str(run.path))}")
         for note in run.notes:
             lines.append(f"  note: {note}")
         if item.error:
@@ -131,7 +132,7 @@ def inspection_text(items: Sequence[Inspection]) -> str:
         lines.append(f"  rounds: {completeness_text(run)}")
         for rnd in run.rounds:
             metrics = " ".join(f"{k}={v:.4g}" for k, v in rnd.metrics.items())
-            files = ", ".join(str(p) for p in rnd.files)
+            files = ", ".join(printable(str(p)) for p in rnd.files)
             lines.append(f"    {rnd.index:>3}  {files}" + (f"  [{metrics}]" if metrics else ""))
         for index, why in sorted(run.incomplete.items()):
             state = "being written" if index in run.unfinished_rounds else "missing"

@@ -184,3 +184,14 @@ def test_each_file_gets_fresh_allow_list_objects(tmp_path):
     with pytest.raises(ScanError, match="refused"):
         torch_file.load(tmp_path / "evil.pt")
     np.testing.assert_array_equal(np.asarray(torch_file.load(tmp_path / "good.pt")["w"]), np.arange(4.0, dtype=np.float32))
+
+
+@pytest.mark.parametrize("shape", ["(-200,)", "(4, -1)", "(True,)"])
+def test_npy_shapes_that_are_not_sizes_are_named(tmp_path, shape):
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header = b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + header.ljust(117, b" ") + b"\n"
+    with zipfile.ZipFile(tmp_path / "neg.npz", "w") as zf:
+        zf.writestr("w.npy", header + b"\x00" * 16)
+    with pytest.raises(ScanError, match=r"gives shape .*not non-negative integers") as info:
+        npz_file.load(tmp_path / "neg.npz")
+    assert "needs -" not in str(info.value)

@@ -7,6 +7,7 @@ import sys
 import click
 
 from flowscan import __version__, cpu
+from flowscan.errors import terminal_safe
 
 cpu.prefer_passive_waiting()   # before anything imports torch: see flowscan/cpu.py
 from flowscan.cli.analyze import analyze
@@ -28,6 +29,9 @@ class FlowscanGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.ClickException as exc:   # its message may hold names from the files scanned
+            exc.message = terminal_safe(exc.message)
+            raise
         except KeyboardInterrupt:
             hint = RESUME_HINTS.get(ctx.invoked_subcommand or "")
             if hint and "--no-cache" in sys.argv:   # nothing was cached: say so rather than promise it

@@ -18,6 +18,13 @@ from typing import Any, Iterable
 
 import click
 
+from flowscan.errors import terminal_safe
+
+
+def _echo(text: str, err: bool = False) -> None:
+    # names come from the files scanned: no control character of theirs reaches the terminal
+    click.echo(terminal_safe(text), err=err)
+
 
 class App:
     def __init__(self, quiet: bool = False, verbose: bool = False, as_json: bool = False):
@@ -26,7 +33,7 @@ class App:
     def result(self, text: str) -> None:
         """The command's answer (skipped with --json, which prints `data` instead)."""
         if not self.as_json:
-            click.echo(text)
+            _echo(text)
 
     def data(self, obj: Any) -> None:
         if self.as_json:
@@ -34,24 +41,24 @@ class App:
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            click.echo(f"flowscan: {text}", err=True)
+            _echo(f"flowscan: {text}", err=True)
 
     def detail(self, text: str) -> None:
         if self.verbose:
-            click.echo(f"flowscan: {text}", err=True)
+            _echo(f"flowscan: {text}", err=True)
 
     def warn(self, text: str) -> None:
-        click.echo(f"warning: {text}", err=True)
+        _echo(f"warning: {text}", err=True)
 
     def error(self, text: str) -> None:
-        click.echo(f"error: {text}", err=True)
+        _echo(f"error: {text}", err=True)
 
     def wrote(self, paths: Iterable[Path | str]) -> None:
         """Every file a command wrote, one per line on stderr (not with -q: results and errors only)."""
         if self.quiet and not self.as_json:
             return
         for path in paths:
-            click.echo(f"wrote {path}", err=True)
+            _echo(f"wrote {path}", err=True)
 
     @contextlib.contextmanager
     def progress(self, length: int, label: str, lines: bool = True):
@@ -61,7 +68,7 @@ class App:
             yield lambda n=1: None
             return
         if sys.stderr.isatty():
-            with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+            with click.progressbar(length=length, label=terminal_safe(label), file=sys.stderr) as bar:
                 yield bar.update
             return
         done, marks = [0], {max(1, math.ceil(length * k / 10)) for k in range(1, 11)}
@@ -70,7 +77,7 @@ class App:
             for _ in range(n):
                 done[0] += 1
                 if done[0] in marks:
-                    click.echo(f"flowscan: {label}: {done[0]}/{length}", err=True)
+                    _echo(f"flowscan: {label}: {done[0]}/{length}", err=True)
         yield update
 
 

@@ -73,6 +73,8 @@ def _member(path, zf, raw, info, storages: StorageFile, name: str):
                        else np.lib.format.read_array_header_2_0)
         shape, fortran, dtype = read_header(f)
         header_len = f.tell()
+    if not all(type(n) is int and n >= 0 for n in shape):
+        raise ScanError(path, f".npy header gives shape {shape}: not non-negative integers", tensor=name)
     if dtype.hasobject:
         raise ScanError(path, "object arrays need pickle; refused", tensor=name)
     if dtype.kind not in "biufc" or dtype.itemsize == 0:

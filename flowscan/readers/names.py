@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from flowscan.errors import ScanError
+from flowscan.errors import ScanError, printable
 from flowscan.io.arrays import ChunkedArray, LoadedArray, StoredArray
 from flowscan.io.torch_file import UnreadableTensor
 from flowscan.readers.base import NameOptions, RawRound, TensorRef
@@ -35,7 +35,7 @@ def canonical(name: str, opts: NameOptions) -> str | None:
         name = name[len(prefix):]
     if opts.strip_model_prefix and name.startswith("model."):
         name = name[len("model."):]
-    return name
+    return printable(name)   # a control character in a tensor name is shown escaped, never run
 
 
 # The array types readers build themselves. Nothing else is a tensor, whatever attributes it has:
