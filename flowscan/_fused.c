@@ -491,7 +491,102 @@ static PyObject *count_both(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* Memory maps that may shrink. A file truncated while it is mapped (a copy still in progress, a
+ * sync tool) turns every read of its lost pages into SIGBUS, which kills the process. A guarded
+ * map's lost pages are replaced by zero pages in the signal handler, the map is marked hit, and
+ * the reader turns the mark into that file's named error (io/arrays.py). A fault anywhere else
+ * goes to the handler that was there before. */
+#if defined(__unix__) || defined(__APPLE__)
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#define GUARD_SLOTS 4096
+#ifndef MAP_ANONYMOUS
+#define MAP_ANONYMOUS MAP_ANON
+#endif
+typedef struct { volatile uintptr_t start, end; volatile sig_atomic_t hit; } Guard;
+static Guard guards[GUARD_SLOTS];
+static struct sigaction previous_bus;
+static int bus_handler_installed = 0;
+static uintptr_t page_bytes = 4096;
+
+static void on_bus(int sig, siginfo_t *info, void *context) {
+    uintptr_t at = (uintptr_t)info->si_addr, page = at & ~(page_bytes - 1), end = 0;
+    (void)sig, (void)context;
+    /* every slot that covers the address is marked: a map being closed is unguarded just after
+     * its unmapping, so a new map at the same addresses may briefly share them */
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        uintptr_t slot_start = guards[i].start, slot_end = guards[i].end;
+        if (slot_start && slot_start <= at && at < slot_end) {
+            guards[i].hit = 1;
+            end = slot_end > end ? slot_end : end;
+        }
+    }
+    if (end && mmap((void *)page, end - page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED)
+        return;   /* the read is done again, on zeros */
+    sigaction(SIGBUS, &previous_bus, NULL);   /* not ours: it faults again under the previous handler */
+}
+
+/* guard(buffer) -> slot (-1: no slot free) for a memory map's bytes */
+static PyObject *guard(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    uintptr_t start = (uintptr_t)view.buf, end = start + (uintptr_t)view.len;
+    PyBuffer_Release(&view);
+    if (!bus_handler_installed) {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = on_bus;
+        action.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&action.sa_mask);
+        page_bytes = (uintptr_t)sysconf(_SC_PAGESIZE);
+        if (sigaction(SIGBUS, &action, &previous_bus) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+        bus_handler_installed = 1;
+    }
+    for (int i = 0; i < GUARD_SLOTS; i++) {   /* the GIL is held: no other thread takes slots */
+        if (!guards[i].start && start) {
+            guards[i].hit = 0;
+            guards[i].end = end;
+            guards[i].start = start;
+            return PyLong_FromLong(i);
+        }
+    }
+    return PyLong_FromLong(-1);
+}
+
+static int slot_arg(PyObject *arg) {
+    long slot = PyLong_AsLong(arg);
+    if (slot == -1 && PyErr_Occurred()) return -1;
+    if (slot < 0 || slot >= GUARD_SLOTS) { PyErr_SetString(PyExc_ValueError, "no such guard slot"); return -1; }
+    return (int)slot;
+}
+
+/* guard_hit(slot) -> whether the map lost pages since it was guarded */
+static PyObject *guard_hit(PyObject *self, PyObject *arg) {
+    int slot = slot_arg(arg);
+    if (slot < 0) return NULL;
+    return PyBool_FromLong(guards[slot].hit);
+}
+
+/* unguard(slot): the map is about to be unmapped; its addresses may be reused */
+static PyObject *unguard(PyObject *self, PyObject *arg) {
+    int slot = slot_arg(arg);
+    if (slot < 0) return NULL;
+    guards[slot].start = 0;
+    guards[slot].end = 0;
+    guards[slot].hit = 0;
+    Py_RETURN_NONE;
+}
+#define GUARD_METHODS \
+    {"guard", guard, METH_O, "guard(buffer) -> slot: lost pages of this memory map read as zeros, marked"}, \
+    {"guard_hit", guard_hit, METH_O, "guard_hit(slot) -> whether the guarded map lost pages"}, \
+    {"unguard", unguard, METH_O, "unguard(slot): stop guarding (before the map is closed)"},
+#else
+#define GUARD_METHODS
+#endif
+
 static PyMethodDef METHODS[] = {
+    GUARD_METHODS
     {"reduce_chunk", reduce_chunk, METH_VARARGS,
      "reduce_chunk(weight, weight_code, mask, mask_code, bits[, isa]) -> (abs_sum, ones, nonzero, status)"},
     {"count_both", count_both, METH_VARARGS, "count_both(a, b) -> bits set in both byte buffers"},

@@ -315,10 +315,14 @@ def reduce_round(round: Round, opts: NameOptions, verify: bool = False) -> Round
                         "no tensors found" + (f" under --select {opts.select!r}" if opts.select else ""))
     buffers = _Buffers()
     sums, bits = {}, {}
-    for ref in refs:
-        sums[ref.name], packed = reduce_tensor(ref, buffers, verify)
-        if packed is not None:
-            bits[ref.name] = packed
+    try:
+        for ref in refs:
+            sums[ref.name], packed = reduce_tensor(ref, buffers, verify)
+            if packed is not None:
+                bits[ref.name] = packed
+    finally:   # a file that shrank meanwhile read zeros: that, not what they led to, is the error
+        for file in {a.storage.file for r in refs for a in (r.weight, r.mask) if isinstance(a, StoredArray)}:
+            file.check_intact()
     return RoundSums(round.index, sums, metrics, bits, tuple(notes))
 
 

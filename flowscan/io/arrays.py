@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.location import RemoteBytes, location
+from flowscan.io.location import RemoteBytes, location, lost_pages
 
 # numpy has no bfloat16: such data is read as uint16 and widened to float32 on demand.
 BFLOAT16 = "bfloat16"
@@ -187,6 +187,12 @@ class StorageFile(Frozen):
                 self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
             except (OSError, ValueError):  # advice only; harmless if refused
                 pass
+
+    def check_intact(self) -> None:
+        """Refuse what was read from a file that shrank while mapped (its lost pages read as zeros)."""
+        if lost_pages(self._mm):
+            raise ScanError(self.path, "the file shrank while it was being read (a copy still in "
+                                       "progress, or a sync tool?): its tensors were not read whole")
 
     def region_size(self, key: str) -> int:
         return self._region(key)[1]

@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -488,4 +489,33 @@ def map_file(path: Union[Path, RemotePath]) -> Any:
             return local   # bytes: sliced and viewed like a memory map
         path = local
     with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    _guard(mm)
+    return mm
+
+
+# A local file that shrinks while it is mapped would kill the process with SIGBUS on the first read
+# of a lost page. The compiled kernel guards each map: lost pages read as zeros and the map is marked,
+# so the round is that file's named error (`lost_pages`). Without the kernel nothing is guarded.
+try:
+    from flowscan import _fused as _GUARDS
+except ImportError:   # no C compiler at install
+    _GUARDS = None
+if not hasattr(_GUARDS, "guard"):
+    _GUARDS = None
+_SLOTS: "weakref.WeakKeyDictionary[mmap.mmap, int]" = weakref.WeakKeyDictionary()
+
+
+def _guard(mm: mmap.mmap) -> None:
+    if _GUARDS is None or len(mm) == 0:
+        return
+    slot = _GUARDS.guard(mm)
+    if slot >= 0:
+        _SLOTS[mm] = slot
+        weakref.finalize(mm, _GUARDS.unguard, slot)   # maps are closed by being collected, never by hand
+
+
+def lost_pages(mm: Any) -> bool:
+    """Whether a map made by `map_file` lost pages to its file shrinking since it was made."""
+    slot = _SLOTS.get(mm) if isinstance(mm, mmap.mmap) else None
+    return slot is not None and _GUARDS.guard_hit(slot)
