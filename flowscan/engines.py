@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from flowscan import extras
+from flowscan import extras, watchdog
 from flowscan.errors import FlowscanError, printable
 
 ENGINES = ("threads", "processes", "dask")
@@ -77,6 +77,11 @@ def map_rounds(tasks, options, progress: Callable[[int], None] | None, reduce_ta
     if options.engine == "dask":
         yield from _dask(work, options, progress, reduce_task)
         return
+    # (a daemonic process may not start workers: there the rounds are read as the engine reads any)
+    watched = [task for task in work if _parsed_by_a_library(task[1])] if not _in_a_daemon() else []
+    if watched:
+        yield from watchdog.map_watched(watched, options, progress, reduce_task)
+        work = [task for task in work if not _parsed_by_a_library(task[1])]
     if options.jobs <= 1 or len(work) <= 1:
         for i, rnd in work:
             yield i, reduce_task(rnd, options.names, options.verify)
@@ -86,6 +91,21 @@ def map_rounds(tasks, options, progress: Callable[[int], None] | None, reduce_ta
         yield from _threads(work, options, progress, reduce_task)
     else:
         yield from _processes(work, options, progress, reduce_task)
+
+
+def _parsed_by_a_library(rnd) -> bool:
+    """Rounds whose files a third-party library parses (h5py, tensorstore, msgpack): a damaged file can
+    make it loop forever, holding the GIL, or crash, so they are read in watched processes."""
+    from flowscan.readers import registry
+
+    try:
+        return bool(registry.get(rnd.reader).needs)
+    except FlowscanError:   # not a reader's round (a task of another kind)
+        return False
+
+
+def _in_a_daemon() -> bool:
+    return bool(multiprocessing.current_process().daemon)
 
 
 def _step(progress) -> None:

@@ -42,6 +42,9 @@ class Options:
     # default, as python-isal's CRC-32 costs about 10 % of the warm throughput of torch zip archives
     # (zlib's halved it; benchmarks/bench_scan.py)
     verify: bool = True
+    # seconds a round read through a third-party library (h5py, tensorstore, msgpack) may take
+    # before its worker is killed and the round is a named error (flowscan/watchdog.py)
+    read_timeout: float = 600.0
 
     def identity(self) -> dict[str, str]:
         """The options that change the scan tables (not how fast they are made)."""

@@ -9,3 +9,11 @@ def reduce_or_die(rnd, names, verify=True):
     if rnd.index == 2:
         os.kill(os.getpid(), signal.SIGSEGV)
     return f"reduced {rnd.index}"
+
+
+def reduce_hang_or_die(rnd, names, verify=True):
+    """Round 1 never returns (a library loop that holds the GIL), round 2 crashes, the rest reduce."""
+    if rnd.index == 1:
+        while True:
+            pass
+    return reduce_or_die(rnd, names, verify)

@@ -81,10 +81,46 @@ def read_round(run: Path, fmt: str) -> str:
     folder = (run / target).parent   # round.json is not read as a file of the round, but beside it
     rnd = next(r for r in rounds if any(Path(f) == run / target or (folder != run and Path(f).parent == folder)
                                         for f in r.files))
-    sums = reduce_round(rnd, NameOptions(), verify=True).to_json()
+    if registry.get(rnd.reader).needs:   # read by a library (h5py, ...): in a watched process, as analyze does
+        sums = _watched(rnd)
+    else:
+        sums = reduce_round(rnd, NameOptions(), verify=True).to_json()
     for tensor in sums["tensors"]:
         del tensor["path"]   # the case's own folder
     return json.dumps([sums, dict(rnd.metrics)], sort_keys=True, default=str)
+
+
+WATCH_SECONDS = 5.0   # the read timeout of rounds parsed by a library, below the harness's hang limit
+
+
+def _watched(rnd) -> dict:
+    """The round's sums reduced through the watchdog; its errors raised as the reducer raised them."""
+    from flowscan import engines, pipeline
+    from flowscan.errors import ScanError
+
+    options = pipeline.Options(jobs=1, read_timeout=WATCH_SECONDS)
+    ((_i, outcome),) = engines.map_rounds([(0, rnd)], options, None, _reduce_in_worker)
+    if isinstance(outcome, str):   # the watchdog's own: a timeout or a dead worker, naming the file
+        raise ScanError(None, outcome)
+    kind, value = outcome
+    if kind == "named":
+        raise ScanError(*value)
+    if kind == "unnamed":
+        raise RuntimeError(value)
+    return value
+
+
+def _reduce_in_worker(rnd, names, verify):
+    """reduce_round in a watched worker, its outcome kept apart (pipeline's task names every error)."""
+    from flowscan.errors import ScanError
+    from flowscan.reduce import reduce_round
+
+    try:
+        return "ok", reduce_round(rnd, names, verify).to_json()
+    except ScanError as exc:
+        return "named", (exc.path, exc.message, exc.tensor)
+    except Exception as exc:  # noqa: BLE001 - what the fuzzer looks for
+        return "unnamed", f"{type(exc).__name__}: {exc}"
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -196,7 +232,8 @@ def run(work: Path, formats=FORMATS, cases: int = 100, timeout: float = 20.0, st
 
     def start_worker():
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, seeds, str(work / "cases")), daemon=True)
+        # not a daemon: it starts the watchdog's workers of its own (killed below with it)
+        proc = ctx.Process(target=_worker, args=(child, seeds, str(work / "cases")), daemon=False)
         proc.start()
         if not parent.poll(60) or parent.recv() != "ready":
             raise RuntimeError("fuzz worker did not start")

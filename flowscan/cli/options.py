@@ -56,8 +56,11 @@ def scan_options(command):
     @click.option("--strip-model-prefix", is_flag=True, help="Drop a leading 'model.' from tensor names.")
     @click.option("--infer-masks", is_flag=True,
                   help="Infer masks from exact zeros of 2+-D tensors that have no stored mask.")
+    @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+                  metavar="SECONDS", help="Most seconds a round read through h5py, tensorstore or msgpack may "
+                                          "take; past it the round is a named error and the others go on.")
     @functools.wraps(command)
-    def wrapper(*args, blocks, format_, select, strip_model_prefix, infer_masks, **kwargs):
+    def wrapper(*args, blocks, format_, select, strip_model_prefix, infer_masks, read_timeout, **kwargs):
         from flowscan.blocks import BlockRules
         from flowscan.errors import FlowscanError
         from flowscan.readers import registry
@@ -70,7 +73,7 @@ def scan_options(command):
         except FlowscanError as exc:
             raise click.BadParameter(str(exc)) from None
         scan = dict(blocks=rules, names=NameOptions(strip_model_prefix, select),
-                    format=format_, infer_masks=infer_masks)
+                    format=format_, infer_masks=infer_masks, read_timeout=read_timeout)
         return command(*args, scan=scan, **kwargs)
     return wrapper
 
