@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 from flowscan import extras, watchdog
 from flowscan.errors import FlowscanError, printable
+from flowscan.io.budget import BUDGET
 
 ENGINES = ("threads", "processes", "dask")
 CONNECT_TIMEOUT = "30s"   # to reach a dask scheduler
@@ -163,7 +164,8 @@ def _where(rnd) -> str:
     return printable(str(rnd.files[0] if rnd.files else "?"))
 
 
-def _reduce_batch(reduce_task, rounds, names, verify) -> list:
+def _reduce_batch(reduce_task, rounds, names, verify, jobs: int = 1) -> list:
+    BUDGET.share(jobs)   # this worker is one of `jobs` processes inflating at once
     return [reduce_task(rnd, names, verify) for rnd in rounds]
 
 
@@ -174,7 +176,7 @@ def _pool_pass(work, options, jobs: int, ctx, progress, reduce_task, batch: int)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         # workers get only what they need: block rules hold unpicklable preset functions
         futures = {pool.submit(_reduce_batch, reduce_task, [rnd for _i, rnd in work[k:k + batch]],
-                               options.names, options.verify): k
+                               options.names, options.verify, jobs): k
                    for k in range(0, len(work), batch)}
         try:
             for future in as_completed(futures):

@@ -17,6 +17,7 @@ import time
 from multiprocessing.connection import wait
 
 from flowscan.errors import printable
+from flowscan.io.budget import BUDGET
 
 
 class _Worker:
@@ -40,7 +41,8 @@ def _serve(conn) -> None:
             job = conn.recv()
         except EOFError:
             return
-        reduce_task, rnd, names, verify = job
+        reduce_task, rnd, names, verify, jobs = job
+        BUDGET.share(jobs)   # one of `jobs` workers inflating at once
         conn.send(reduce_task(rnd, names, verify))
 
 
@@ -94,7 +96,7 @@ def map_watched(work, options, progress, reduce_task):
             while queue and len(busy) < max(1, options.jobs):
                 i, rnd = queue.pop(0)
                 worker = _take()
-                worker.conn.send((reduce_task, rnd, options.names, options.verify))
+                worker.conn.send((reduce_task, rnd, options.names, options.verify, max(1, options.jobs)))
                 busy[worker] = (i, rnd, time.monotonic() + timeout)
             soonest = min(deadline for _i, _r, deadline in busy.values())
             ready = wait([w.conn for w in busy], timeout=max(0.0, soonest - time.monotonic()))

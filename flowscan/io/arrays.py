@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from flowscan.errors import ScanError
+from flowscan.io.budget import BUDGET
 from flowscan.io.location import RemoteBytes, location, lost_pages
 
 # numpy has no bfloat16: such data is read as uint16 and widened to float32 on demand.
@@ -452,15 +453,30 @@ def _as_requested(arr: np.ndarray, dtype, copy) -> np.ndarray:
 ROW_LIMIT = 1 << 18   # elements of a row read whole when a flat range is asked for (one reduce chunk)
 
 
+MAX_BAND_BYTES = 1 << 30   # one band of compressed chunks held at once; past it a dataset is refused
+
+
 class ChunkedArray(Frozen):
-    """An array read in slices on demand (HDF5 datasets). It indexes as its own flattened form:
-    `a[start:stop]` reads that range of the flattened array, at most two partial rows more, so the reducer's memory stays bounded whatever
-    the declared size; `np.asarray()` reads it whole. `read(index)` reads an N-d numpy index."""
+    """An array read in slices on demand (HDF5 datasets, zarr arrays). It indexes as its own flattened
+    form: `a[start:stop]` reads that range of the flattened array, at most two partial rows more, so the
+    reducer's memory stays bounded whatever the declared size; `np.asarray()` reads it whole.
+    `read(index)` reads an N-d numpy index.
 
-    __slots__ = ("shape", "dtype", "_read")
+    A compressed array is decompressed a whole chunk at a time, whatever slice is asked for: read in
+    slices, a chunk larger than a slice would be decompressed again for every slice of it. Such an
+    array (`chunk_rows`: its chunks' extent along the first axis) is read in bands of whole chunks
+    along the first axis, one band kept until the reducer moves past it, so each chunk is
+    decompressed once."""
 
-    def __init__(self, shape, dtype, read):
-        self._init(shape=tuple(shape), dtype=np.dtype(dtype), _read=read)
+    __slots__ = ("shape", "dtype", "_read", "_chunk_rows", "_band")
+
+    def __init__(self, shape, dtype, read, chunk_rows: int | None = None):
+        self._init(shape=tuple(shape), dtype=np.dtype(dtype), _read=read, _chunk_rows=chunk_rows, _band=[None, None])
+
+    @staticmethod
+    def band_bytes(shape, dtype, chunk_rows: int) -> int:
+        """Bytes of one band: `chunk_rows` rows of the first axis, all of the others."""
+        return min(chunk_rows, shape[0] if shape else 1) * math.prod(shape[1:]) * np.dtype(dtype).itemsize
 
     @property
     def size(self) -> int:
@@ -474,7 +490,27 @@ class ChunkedArray(Frozen):
             return np.zeros(0, dtype=self.dtype)
         if not self.shape:
             return np.asarray(self._read(()), dtype=self.dtype).reshape(-1)[start:stop]
+        if self._chunk_rows:
+            return self._from_bands(start, stop)
         return self._flat(tuple(), self.shape, start, stop)
+
+    def _from_bands(self, start: int, stop: int) -> np.ndarray:
+        per_band = self._chunk_rows * math.prod(self.shape[1:])
+        parts = []
+        for band in range(start // per_band, (stop - 1) // per_band + 1):
+            if self._band[0] != band:
+                self.release()   # the last band goes before the next is read
+                rows = slice(band * self._chunk_rows, min((band + 1) * self._chunk_rows, self.shape[0]))
+                held = BUDGET.take(self.band_bytes(self.shape, self.dtype, self._chunk_rows), None,
+                                   "a band of compressed chunks")
+                try:
+                    self._band[:] = [band, np.asarray(self._read((rows,))).reshape(-1), held]
+                except BaseException:
+                    held.release()
+                    raise
+            offset = band * per_band
+            parts.append(self._band[1][max(start, offset) - offset:min(stop, offset + per_band) - offset])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _flat(self, prefix: tuple, shape: tuple, start: int, stop: int) -> np.ndarray:
         if len(shape) == 1:
@@ -491,7 +527,61 @@ class ChunkedArray(Frozen):
         return _as_requested(np.asarray(self._read(())).reshape(self.shape), dtype, copy)
 
     def release(self) -> None:
-        pass
+        if len(self._band) > 2:
+            self._band.pop().release()
+        self._band[:] = [None, None]
 
     def __repr__(self) -> str:
         return f"ChunkedArray(shape={self.shape}, dtype={self.dtype})"
+
+
+class StreamedArray(ChunkedArray):
+    """An array read forward through a byte stream (a compressed zip member), chunk by chunk as the
+    reducer asks for flat ranges in order: memory stays one chunk whatever the array inflates to.
+    `open()` gives a binary file positioned at the array's first byte; `finish(f)` checks the
+    stream's end (a zip member's CRC-32 is checked when it is read to its end). A range before
+    the stream's position reopens it."""
+
+    __slots__ = ("_open", "_finish", "_stream")
+
+    def __init__(self, shape, dtype, open, finish):
+        super().__init__(shape, dtype, None)
+        object.__setattr__(self, "_open", open)
+        object.__setattr__(self, "_finish", finish)
+        object.__setattr__(self, "_stream", [None, 0])   # (file, elements read)
+
+    def __getitem__(self, flat: slice) -> np.ndarray:
+        start, stop, step = flat.indices(self.size)
+        if step != 1:
+            raise ValueError("StreamedArray reads contiguous flat ranges only")
+        f, at = self._stream
+        if f is None or start < at:
+            self.release()
+            f, at = self._open(), 0
+        item = self.dtype.itemsize
+        if start > at:
+            self._exactly(f, (start - at) * item)
+        out = np.frombuffer(self._exactly(f, (stop - start) * item), dtype=self.dtype) if stop > start else \
+            np.zeros(0, self.dtype)
+        self._stream[:] = [f, max(stop, start)]
+        if stop == self.size:
+            self._finish(f)
+        return out
+
+    @staticmethod
+    def _exactly(f, n: int) -> bytes:
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError(f"the stream ends {n - len(data)} bytes early")
+        return data
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[0:self.size].reshape(self.shape)
+        self.release()
+        return _as_requested(arr, dtype, copy)
+
+    def release(self) -> None:
+        f = self._stream[0]
+        self._stream[:] = [None, 0]
+        if f is not None:
+            f.close()

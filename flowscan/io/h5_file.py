@@ -26,7 +26,7 @@ from flowscan import extras
 from flowscan.errors import ScanError
 from flowscan.io.arrays import ChunkedArray
 from flowscan.io.location import is_remote, location
-from flowscan.io.npz_file import inflate_budget
+from flowscan.io.budget import BUDGET
 from flowscan.io.zip_members import data_offset, unique_members
 
 KERAS_WEIGHTS = "model.weights.h5"
@@ -119,9 +119,14 @@ def _keras_zip(path, raw) -> tuple[Any, dict | None]:
     config = _config(path, zf, members.get("config.json"))
     if info.compress_type == zipfile.ZIP_STORED:
         return _Window(raw, data_offset(raw, info, path), info.file_size), config
-    if info.file_size > inflate_budget():
-        raise ScanError(path, f"{KERAS_WEIGHTS} inflates to {info.file_size} bytes (refused)")
-    return io.BytesIO(zf.read(info)), config
+    held = BUDGET.take(info.file_size, path, f"inflating its compressed {KERAS_WEIGHTS}")
+    try:
+        source = io.BytesIO(zf.read(info))
+    except BaseException:
+        held.release()
+        raise
+    held.tie(source)   # given back when the round's HDF5 file lets go of it
+    return source, config
 
 
 def _config(path, zf: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> dict | None:
@@ -136,32 +141,57 @@ def _config(path, zf: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> dict | N
     return config if isinstance(config, dict) else None
 
 
+MAX_DEPTH = 64          # groups within groups; a Keras model nests a handful
+MAX_LINKS = 1 << 20     # links in one file; a large model has thousands
+
+
 def check_self_contained(f, path) -> None:
-    """Refuse, by name, every link or dataset of an open HDF5 file whose bytes lie in another file."""
+    """Refuse, by name, every link or dataset of an open HDF5 file whose bytes lie in another file.
+
+    One walk over the groups, each opened from its parent (h5py's visititems opens every object by
+    its full path: quadratic in the nesting), each object once (hard links may form cycles), at
+    most MAX_DEPTH groups deep and MAX_LINKS links in all."""
     h5py = _h5py()
     problems: list[str] = []
-
-    def link(name, info):
-        if isinstance(info, h5py.ExternalLink):
-            problems.append(f"{name} is an external link to {info.filename}:{info.path}")
-        elif not isinstance(info, (h5py.HardLink, h5py.SoftLink)):
-            problems.append(f"{name} is a {type(info).__name__} (a user-defined link)")
-
-    def item(name, obj):
-        if isinstance(obj, h5py.Dataset):
-            if obj.is_virtual:
-                sources = sorted({m.file_name for m in obj.virtual_sources()})
-                problems.append(f"dataset {name} is virtual, its data in {', '.join(sources)}")
-            elif obj.external:
-                problems.append(f"dataset {name} keeps its data outside the file, in "
-                                f"{', '.join(str(e[0]) for e in obj.external)}")
-
-    f.visititems_links(link)
-    if not problems:
-        f.visititems(item)
+    seen, links = {h5py.h5o.get_info(f.id).addr}, 0
+    stack = [(f, "", 0)]
+    while stack and not problems:
+        group, prefix, depth = stack.pop()
+        for key in group:
+            links += 1
+            if links > MAX_LINKS:
+                raise ScanError(path, f"holds more than {MAX_LINKS} links (refused as a resource attack)")
+            name = f"{prefix}/{key}" if prefix else key
+            info = group.get(key, getlink=True)
+            if isinstance(info, h5py.ExternalLink):
+                problems.append(f"{name} is an external link to {info.filename}:{info.path}")
+            elif not isinstance(info, (h5py.HardLink, h5py.SoftLink)):
+                problems.append(f"{name} is a {type(info).__name__} (a user-defined link)")
+            elif isinstance(info, h5py.HardLink):   # a soft link names an object that has a hard one
+                obj = group.get(key)
+                address = h5py.h5o.get_info(obj.id).addr
+                if address in seen:
+                    continue
+                seen.add(address)
+                if isinstance(obj, h5py.Group):
+                    if depth + 1 > MAX_DEPTH:
+                        raise ScanError(path, f"{name}: groups nested more than {MAX_DEPTH} deep (refused)")
+                    stack.append((obj, name, depth + 1))
+                elif isinstance(obj, h5py.Dataset):
+                    problems.extend(_outside(obj, name))
     if problems:
         raise ScanError(path, f"{problems[0]} (refused: flowscan reads nothing outside the checkpoint"
                               + (f"; {len(problems) - 1} more" if len(problems) > 1 else "") + ")")
+
+
+def _outside(dataset, name: str) -> list[str]:
+    if dataset.is_virtual:
+        sources = sorted({m.file_name for m in dataset.virtual_sources()})
+        return [f"dataset {name} is virtual, its data in {', '.join(sources)}"]
+    if dataset.external:
+        return [f"dataset {name} keeps its data outside the file, in "
+                f"{', '.join(str(e[0]) for e in dataset.external)}"]
+    return []
 
 
 def is_numeric(dataset) -> bool:
@@ -185,4 +215,18 @@ def lazy(path, name: str, dataset) -> ChunkedArray:
         except Exception as exc:  # noqa: BLE001 - as in open_weights
             raise ScanError(path, f"cannot read dataset {dataset.name}: {type(exc).__name__}: {exc}",
                             tensor=name) from None
-    return ChunkedArray(shape, dtype, read)
+    return ChunkedArray(shape, dtype, read, _chunk_rows(path, name, dataset, shape, dtype))
+
+
+def _chunk_rows(path, name: str, dataset, shape, dtype) -> int | None:
+    """Rows of a band of whole chunks, for a filtered (compressed) chunked dataset: libhdf5 decompresses
+    a whole chunk for any part of it, and its chunk cache (1 MiB) keeps none of the large ones."""
+    if not shape or dataset.chunks is None or dataset.id.get_create_plist().get_nfilters() == 0:
+        return None
+    rows = int(dataset.chunks[0])
+    need = ChunkedArray.band_bytes(shape, dtype, rows)
+    if need > BUDGET.total:
+        raise ScanError(path, f"chunks of shape {dataset.chunks} over shape {shape} must be held {need:,} "
+                              f"bytes at a time to be decompressed once each, more than the memory budget of "
+                              f"{BUDGET.total:,} (refused)", tensor=name)
+    return rows

@@ -1,34 +1,28 @@
 """numpy .npz archives without pickle: stored members are memory-mapped, compressed ones inflated.
 
 `np.savez` stores members uncompressed: they become zero-copy `StoredArray`s whose zip CRC-32
-the reducer checks as it reads them. `np.savez_compressed` members are inflated one at a time
-when reduced (zipfile checks their CRC-32), within a memory budget. Object arrays need pickle
-and are refused.
+the reducer checks as it reads them. `np.savez_compressed` members are streamed through the
+inflater chunk by chunk as they are reduced (`StreamedArray`; zipfile checks their CRC-32 at the
+end), so a small file that inflates to gigabytes costs a chunk of memory; a Fortran-order member is
+inflated whole, within the analysis's memory budget (io/budget.py). Object arrays need pickle and
+are refused.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from flowscan.errors import ScanError
-from flowscan.io.arrays import LoadedArray, Storage, StorageFile, StoredArray, contiguous_strides
+from flowscan.io.arrays import LoadedArray, Storage, StorageFile, StoredArray, StreamedArray, contiguous_strides
+from flowscan.io.budget import BUDGET
 from flowscan.io.location import location, map_file
 from flowscan.io.zip_members import data_offset, unique_members
 
 _NPY_MAGIC = b"\x93NUMPY"
-
-
-def inflate_budget() -> int:
-    """Largest array a compressed member may inflate to: half of this machine's memory."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 << 30
 
 
 def load(path: Path) -> dict[str, StoredArray | LoadedArray]:
@@ -89,16 +83,59 @@ def _member(path, zf, raw, info, storages: StorageFile, name: str):
         storages.set_region(name, start + header_len, nbytes, info.CRC, crc_prefix=header_len)
         storage = Storage(dtype, nbytes // dtype.itemsize if dtype.itemsize else 0, storages, name)
         return StoredArray(storage, 0, shape, stride, owner=storages, tensor=name)
-    if nbytes > inflate_budget():
-        raise ScanError(path, f"compressed array inflates to {nbytes} bytes, more than half of this "
-                              "machine's memory (refused)", tensor=name)
+    if not fortran:   # streamed chunk by chunk: no memory but a chunk's
+        return StreamedArray(shape, dtype, _opener(path, info.filename, header_len, name),
+                             _end_check(path, name))
+    if nbytes > BUDGET.total:
+        raise ScanError(path, f"compressed array inflates to {nbytes} bytes, more than flowscan's memory "
+                              f"budget of {BUDGET.total} (refused)", tensor=name)
     return LoadedArray(shape, dtype, _inflater(path, info.filename, header_len, nbytes, shape,
                                                dtype, bool(fortran), name))
 
 
+def _opener(path: Path, member: str, header_len: int, name: str):
+    def open_stream():
+        try:
+            raw = path.open("rb")
+            zf = zipfile.ZipFile(raw)
+            f = zf.open(member)
+            f.read(header_len)
+        except Exception as exc:  # noqa: BLE001 - as in _inflater
+            raise ScanError(path, f"cannot inflate array: {type(exc).__name__}: {exc}", tensor=name) from None
+        return _Stream(f, (zf, raw), path, name)
+    return open_stream
+
+
+class _Stream:
+    """A member's inflating reader that closes its archive with it and names its file in errors."""
+
+    def __init__(self, f, owners, path, name):
+        self.f, self.owners, self.path, self.name = f, owners, path, name
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.f.read(n)
+        except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC), zlib.error, OSError ...
+            raise ScanError(self.path, f"cannot inflate array: {type(exc).__name__}: {exc}",
+                            tensor=self.name) from None
+
+    def close(self) -> None:
+        for owner in (self.f, *self.owners):
+            owner.close()
+
+
+def _end_check(path: Path, name: str):
+    def finish(stream: _Stream) -> None:
+        if stream.read(1):   # reading to the end makes zipfile check the CRC
+            raise ScanError(path, "compressed member is longer than its header says", tensor=name)
+    return finish
+
+
 def _inflater(path: Path, member: str, header_len: int, nbytes: int, shape, dtype, fortran, name):
     def inflate() -> np.ndarray:
+        held = BUDGET.take(nbytes, path, "inflating a compressed Fortran-order array", tensor=name)
         out = np.empty(nbytes, dtype=np.uint8)
+        held.tie(out)
         try:
             with path.open("rb") as raw, zipfile.ZipFile(raw) as zf, zf.open(member) as f:
                 f.read(header_len)

@@ -20,7 +20,7 @@ from flowscan import extras
 from flowscan.errors import ScanError
 from flowscan.io.arrays import ChunkedArray
 from flowscan.io.location import is_remote, location
-from flowscan.io.npz_file import inflate_budget
+from flowscan.io.budget import BUDGET
 
 METADATA = "_METADATA"
 MAX_METADATA_BYTES = 256 << 20
@@ -140,9 +140,10 @@ def _lazy(opening, folder, name: str) -> ChunkedArray:
     if dtype.kind not in "biuf" and not widen:
         raise ScanError(folder, f"array {name!r} has dtype {dtype}, not a number type")
     nbytes = int(np.prod(shape, dtype=object)) * out_dtype.itemsize
-    if nbytes > inflate_budget():
-        raise ScanError(folder, f"array {name!r} declares {nbytes} bytes, more than half of this machine's "
-                                "memory (refused)")
+    rows = chunk[0] if shape else None   # bands of whole chunks: each decompressed once
+    if nbytes > BUDGET.total or (rows and ChunkedArray.band_bytes(shape, out_dtype, rows) > BUDGET.total):
+        raise ScanError(folder, f"array {name!r} of shape {shape} in chunks of {chunk} needs more memory at "
+                                f"once than flowscan's budget of {BUDGET.total:,} bytes (refused)")
     chunks = int(np.prod([-(-n // max(c, 1)) for n, c in zip(shape, chunk)], dtype=object)) if shape else 1
     if chunks > MAX_CHUNKS:
         raise ScanError(folder, f"array {name!r} declares {chunks} chunks (more than {MAX_CHUNKS}; refused)")
@@ -153,7 +154,7 @@ def _lazy(opening, folder, name: str) -> ChunkedArray:
         except Exception as exc:  # noqa: BLE001 - as above
             raise ScanError(folder, f"array {name!r} cannot be read: {_short(exc)}") from None
         return data.astype(out_dtype, copy=False)
-    return ChunkedArray(shape, out_dtype, read)
+    return ChunkedArray(shape, out_dtype, read, rows)
 
 
 def _short(exc: Exception) -> str:
