@@ -16,6 +16,8 @@ _CONTROLS_BUT_NEWLINES = {c: v for c, v in _CONTROLS.items() if c != ord("\n")}
 def printable(text: str) -> str:
     """A name (or one-line message) safe to print and to store in parquet: bytes of non-UTF-8 file
     names become \\xNN, control characters \\n, \\x1b, ... (escaped, never interpreted)."""
+    if text.isprintable():   # the common case, checked in C (surrogates and controls are not printable)
+        return text
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_CONTROLS)
 
 

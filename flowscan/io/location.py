@@ -503,7 +503,7 @@ except ImportError:   # no C compiler at install
     _GUARDS = None
 if not hasattr(_GUARDS, "guard"):
     _GUARDS = None
-_SLOTS: "weakref.WeakKeyDictionary[mmap.mmap, int]" = weakref.WeakKeyDictionary()
+_SLOTS: dict[int, tuple[int, Any]] = {}   # id of a live map -> (its guard slot, the weak reference)
 
 
 def _guard(mm: mmap.mmap) -> None:
@@ -511,11 +511,15 @@ def _guard(mm: mmap.mmap) -> None:
         return
     slot = _GUARDS.guard(mm)
     if slot >= 0:
-        _SLOTS[mm] = slot
-        weakref.finalize(mm, _GUARDS.unguard, slot)   # maps are closed by being collected, never by hand
+        key = id(mm)
+
+        def unguard(_ref, key=key, slot=slot):   # maps are closed by being collected, never by hand
+            _GUARDS.unguard(slot)
+            _SLOTS.pop(key, None)
+        _SLOTS[key] = (slot, weakref.ref(mm, unguard))
 
 
 def lost_pages(mm: Any) -> bool:
     """Whether a map made by `map_file` lost pages to its file shrinking since it was made."""
-    slot = _SLOTS.get(mm) if isinstance(mm, mmap.mmap) else None
-    return slot is not None and _GUARDS.guard_hit(slot)
+    entry = _SLOTS.get(id(mm)) if isinstance(mm, mmap.mmap) else None
+    return entry is not None and entry[1]() is mm and _GUARDS.guard_hit(entry[0])
