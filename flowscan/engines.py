@@ -100,9 +100,11 @@ def _parsed_by_a_library(rnd) -> bool:
     from flowscan.readers import registry
 
     try:
-        return bool(registry.get(rnd.reader).needs)
+        needs = registry.get(rnd.reader).needs
     except FlowscanError:   # not a reader's round (a task of another kind)
         return False
+    # without its library the round fails at once with the install line: no worker for that
+    return bool(needs) and all(extras.ready(module) for module in needs)
 
 
 def _in_a_daemon() -> bool:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 EIGEN_SEM_RATIO = 0.05  # the paper's test: SEM of lambda < 5 % of its mean
-EXPONENTIAL_R2 = 0.9    # exponential_ok: ln share is a straight line in the scale ...
-TREND_ALPHA = 0.05      # ... and sigma shows no significant drift over rounds (p-value) ...
-DRIFT_FRACTION = 0.25   # ... that changes it across the run by more than this share of |sigma|
+TREND_ALPHA = 0.05      # exponential_ok: neither sigma's drift over the rounds nor the curvature of
+DRIFT_FRACTION = 0.25   # ln share in the scale is both significant (p-value) and material (a change
+DRIFT_FLOOR = 0.2       # across the run above this share of max(|sigma|, DRIFT_FLOOR))
 
 
 def shares(values: np.ndarray) -> np.ndarray:
@@ -174,6 +174,31 @@ def cumulative_log_c(density: np.ndarray) -> np.ndarray:
         return np.log(d[0] / d)
 
 
+def curvatures(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of `y` (n x k) against `x` (n): the quadratic term q of y = a + b x + q x² and its
+    two-sided p-value (t test, n − 3 degrees of freedom) on the finite points; NaN below 4 points.
+    The slope of y changes by 2 q (x_max − x_min) across the points."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    q, p = np.full(y.shape[1], np.nan), np.full(y.shape[1], np.nan)
+    for j in range(y.shape[1]):
+        keep = np.isfinite(x) & np.isfinite(y[:, j])
+        n = int(keep.sum())
+        if n < 4 or np.ptp(x[keep]) == 0:
+            continue
+        xs = x[keep] - x[keep].mean()   # centred: a better-conditioned design
+        design = np.column_stack([np.ones(n), xs, xs ** 2])
+        coef, _res, rank, _sv = np.linalg.lstsq(design, y[keep, j], rcond=None)
+        if rank < 3:
+            continue
+        resid = y[keep, j] - design @ coef
+        var = float(resid @ resid) / (n - 3)
+        se = math.sqrt(var * np.linalg.inv(design.T @ design)[2, 2])
+        q[j] = coef[2]
+        p[j] = (1.0 if coef[2] == 0 else 0.0) if se == 0 else t_two_sided_p(coef[2] / se, n - 3)
+    return q, p
+
+
 def fit_exponents(share: np.ndarray, density: np.ndarray) -> list[LineFit]:
     """sigma_fit per block: slope of ln share(n) against the cumulative ln c (all rounds at once)."""
     scale = cumulative_log_c(density)
@@ -182,9 +207,13 @@ def fit_exponents(share: np.ndarray, density: np.ndarray) -> list[LineFit]:
     return fit_lines(scale[:, None], log_share)
 
 
-def relevance(sigma_mean: float, sigma_sem: float) -> str:
+def relevance(sigma_mean: float, sigma_sem: float, never_pruned: bool = False) -> str:
     """'relevant' (sigma > 2 SEM), 'irrelevant' (sigma < -2 SEM), 'marginal' (within 2 SEM of 0), or
-    'undetermined' without an error bar (fewer than two valid steps): never a verdict without one."""
+    'undetermined' without an error bar (fewer than two valid steps): never a verdict without one.
+    A block none of whose parameters was ever pruned is 'never_pruned': its shares grow only
+    because the others shrink (sigma_P = 1 exactly), which says nothing about pruning it."""
+    if never_pruned:
+        return "never_pruned"
     if not (np.isfinite(sigma_mean) and np.isfinite(sigma_sem)):
         return "undetermined"
     margin = 2.0 * sigma_sem
@@ -212,6 +241,11 @@ class Flow:
     c: np.ndarray             # S
     steps: dict               # quantity -> (lambda S x B, sigma S x B, valid S x B)
     step_span: np.ndarray     # S: rounds each step spans (1; more across a missing round)
+
+    @property
+    def never_pruned(self) -> np.ndarray:
+        """B: blocks that keep every parameter in every round."""
+        return (self.n_unpruned == self.n_params[None, :]).all(axis=0)
 
 
 def compute_flow(rounds, n_params, n_unpruned, abs_sum) -> Flow:
@@ -242,6 +276,10 @@ class Eigen:
     sigma_sem: np.ndarray
     fits: list[LineFit]          # ln share against the cumulative ln c: slope sigma_fit
     trends: list[LineFit]        # sigma(n) against the round n: drift of the exponent
+    curvature: np.ndarray        # quadratic term of ln share in the cumulative ln c ...
+    curvature_p: np.ndarray      # ... and its p-value
+    scale_range: np.ndarray      # range of the cumulative ln c over the block's rounds
+    never_pruned: np.ndarray     # blocks that keep every parameter in every round
 
     @property
     def trend_p(self) -> np.ndarray:
@@ -254,15 +292,22 @@ class Eigen:
 
     @property
     def exponential_ok(self) -> np.ndarray:
-        """A diagnostic that can fail, unlike `eigen_ok` at c near 1: at least 3 valid steps, the
-        share is one exponential in the coarse-graining scale (R² of the sigma_fit line >= 0.9),
-        and sigma does not drift over the rounds: no trend that is both significant (p < 0.05)
-        and material (a change across the run above 25 % of |sigma|, or 0.05 near sigma = 0)."""
-        r2 = np.array([f.r2 for f in self.fits])
+        """A diagnostic that can fail, unlike `eigen_ok` at c near 1: at least 3 valid steps, and the
+        share is one exponential in the coarse-graining scale, judged against the run's own noise,
+        never by R² (a flat block, sigma near 0, has an R² near 0 however exponential it is):
+        sigma does not drift over the rounds, and ln share does not curve in the scale, where each
+        departure fails only when both significant (p < 0.05) and material (a change of the local
+        exponent across the run above 25 % of max(|sigma|, 0.2))."""
         with np.errstate(invalid="ignore"):
-            material = np.abs(self.drift) > DRIFT_FRACTION * np.maximum(np.abs(self.sigma_mean), 0.2)
-            drifting = (self.trend_p < TREND_ALPHA) & material
-            return (self.n_pairs >= 3) & (r2 >= EXPONENTIAL_R2) & ~drifting
+            allowed = DRIFT_FRACTION * np.maximum(np.abs(self.sigma_mean), DRIFT_FLOOR)
+            drifting = (self.trend_p < TREND_ALPHA) & (np.abs(self.drift) > allowed)
+            bend = np.abs(2.0 * self.curvature * self.scale_range)   # change of d ln share / d scale
+            curved = (self.curvature_p < TREND_ALPHA) & (bend > allowed)
+            return (self.n_pairs >= 3) & ~drifting & ~curved
+
+    @property
+    def relevance(self) -> list[str]:
+        return [relevance(m, s, bool(n)) for m, s, n in zip(self.sigma_mean, self.sigma_sem, self.never_pruned)]
 
     @property
     def eigen_ok(self) -> np.ndarray:
@@ -270,10 +315,25 @@ class Eigen:
             return np.isfinite(self.lambda_sem) & (self.lambda_sem / self.lambda_mean < EIGEN_SEM_RATIO)
 
 
+def per_round(lam: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """lambda of each step normalised to one round, lambda^(1/span): a step across a missing round
+    grows the share over several rounds (sigma needs no such care: its c spans them too)."""
+    with np.errstate(invalid="ignore"):
+        return np.asarray(lam, dtype=np.float64) ** (1.0 / np.asarray(span, dtype=np.float64)[:, None])
+
+
 def eigen_summary(flow: Flow, quantity: str) -> Eigen:
     lam, sigma, valid = flow.steps[quantity]
-    lam_mean, lam_sem, count = mean_sem(lam, valid)
+    lam_mean, lam_sem, count = mean_sem(per_round(lam, flow.step_span), valid)
     sig_mean, sig_sem, _ = mean_sem(sigma, valid)
     share = flow.M if quantity == "M" else flow.P
     trends = fit_lines(np.where(valid, np.asarray(flow.step_rounds, dtype=np.float64)[:, None], np.nan), sigma)
-    return Eigen(count, lam_mean, lam_sem, sig_mean, sig_sem, fit_exponents(share, flow.density), trends)
+    scale = cumulative_log_c(flow.density)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_share = np.where(share > 0, np.log(np.where(share > 0, share, 1.0)), np.nan)
+    curvature, curvature_p = curvatures(scale, log_share)
+    seen = np.isfinite(log_share) & np.isfinite(scale)[:, None]
+    scale_range = np.array([np.ptp(scale[seen[:, j]]) if seen[:, j].any() else np.nan
+                            for j in range(share.shape[1])])
+    return Eigen(count, lam_mean, lam_sem, sig_mean, sig_sem, fit_exponents(share, flow.density), trends,
+                 curvature, curvature_p, scale_range, flow.never_pruned)

@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 
 from flowscan.errors import printable
-from flowscan.flow import relevance
 from flowscan.pipeline import Inspection, RunResult
 
 
@@ -36,17 +35,18 @@ def analysis_summary(results: Sequence[RunResult]) -> str:
         never = _never_pruned_blocks(res)
         lines.append(f"  {'block':<{width}}  {'lambda (M), mean ± SEM':>22}  {'sigma (M), mean ± SEM':>22}  "
                      f"{'sigma_fit':>9}  pairs  eigen  exp  class")
-        eigen_ok, exponential_ok = e.eigen_ok, e.exponential_ok
+        eigen_ok, exponential_ok, verdicts = e.eigen_ok, e.exponential_ok, e.relevance
         for b, block in enumerate(res.blocks):
             lines.append(f"  {block:<{width}}  {_pm(e.lambda_mean[b], e.lambda_sem[b]):>22}  "
                          f"{_pm(e.sigma_mean[b], e.sigma_sem[b]):>22}  "
                          f"{e.fits[b].slope:>+9.4f}  {int(e.n_pairs[b]):>5}  "
                          f"{'yes' if eigen_ok[b] else 'no':>5}  {'yes' if exponential_ok[b] else 'no':>3}  "
-                         f"{relevance(e.sigma_mean[b], e.sigma_sem[b])}"
-                         + ("  (never pruned)" if block in never else ""))
+                         f"{verdicts[b]}"
+                         + ("  (holds never-pruned tensors)" if block in never and verdicts[b] != "never_pruned"
+                            else ""))
         classes = {}
         for b, block in enumerate(res.blocks):
-            classes.setdefault(relevance(e.sigma_mean[b], e.sigma_sem[b]), []).append(block)
+            classes.setdefault(verdicts[b], []).append(block)
         lines.append("  " + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(classes.items())))
     failed = sum(not r.ok for r in results)
     if failed < len(results):
@@ -106,7 +106,7 @@ def analysis_data(results: Sequence[RunResult]) -> list[dict]:
             item.update(rounds=[int(r) for r in res.flow.rounds], blocks_rule=res.blocks_rule, blocks=[
                 {"block": block, "sigma_mean": float(e.sigma_mean[b]), "sigma_sem": float(e.sigma_sem[b]),
                  "sigma_fit": float(e.fits[b].slope), "n_pairs": int(e.n_pairs[b]),
-                 "relevance": relevance(e.sigma_mean[b], e.sigma_sem[b])} for b, block in enumerate(res.blocks)])
+                 "relevance": e.relevance[b]} for b, block in enumerate(res.blocks)])
         out.append(item)
     return out
 
@@ -157,10 +157,14 @@ def sigma_grid(sigmas, sem: bool = False) -> tuple[list[str], list[list[str]]]:
     `sigmas` has unit, block, sigma, sigma_sem columns."""
     units = list(dict.fromkeys(sigmas["unit"].to_list()))
     blocks = list(dict.fromkeys(sigmas["block"].to_list()))
-    cell = {(u, b): (s, e) for u, b, s, e in sigmas.select("unit", "block", "sigma", "sigma_sem").iter_rows()}
+    verdicts = sigmas["relevance"] if "relevance" in sigmas.columns else [None] * sigmas.height
+    cell = {(u, b): (s, e, v) for (u, b, s, e), v in
+            zip(sigmas.select("unit", "block", "sigma", "sigma_sem").iter_rows(), verdicts)}
 
     def fmt(u, b):
-        s, e = cell.get((u, b), (None, None))
+        s, e, verdict = cell.get((u, b), (None, None, None))
+        if verdict == "never_pruned":
+            return "never pruned"
         if s is None or not math.isfinite(s):
             return "—"
         return f"{s:.3f} ± {e:.3f}" if sem and e is not None and math.isfinite(e) else f"{s:.3f}"

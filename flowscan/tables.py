@@ -19,7 +19,6 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from flowscan import __version__
-from flowscan.flow import relevance
 from flowscan.errors import printable
 from flowscan.io.location import location
 from flowscan.io.atomic import atomic_path, write_text
@@ -129,7 +128,7 @@ def _run_columns(res: RunResult) -> dict[str, dict[str, list]]:
         steps["valid"] += np.asarray(valid, bool).T.ravel().tolist()
         steps["span"] += _grid(np.asarray(f.step_span, np.int64)[None, :], n_blocks, n_steps)
         e = res.eigen[quantity]
-        eigen_ok, trend_p, exponential = e.eigen_ok, e.trend_p, e.exponential_ok
+        eigen_ok, trend_p, exponential, verdicts = e.eigen_ok, e.trend_p, e.exponential_ok, e.relevance
         for b, block in enumerate(res.blocks):
             fit = e.fits[b]
             for key, value in dict(
@@ -139,7 +138,7 @@ def _run_columns(res: RunResult) -> dict[str, dict[str, list]]:
                     sigma_fit=float(fit.slope), sigma_fit_se=float(fit.slope_se), r2=float(fit.r2),
                     eigen_ok=bool(eigen_ok[b]), sigma_trend=float(e.trends[b].slope),
                     sigma_trend_p=float(trend_p[b]), exponential_ok=bool(exponential[b]),
-                    relevance=relevance(e.sigma_mean[b], e.sigma_sem[b]),
+                    relevance=verdicts[b],
                     never_pruned_share=n_never[block] / float(f.n_params[b]) if f.n_params[b] else 0.0).items():
                 eigen[key].append(value)
     out["steps"], out["eigen"] = steps, eigen

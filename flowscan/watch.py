@@ -8,17 +8,17 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from flowscan.flow import relevance
 from flowscan.pipeline import RunResult
 
 SIGMA_MOVED = 1e-9   # below this, a sigma is the same number computed again
 
 
-def _sigmas(res: RunResult) -> dict[str, tuple[float, float]]:
+def _sigmas(res: RunResult) -> dict[str, tuple[float, float, str]]:
     if not res.ok or res.flow is None:
         return {}
     e = res.eigen["M"]
-    return {block: (float(e.sigma_mean[b]), float(e.sigma_sem[b])) for b, block in enumerate(res.blocks)}
+    verdicts = e.relevance
+    return {block: (float(e.sigma_mean[b]), float(e.sigma_sem[b]), verdicts[b]) for b, block in enumerate(res.blocks)}
 
 
 def _same(a: float, b: float) -> bool:
@@ -42,13 +42,12 @@ def changes(before: Sequence[RunResult], after: Sequence[RunResult]) -> list[str
         if res.ok != prev.ok:
             lines.append(f"run {name}: " + (f"failed: {res.error}" if not res.ok else "reads again"))
         was, now = _sigmas(prev), _sigmas(res)
-        for block, (mean, sem) in now.items():
+        for block, (mean, sem, new_class) in now.items():
             if block not in was:
                 continue
-            old_mean, old_sem = was[block]
+            old_mean, old_sem, old_class = was[block]
             if not _same(mean, old_mean):
                 lines.append(f"run {name}: sigma({block}) {_pm(old_mean, old_sem)} -> {_pm(mean, sem)}")
-            old_class, new_class = relevance(old_mean, old_sem), relevance(mean, sem)
             if old_class != new_class:
                 lines.append(f"run {name}: {block} {old_class} -> {new_class}")
     gone = sorted(set(old) - {r.run.name for r in after})

@@ -140,7 +140,7 @@ STAGES = {
     "flow": ("flowscan.flow.compute_flow", "assembly"),
     "eigen": ("flowscan.flow.eigen_summary", "assembly"),
     "blocks": ("flowscan.blocks.BlockRules.resolve", "assembly"),
-    "tables": ("flowscan.tables.relevance", "building its tables"),
+    "tables": ("flowscan.tables._grid", "building its tables"),
 }
 
 
@@ -351,7 +351,10 @@ def test_never_pruned_tensor_is_named_and_marked(tmp_path):
     fc_params = frames["rounds"].filter(block=fc_block, round=0)["n_params"][0]
     assert shares[fc_block] == pytest.approx(fc_size / fc_params)
     assert all(v == 0 for b, v in shares.items() if b != fc_block)
-    assert "(never pruned)" in result.stdout
+    # the whole block is never pruned: that is its verdict, for M and P alike, never "relevant"
+    assert "never_pruned: fc" in result.stdout
+    verdicts = frames["eigen"].filter(block=fc_block)["relevance"].to_list()
+    assert verdicts == ["never_pruned", "never_pruned"]
 
 
 def test_python_api_names_a_run_given_as_path(tmp_path):

@@ -107,6 +107,56 @@ def test_compute_flow_hand_example_with_a_missing_round():
     # the fit uses every round at once, gap included: s = ln(1/D)
     expected = stats.linregress(np.log(1 / np.array([1.0, 0.8, 0.5])), np.log([0.25, 0.2, 0.25])).slope
     assert e.fits[0].slope == pytest.approx(expected, rel=1e-12)
+    # lambda is averaged per round: the two-round step counts as its square root
+    assert e.lambda_mean[0] == pytest.approx((0.8 + math.sqrt(1.25)) / 2)
+    assert e.lambda_sem[0] == pytest.approx(abs(0.8 - math.sqrt(1.25)) / 2)
+
+
+def _one_block_flow(log_share_of_round, rounds=12, rate=0.8):
+    """A run whose block 0 has ln share = f(round) (block 1 the rest), pruned at a constant rate."""
+    r = np.arange(rounds)
+    n_unpruned = np.stack([np.round(1e6 * rate ** r)] * 2, axis=1).astype(np.int64)
+    share = np.exp(log_share_of_round(r.astype(float)))
+    return flow.compute_flow(r, np.array([10 ** 6] * 2), n_unpruned, np.stack([share, 1.0 - share], axis=1))
+
+
+def test_a_flat_noisy_block_is_one_exponential():
+    # sigma = 0 with noise: the sigma_fit line's R² is near 0, yet nothing drifts or curves
+    rng = np.random.default_rng(4)
+    noise = rng.normal(0, 0.01, 12)
+    e = flow.eigen_summary(_one_block_flow(lambda r: np.log(0.3) + noise[r.astype(int)]), "M")
+    assert e.fits[0].r2 < 0.5
+    assert e.exponential_ok[0]
+
+
+@pytest.mark.parametrize("log_share, ok", [
+    (lambda r: np.log(0.05) + 0.3 * r * np.log(1.25), True),           # sigma = 0.3 throughout
+    (lambda r: np.log(0.05) + 0.02 * r ** 2, False),                    # the exponent grows: curved
+    (lambda r: np.log(0.3) - 0.004 * (r - 5.5) ** 2, False),            # a flat block that bends
+])
+def test_exponential_ok_is_judged_against_the_noise_not_r2(log_share, ok):
+    e = flow.eigen_summary(_one_block_flow(log_share), "M")
+    assert bool(e.exponential_ok[0]) is ok
+
+
+def test_curvature_and_its_p_value_agree_with_a_quadratic_regression():
+    rng = np.random.default_rng(5)
+    x = np.linspace(0, 3, 9)
+    y = 0.2 + 0.5 * x + 0.1 * x ** 2 + rng.normal(0, 0.05, 9)
+    q, p = flow.curvatures(x, np.stack([y, np.where(x > 2.5, np.nan, y)], axis=1))
+    design = np.column_stack([np.ones(9), x, x ** 2])
+    coef, res, *_ = np.linalg.lstsq(design, y, rcond=None)
+    se = math.sqrt(res[0] / 6 * np.linalg.inv(design.T @ design)[2, 2])
+    assert q[0] == pytest.approx(coef[2], rel=1e-9)
+    assert p[0] == pytest.approx(2 * stats.t.sf(abs(coef[2] / se), 6), rel=1e-6)
+    assert math.isfinite(q[1])   # fitted on its own finite points
+
+
+def test_a_block_that_is_never_pruned_has_that_verdict():
+    f = flow.compute_flow([0, 1, 2], [10, 10], [[10, 10], [10, 8], [10, 6]], [[5.0, 5.0], [5.0, 4.0], [5.0, 3.0]])
+    for quantity in ("M", "P"):
+        assert flow.eigen_summary(f, quantity).relevance[0] == "never_pruned"
+    assert flow.relevance(1.0, 0.0, never_pruned=True) == "never_pruned"
 
 
 @pytest.mark.parametrize("mean, sem, expected", [

@@ -84,9 +84,11 @@ def test_a_fit_that_ends_on_a_bound_is_flagged():
     assert fit.at_bound_ and table["status"][0] == "at_bound" and "gamma" in table["error"][0]
 
 
-def _eigen(rows):
-    return pl.DataFrame(rows, schema=["run", "block", "quantity", "sigma_mean", "sigma_sem", "lambda_mean",
-                                      "sigma_fit"], orient="row")
+def _eigen(rows, never=()):
+    frame = pl.DataFrame(rows, schema=["run", "block", "quantity", "sigma_mean", "sigma_sem", "lambda_mean",
+                                       "sigma_fit"], orient="row")
+    verdict = pl.when(pl.col("block").is_in(list(never))).then(pl.lit("never_pruned")).otherwise(pl.lit("marginal"))
+    return frame.with_columns(verdict.alias("relevance"))
 
 
 def test_grouping_of_replicates():
@@ -102,9 +104,11 @@ def test_grouping_of_replicates():
 
 
 def _steps(rows):
+    """Steps of one round each unless a row gives its span (an eighth value)."""
+    rows = [tuple(r) + (1,) * (8 - len(r)) for r in rows]
     return pl.DataFrame(rows, schema={"run": pl.String, "block": pl.String, "quantity": pl.String,
                                       "round": pl.Int64, "lambda": pl.Float64, "sigma": pl.Float64,
-                                      "valid": pl.Boolean}, orient="row")
+                                      "valid": pl.Boolean, "span": pl.Int64}, orient="row")
 
 
 def test_aggregate_pools_the_steps_of_all_replicates():
@@ -122,8 +126,10 @@ def test_aggregate_pools_the_steps_of_all_replicates():
     pooled = [0.1, 0.3, 0.2, 0.5, 0.3]
     assert row["n_runs"] == 2 and row["n_steps"] == 5
     assert row["sigma_mean"] == pytest.approx(np.mean(pooled))
-    assert row["sigma_sem"] == pytest.approx(np.std(pooled, ddof=1) / math.sqrt(5))
+    assert row["sigma_pooled_sem"] == pytest.approx(np.std(pooled, ddof=1) / math.sqrt(5))
     assert row["sigma_between_sem"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / math.sqrt(2))
+    # the seeds disagree more than the pooled steps say: the verdict's error bar is the larger one
+    assert row["sigma_sem"] == pytest.approx(row["sigma_between_sem"]) and row["sigma_between_sem"] > row["sigma_pooled_sem"]
     assert row["lambda_mean"] == pytest.approx(1 + np.mean(pooled)) and row["sigma_fit_mean"] == pytest.approx(0.3)
     assert ex.filter(experiment="e")["block"].to_list() == ["l1", "l2"]  # model order kept
     single = ex.filter(experiment="f").row(0, named=True)
@@ -296,3 +302,54 @@ def test_dendrogram_table_lists_every_merge():
     assert t.height == 2 and t["size"].to_list() == [2, 3]
     assert {t["left"][0], t["right"][0]} == {"A", "B"} and "#1" in (t["left"][1], t["right"][1])
     assert t["distance"][0] == pytest.approx(pairs.filter(a="A", b="B")["rms"][0])
+
+
+def _simulated_experiment(rng, true_sigma, seed_spread, step_noise, n_seeds=3, n_steps=16):
+    """Steps of seeds whose own sigma differs from the experiment's by construction."""
+    rows = []
+    for k in range(n_seeds):
+        own = true_sigma + rng.normal(0, seed_spread)
+        rows += [(f"e/seed{k}", "b", "M", n, 1.0, own + rng.normal(0, step_noise), True) for n in range(n_steps)]
+    steps = _steps(rows)
+    eigen = _eigen([(f"e/seed{k}", "b", "M", 0.0, 0.01, 1.0, 0.0) for k in range(n_seeds)])
+    runs = pl.DataFrame({"run": [f"e/seed{k}" for k in range(n_seeds)], "status": ["ok"] * n_seeds})
+    return aggregate(eigen, runs, steps).row(0, named=True)
+
+
+def test_the_experiment_error_bar_accounts_for_seeds_that_differ():
+    # a block with no flow (sigma = 0) whose seeds differ by 0.05: a verdict other than marginal is a
+    # false alarm; the pooled SEM alone raises it in most experiments, the verdict's SEM rarely
+    rng = np.random.default_rng(3)
+    trials = [_simulated_experiment(rng, 0.0, 0.05, 0.05) for _ in range(400)]
+    pooled_alarms = np.mean([abs(t["sigma_mean"]) > 2 * t["sigma_pooled_sem"] for t in trials])
+    alarms = np.mean([t["relevance"] != "marginal" for t in trials])
+    assert pooled_alarms > 0.4, pooled_alarms
+    assert alarms < 0.15, alarms
+    # where the seeds agree, nothing is lost: the verdict's SEM is the pooled one, about
+    agreeing = [_simulated_experiment(rng, 0.3, 0.0, 0.05) for _ in range(100)]
+    assert np.mean([t["relevance"] == "relevant" for t in agreeing]) == 1.0
+    assert np.median([t["sigma_sem"] / t["sigma_pooled_sem"] for t in agreeing]) < 1.5
+
+
+def test_lambda_of_a_step_across_a_gap_counts_per_round():
+    # seed0 steps 0->1 and 1->3 (a missing round 2): at a constant rate 1.1 per round the second
+    # step grows the share by 1.21, which is 1.1 per round
+    steps = _steps([("e/seed0", "b", "M", 0, 1.1, 0.4, True, 1), ("e/seed0", "b", "M", 1, 1.21, 0.4, True, 2),
+                    ("e/seed1", "b", "M", 0, 1.1, 0.4, True, 1), ("e/seed1", "b", "M", 1, 1.1, 0.4, True, 1)])
+    eigen = _eigen([("e/seed0", "b", "M", 0.4, 0.0, 1.1, 0.4), ("e/seed1", "b", "M", 0.4, 0.0, 1.1, 0.4)])
+    runs = pl.DataFrame({"run": ["e/seed0", "e/seed1"], "status": ["ok", "ok"]})
+    row = aggregate(eigen, runs, steps).row(0, named=True)
+    assert row["lambda_mean"] == pytest.approx(1.1) and row["lambda_sem"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_block_no_run_prunes_is_never_pruned_in_the_experiment():
+    steps = _steps([(f"e/seed{k}", b, "P", n, 1.25 if b == "fc" else 0.9, 1.0 if b == "fc" else -0.4, True)
+                    for k in range(2) for b in ("fc", "conv") for n in range(3)])
+    eigen = _eigen([(f"e/seed{k}", b, "P", 0.0, 0.0, 1.0, 0.0) for k in range(2) for b in ("fc", "conv")],
+                   never=("fc",))
+    runs = pl.DataFrame({"run": ["e/seed0", "e/seed1"], "status": ["ok", "ok"]})
+    ex = aggregate(eigen, runs, steps)
+    assert dict(zip(ex["block"], ex["relevance"])) == {"fc": "never_pruned", "conv": "irrelevant"}
+    pairs, _ = compare(sigma_table(ex.with_columns(pl.lit("x").alias("experiment")), "experiment", "P")
+                       .vstack(sigma_table(ex, "experiment", "P")))
+    assert pairs["n_shared_blocks"].to_list() == [1]   # fc is left out of the sigma vectors

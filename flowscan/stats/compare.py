@@ -9,7 +9,9 @@ threshold taken by default from the data's own uncertainty: twice the median ove
 RMS distance that the SEMs alone would produce (`noise_rms`), so units whose sigma vectors differ
 by no more than their error bars fall together. A class never holds two units whose relevance
 conflicts on a shared block: such a class is split (greedily, in linkage order). `tree()` gives
-the dendrogram as a table, for the figure and for anyone who wants another cut.
+the dendrogram as a table, for the figure and for anyone who wants another cut. A block that is
+never pruned in a unit (relevance `never_pruned`) is left out of that unit's vector: its shares
+move only because the others are pruned, so its sigma says nothing about the flow.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ NOISE_FACTOR = 2.0         # distances within twice the SEM-only distance are in
 
 
 def sigma_table(frame: pl.DataFrame, unit: str, quantity: str = "M") -> pl.DataFrame:
-    """unit, block, sigma, sigma_sem from an eigen (unit='run') or experiments table."""
+    """unit, block, sigma, sigma_sem, relevance (null where the table has none) from an eigen
+    (unit='run') or experiments table."""
     if "sigma_sem" in frame.columns and "sigma_mean" in frame.columns:
+        verdict = pl.col("relevance") if "relevance" in frame.columns else pl.lit(None, pl.String)
         return (frame.filter(pl.col("quantity") == quantity)
-                .select(pl.col(unit).alias("unit"), "block", pl.col("sigma_mean").alias("sigma"), "sigma_sem"))
+                .select(pl.col(unit).alias("unit"), "block", pl.col("sigma_mean").alias("sigma"), "sigma_sem",
+                        verdict.alias("relevance")))
     raise ValueError("need a table with sigma_mean and sigma_sem columns")
 
 
@@ -48,8 +53,10 @@ def compare(sigmas: pl.DataFrame, threshold: float | None = None) -> tuple[pl.Da
     `threshold`, one is derived from the SEMs (module docstring)."""
     units = list(dict.fromkeys(sigmas["unit"].to_list()))
     vectors = {u: {} for u in units}
-    for u, block, sigma, sem in sigmas.iter_rows():
-        if sigma is not None and math.isfinite(sigma):
+    verdicts = sigmas["relevance"] if "relevance" in sigmas.columns else [None] * sigmas.height
+    for (u, block, sigma, sem), verdict in zip(sigmas.select("unit", "block", "sigma", "sigma_sem").iter_rows(),
+                                               verdicts):
+        if sigma is not None and math.isfinite(sigma) and verdict != "never_pruned":
             vectors[u][block] = (sigma, sem if sem is not None else math.nan)
     pairs, dist = [], np.full((len(units), len(units)), 0.0)
     conflicting = set()
