@@ -185,35 +185,56 @@ def paper_table(sigmas, style: str = "paper", sem: bool = False, unit: str = "ru
                      for r in [header] + rows)
 
 
+def experiments_text(experiments, quantity: str = "M") -> str:
+    """One row per experiment and block: sigma ± the SEM its verdict uses (the larger of the pooled and
+    the between-seed SEM, both shown), lambda per round ± SEM, runs, steps and the verdict."""
+    frame = experiments.filter(pl.col("quantity") == quantity)
+    rows = [(str(r["experiment"]), str(r["block"]), f"{r['n_runs']}", f"{r['n_steps']}",
+             _pm(r["sigma_mean"], r["sigma_sem"]), _num(r["sigma_pooled_sem"]), _num(r["sigma_between_sem"]),
+             _pm(r["lambda_mean"], r["lambda_sem"]), r["relevance"]) for r in frame.iter_rows(named=True)]
+    header = ("experiment", "block", "runs", "steps", f"sigma ({quantity}) ± SEM", "pooled SEM", "between SEM",
+              f"lambda ({quantity}) ± SEM", "class")
+    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 1, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    lines.append("SEM: the larger of the pooled SEM (every step of every seed) and the between-seed SEM (of the "
+                 "seeds' means), so seeds that disagree widen it; lambda per round (docs/definitions.md).")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _num(value) -> str:
+    return f"{value:.4f}" if value is not None and math.isfinite(value) else "n/a"
+
+
 def scaling_text(scaling) -> str:
-    """One line per fit; gamma always beside the fit's status (only `ok` fits are measurements)."""
-    names = [str(r["name"]) for r in scaling.iter_rows(named=True)]
-    width = max([len("name"), *map(len, names)])
-    lines = [f"{'level':<10} {'name':<{width}} {'status':<17} {'gamma':>18} {'95% CI':>18} {'eps_np':>7} "
-             f"{'eps_dag':>7} {'p':>8} {'points':>6}"]
+    """One row per fit, whatever its status: gamma ± SE, the bootstrap interval, eps_np, eps_dagger with
+    its bound (the chance error, or `held` at --eps-dagger), p, the points and the fit's own reason.
+    Only the statuses of MEASURED are measurements of gamma; the status stands beside every number."""
     from flowscan.stats.critical import MEASURED
 
-    if scaling.height and not set(MEASURED) & set(scaling["status"]):
-        counts = scaling.group_by("status").len().sort("status")
-        reasons = list(dict.fromkeys(r for r in scaling["error"].to_list() if r))
-        return (f"No fit identifies gamma: of {scaling.height} fit(s), "
-                + ", ".join(f"{n} {status}" for status, n in counts.iter_rows())
-                + f" ({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})."
-                + " The error probably never follows Eq. 15's power law over the densities reached (it stays "
-                  "near the dense error, or the sparsest rounds are missing): prune further, or see "
-                  "scaling.parquet for each fit's reason.")
+    names = [str(r["name"]) for r in scaling.iter_rows(named=True)]
+    width = max([len("name"), *map(len, names)])
+    status_width = max([len("status"), *(len(s) for s in scaling["status"].to_list())]) if scaling.height else 6
+    lines = [f"{'level':<10} {'name':<{width}} {'status':<{status_width}} {'gamma ± SE':>22} {'95% interval':>20} "
+             f"{'eps_np':>7} {'eps_dag':>7} {'eps_dag max':>11} {'p':>8} {'points':>6}  reason"]
     for r in scaling.iter_rows(named=True):
-        head = f"{r['level']:<10} {str(r['name']):<{width}} {r['status']:<17}"
+        head = f"{r['level']:<10} {str(r['name']):<{width}} {r['status']:<{status_width}}"
         if r["status"] == "error":
             lines.append(f"{head} not fitted: {r['error']}")
             continue
-        if r["status"] not in MEASURED:   # no number that is not a measurement
-            lines.append(f"{head} gamma not identified: {r['error'] or r['status']}")
-            continue
-        ci = f"[{r['gamma_ci_low']:.3f}, {r['gamma_ci_high']:.3f}]" if math.isfinite(r["gamma_ci_low"]) else "n/a"
-        lines.append(f"{head} {_pm(r['gamma'], r['gamma_se']):>18} {ci:>18} {r['epsilon_np']:>7.4f} "
-                     f"{r['epsilon_dagger']:>7.4f} {r['p']:>8.4f} {r['n_points']:>6}"
-                     + (f"  ({r['error']})" if r["error"] else ""))
+        low, high = r["gamma_ci_low"], r["gamma_ci_high"]
+        ci = f"[{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else "n/a"
+        if r.get("epsilon_dagger_fixed"):
+            bound = "held"
+        else:
+            top = r.get("epsilon_dagger_max")
+            bound = f"{top:.4f}" if top is not None and math.isfinite(top) else "none"
+        reason = r["error"] or ("a measurement" if r["status"] in MEASURED else "")
+        lines.append(f"{head} {_pm(r['gamma'], r['gamma_se']):>22} {ci:>20} {r['epsilon_np']:>7.4f} "
+                     f"{r['epsilon_dagger']:>7.4f} {bound:>11} {r['p']:>8.4f} {r['n_points']:>6}  {reason}")
+    if scaling.height and not set(MEASURED) & set(scaling["status"]):
+        lines.append("No fit measures gamma: the error probably never follows Eq. 15's power law over the densities "
+                     "reached (it stays near the dense error, or the sparsest rounds are missing): prune further.")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ def _commands(root):
         "analyze": (["analyze", ckpts, "-o", out], "run seed_0"),
         "inspect": (["inspect", ckpts], "prunable tensors"),
         "formats": (["formats"], "block presets"),
-        "aggregate": (["aggregate", out], "σ("),
+        "aggregate": (["aggregate", out], "sigma (M) ± SEM"),
         "fit": (["fit", out, "--bootstrap", "0"], "gamma"),
         "compare": (["compare", out], "classes:"),
         "table": (["table", out], "seed_0"),

@@ -141,7 +141,8 @@ def test_experiments_are_named_after_the_archive_not_dot(tmp_path):
     result = run_cli("aggregate", out)
     experiments = pl.read_parquet(out / "experiments.parquet")
     assert experiments["experiment"].unique().to_list() == ["mnist-lenet"]
-    assert result.output.splitlines()[0].split()[0] == "EXPERIMENT"
+    lines = result.output.splitlines()
+    assert lines[0].split()[0] == "experiment" and lines[1].split()[0] == "mnist-lenet"
     single = tmp_path / "single"
     analyze(FIXTURES / "closed-form" / "safetensors", single)
     run_cli("aggregate", single)

@@ -10,7 +10,7 @@ import pytest
 
 from flowscan.stats import CriticalFit, Grouping, aggregate, compare, fit_scaling, scaling_function
 from flowscan.stats.compare import sigma_table
-from flowscan.stats.critical import error_points
+from flowscan.stats.critical import MEASURED, error_points
 
 TRUE = dict(epsilon_np=0.08, epsilon_dagger=0.9, gamma=-1.5, p=0.02)
 
@@ -213,9 +213,11 @@ def test_a_fit_where_gamma_is_not_identified_is_not_ok():
                                       "density": density, "error": error, "metric": "m"}), n_bootstrap=0)
     from flowscan.summary import scaling_text
     text = scaling_text(table)
-    # nothing identifiable: one plain sentence with the status and the reason, no gamma to misread
-    assert text.startswith("No fit identifies gamma") and fit.status_ in text and fit.reason_.split(":")[0] in text
-    assert str(round(fit.gamma_, 4)) not in text
+    # nothing identifiable: the fit's row still shows its numbers beside its status and its own reason,
+    # and a closing sentence says that no fit measures gamma
+    row = text.splitlines()[1]
+    assert row.split()[:3] == ["run", "r", fit.status_] and fit.reason_.split(":")[0] in row
+    assert text.splitlines()[-1].startswith("No fit measures gamma")
 
 
 def test_eps_dagger_near_chance_leaves_gamma_identified_and_in_its_interval():
@@ -353,3 +355,59 @@ def test_a_block_no_run_prunes_is_never_pruned_in_the_experiment():
     pairs, _ = compare(sigma_table(ex.with_columns(pl.lit("x").alias("experiment")), "experiment", "P")
                        .vstack(sigma_table(ex, "experiment", "P")))
     assert pairs["n_shared_blocks"].to_list() == [1]   # fc is left out of the sigma vectors
+
+
+def _eq15_points(seed, rounds, noise):
+    rng = np.random.default_rng(seed)
+    d = np.tile(0.8 ** np.arange(rounds), 3)   # three seeds, gamma = -0.5 by construction
+    return d, scaling_function(d, 0.1, 0.9, -0.5, 0.1) + rng.normal(0, noise, d.size), np.repeat(["a", "b", "c"], rounds)
+
+
+def test_a_fit_whose_interval_reaches_a_bound_is_not_a_measurement():
+    # 17 rounds with noise: the best fit is near -0.5, but resamples run off to the bound -20
+    d, e, g = _eq15_points(0, 17, 0.005)
+    fit = CriticalFit(n_bootstrap=100, chance_error=0.9).fit(d, e, g)
+    assert fit.gamma_ci_[0] == pytest.approx(-20, abs=0.01)
+    assert fit.status_ == "interval_at_bound" and "interval_at_bound" not in MEASURED
+    assert "reaches its bound -20" in fit.reason_
+    # 25 rounds with less noise: the interval stays off the bounds and holds the true gamma
+    d, e, g = _eq15_points(0, 25, 0.001)
+    fit = CriticalFit(n_bootstrap=100, chance_error=0.9).fit(d, e, g)
+    assert fit.status_ in MEASURED and fit.gamma_ci_[0] < -0.5 < fit.gamma_ci_[1] and fit.gamma_ci_[0] > -1
+
+
+def test_fit_prints_every_fit_with_its_numbers_bound_and_reason():
+    from flowscan.summary import scaling_text
+
+    rows = []
+    for run, (rounds, noise) in {"bounded": (17, 0.005), "clean": (25, 0.001)}.items():
+        d, e, _g = _eq15_points(0, rounds, noise)
+        rows.append(pl.DataFrame({"run": [run] * d.size, "round": np.arange(d.size), "density": d, "error": e,
+                                  "metric": "m"}))
+    table = fit_scaling(pl.concat(rows), Grouping(mapping={r: {"experiment": "E"} for r in ("bounded", "clean")}),
+                        n_bootstrap=60, classes={"bounded": 10, "clean": 10})
+    text = scaling_text(table)
+    by_name = {line.split()[1]: line for line in text.splitlines()[1:] if line.split()[0] in ("run", "experiment")}
+    assert set(by_name) == {"bounded", "clean", "E"}
+    for name, row in zip(table["name"], table.iter_rows(named=True)):
+        line = by_name[name]
+        assert row["status"] in line and f"{row['gamma']:+.4f} ± {row['gamma_se']:.4f}" in line
+        assert f"{row['epsilon_dagger']:.4f}" in line and " 0.9000 " in line   # eps_dagger and its bound
+        assert f"{row['gamma_ci_low']:.3f}" in line and str(row["n_points"]) in line
+        assert (row["error"] or "a measurement") in line
+
+
+def test_aggregate_prints_each_verdict_with_both_error_bars():
+    from flowscan.summary import experiments_text
+
+    rng = np.random.default_rng(8)
+    row = _simulated_experiment(rng, 0.3, 0.05, 0.05)
+    steps = _steps([(f"e/seed{k}", "b", "M", n, 1.0, 0.3 + 0.1 * k + 0.01 * n, True) for k in range(3) for n in range(4)])
+    eigen = _eigen([(f"e/seed{k}", "b", "M", 0.0, 0.01, 1.0, 0.0) for k in range(3)])
+    runs = pl.DataFrame({"run": [f"e/seed{k}" for k in range(3)], "status": ["ok"] * 3})
+    frame = aggregate(eigen, runs, steps)
+    row = frame.row(0, named=True)
+    line = experiments_text(frame).splitlines()[1]
+    assert line.split()[:4] == ["e", "b", "3", "12"] and line.split()[-1] == row["relevance"]
+    assert f"{row['sigma_mean']:+.4f} ± {row['sigma_sem']:.4f}" in line
+    assert f"{row['sigma_pooled_sem']:.4f}" in line and f"{row['sigma_between_sem']:.4f}" in line

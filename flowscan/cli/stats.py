@@ -39,7 +39,6 @@ def aggregate(out: Path, grouping, app) -> None:
     """Mean ± SEM across replicates per experiment -> experiments.parquet."""
     from flowscan import stats, summary, tables
     from flowscan.errors import FlowscanError
-    from flowscan.stats.compare import sigma_table
 
     try:
         t = tables.read_tables(out, ("runs", "eigen", "steps"))
@@ -50,7 +49,7 @@ def aggregate(out: Path, grouping, app) -> None:
     members = grouping.membership(t["runs"]["run"].to_list())
     meta = tables.metadata(command_line(), "", analysis_id=tables.current_id(out))
     written = tables.write_tables({"experiments": experiments, "experiment_runs": members}, out, meta)
-    app.result(summary.paper_table(sigma_table(experiments, "experiment"), sem=True, unit="experiment"))
+    app.result(summary.experiments_text(experiments))
     app.wrote(written)
 
 

@@ -69,12 +69,13 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
     if experiments is not None and experiments.height and experiments["n_runs"].max() > 1:
         sig = sigma_table(experiments, "experiment", quantity)
         out.add("sigma-experiments", figures.sigma_overview(sig, "σ per block (mean ± SEM across replicates)"),
-                "σ per block and experiment, mean ± SEM across replicates.")
+                "σ per block and experiment: mean ± the SEM its verdict uses (the larger of the pooled and the "
+                "between-seed SEM).")
     if points is not None and points.height:
         out.add("error-density", figures.error_density(points, scaling),
                 "Error against density with the fitted scaling function (Eq. 15); only fits whose "
-                "γ is a measurement are drawn (status ok, or nuisance_at_bound: γ identified while ε†, "
-                "ε_np or p sits on its bound).")
+                "γ is a measurement are drawn (status ok, or nuisance_at_bound: γ identified, its interval "
+                "off γ's bounds, while ε† alone, a nuisance parameter, sits on its bound).")
     landscape = landscape or {}
     if "lmc_summary" in landscape and landscape["lmc_summary"].height:
         out.add("lmc-barrier", figures.lmc_barriers(landscape["lmc_summary"]),

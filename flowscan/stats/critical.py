@@ -132,7 +132,8 @@ class CriticalFit:
         """ok; nuisance_at_bound (gamma identified, but eps_dagger within 1 % of its range from a
         bound, e.g. at the chance error); at_bound (gamma, eps_np or p on a bound, or eps_dagger on
         one with gamma not identified: not a measurement); unidentified (a parameter's SE exceeds its
-        value, or equally good optima disagree)."""
+        value, or equally good optima disagree). After the bootstrap, a measured fit whose interval
+        reaches one of gamma's bounds becomes interval_at_bound (`fit`)."""
         popt, pcov, sse = found[0]
         low, high = self._bounds(d, e)[1]
         free = {PARAMS[k] for k in self._free()}
@@ -188,7 +189,23 @@ class CriticalFit:
         self.n_points_ = int(d.size)
         self.rmse_ = math.sqrt(sse / d.size)
         self.gamma_ci_, self.n_bootstrap_ok_ = self._bootstrap(d, e, g, popt)
+        reached = self._interval_bound()
+        if self.status_ in MEASURED and reached is not None:
+            low, high = self.gamma_ci_
+            self.status_ = "interval_at_bound"
+            self.reason_ = (f"gamma's bootstrap {self.confidence:.0%} interval [{low:.3f}, {high:.3f}] reaches its "
+                            f"bound {reached:g}: resamples of the data leave gamma unbounded")
         return self
+
+    def _interval_bound(self) -> float | None:
+        """The bound of gamma that its bootstrap interval reaches (as for the fit itself: within 1 %
+        of the range in decades), or None."""
+        for end in self.gamma_ci_:
+            for bound in self.gamma_bounds:
+                if math.isfinite(end) and _near_bound("gamma", end, *self.gamma_bounds) and \
+                        abs(math.log10(abs(end)) - math.log10(abs(bound))) < 0.5:
+                    return bound
+        return None
 
     def _bootstrap(self, d, e, g, popt):
         if not self.n_bootstrap:
