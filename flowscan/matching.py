@@ -1,9 +1,11 @@
 """Matching: whether a pruned network is as good as the dense one. One definition for every
 command that decides it (lmc, sharpness --probe, produce's adaptive schedule):
 
-- the **dense error** of a run is the error of that run's own round 0 (its dense network) as
-  stored: its own weights and BatchNorm statistics, i.e. the test error the archive recorded for
-  round 0 (which the landscape commands check against a measurement before using it);
+- the **dense error** of a run is the test error of that run's own round 0 (its dense network)
+  as stored — its own weights and BatchNorm statistics —, measured by flowscan, which checks it
+  against the accuracy the archive recorded (`--accuracy-tolerance`). `lmc` and `sharpness --probe`
+  take it the same way (`landscape.analysis.dense_errors`); a run without a complete round 0 has
+  no dense error, and its matching is unknown (named, never taken from its first round);
 - a network is **matching** when its error, measured the same way, is at most the dense error
   plus the tolerance.
 

@@ -269,9 +269,12 @@ def landscape_text(frames: dict) -> str:
     if lmc is not None:
         for r in lmc.iter_rows(named=True):
             verdict = {True: "matching", False: "not matching", None: "matching unknown: no round 0"}[r["matching"]]
-            lines.append(f"{r['run']}: rounds {r['round']}->{r['next_round']}: barrier {r['barrier']:+.4f}, "
+            span = f" (spans {r['span']} rounds)" if r.get("span", 1) > 1 else ""
+            ends = (f"; path ends {r['error_start']:.4f}, {r['error_end']:.4f} differ from the stored networks' "
+                    f"{r['stored_error_start']:.4f}, {r['next_error']:.4f}") if r.get("ends_differ") else ""
+            lines.append(f"{r['run']}: rounds {r['round']}->{r['next_round']}{span}: barrier {r['barrier']:+.4f}, "
                          f"round {r['next_round']} error {r['next_error']:.4f} vs dense {r['dense_error']:.4f} "
-                         f"({verdict}); instability {r['instability']:+.4f}")
+                         f"({verdict}); instability {r['instability']:+.4f}{ends}")
     sharp = frames.get("sharpness")
     if sharp is not None:
         for r in sharp.iter_rows(named=True):

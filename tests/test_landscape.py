@@ -244,3 +244,100 @@ def test_adaptive_schedule_decides_on_validation_data(tmp_path):
         m = r["metrics"]
         assert "validation_error" in m
         assert bool(m["matching"]) == (m["validation_error"] <= dense + 0.01) or m["pruned_fraction"] <= 0.05
+
+
+# -- a study's landscape, narrowed and honest about what it skipped ----------------------------------
+def test_round_specs_and_their_refusals():
+    from flowscan.errors import FlowscanError
+    from flowscan.landscape.selection import RoundSpec
+
+    spec = RoundSpec.parse("0-4,8,12-")
+    assert [n for n in range(20) if n in spec] == [0, 1, 2, 3, 4, 8, 12, 13, 14, 15, 16, 17, 18, 19]
+    assert [n for n in range(5) if n in RoundSpec.parse("-2")] == [0, 1, 2]
+    assert all(n in RoundSpec.parse(None) for n in range(50))
+    for bad in ("a", "4-2", "1,,2", "-", "3-4-5"):
+        with pytest.raises(FlowscanError, match="--rounds"):
+            RoundSpec.parse(bad)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Two seeds of 5 rounds; seed_1 lacks round 2 (a gap), seed_0 has an unfinished round 5."""
+    root = tmp_path_factory.mktemp("study")
+    run_cli("produce", *FAST, "--rounds", "5", "--seeds", "2", "-o", root)
+    shutil.rmtree(root / "seed_1" / "round_0002")
+    unfinished = root / "seed_0" / "round_0005"
+    shutil.copytree(root / "seed_0" / "round_0004", unfinished)
+    (unfinished / "round.json").unlink()   # written last: the round is still being written
+    return root
+
+
+def test_lmc_takes_runs_and_rounds_and_names_what_it_skips(study, tmp_path):
+    result = run_cli("lmc", study, "-o", tmp_path, "--points", "3", "--runs", "seed_1", "--rounds", "1-4")
+    summary = pl.read_parquet(tmp_path / "lmc_summary.parquet").sort("round")
+    assert summary["run"].unique().to_list() == ["seed_1"]
+    # round 0 is outside --rounds, yet read for the dense error; the pair across the gap is 1 -> 3
+    assert list(zip(summary["round"], summary["next_round"], summary["span"])) == [(1, 3, 2), (3, 4, 1)]
+    info = json.loads((study / "seed_1" / "round_0000" / "round.json").read_text())
+    assert summary["dense_error"].to_list() == pytest.approx([1 - info["metrics"]["test_accuracy"]] * 2, abs=1e-6)
+    assert "rounds 1->3 (spans 2 rounds)" in result.stdout
+    assert "seed_1: rounds 1->3: 3 points on the linear path (across 1 missing round(s)" in result.stderr
+    whole = run_cli("lmc", study, "-o", tmp_path / "all", "--points", "3")
+    assert "seed_0: round 5 is not analysed" in whole.stderr   # the unfinished round is named
+    with_all = pl.read_parquet(tmp_path / "all" / "lmc_summary.parquet").filter(run="seed_1").sort("round")
+    assert with_all.filter(round=1).select("barrier", "next_error").equals(summary.filter(round=1).select(
+        "barrier", "next_error"))   # narrowing changes nothing it keeps
+    none = run_cli("lmc", study, "-o", tmp_path / "x", "--runs", "seed_9", expect=1)
+    assert "no run matches --runs 'seed_9' (runs: seed_0, seed_1)" in none.output
+
+
+def test_without_a_round_0_matching_is_unknown_in_lmc_and_the_probe(study, tmp_path):
+    root = tmp_path / "late"
+    shutil.copytree(study / "seed_1", root / "seed_1")
+    shutil.rmtree(root / "seed_1" / "round_0000")
+    result = run_cli("lmc", root, "-o", tmp_path / "out", "--points", "3")
+    summary = pl.read_parquet(tmp_path / "out" / "lmc_summary.parquet")
+    assert summary.height and summary["dense_error"].is_nan().all() and summary["matching"].is_null().all()
+    assert "has no round 0" in result.stderr
+    run_cli("sharpness", root, "-o", tmp_path / "out", "--subset", "32", "--max-iter", "2", "--probe", "0.5",
+            "--rounds", "3")
+    probe = pl.read_parquet(tmp_path / "out" / "fraction_probe.parquet")
+    assert probe["round"].to_list() == [3]   # --rounds reaches the probe too
+    assert probe["dense_error"].is_nan().all() and probe["matching"].is_null().all()
+
+
+def test_batched_points_give_the_errors_of_one_model_at_a_time(produced):
+    # the vmapped evaluation against the plain loop: one model, one alpha, one batch at a time
+    from flowscan.train.data import load
+
+    data = load("digits")
+    rounds = sorted((produced / "seed_0").glob("round_*"))
+    torch.manual_seed(0)
+    from flowscan.train.models import build
+
+    model = build("mlp", data.input_shape, data.n_classes)[0]
+    start = {k: torch.from_numpy(v) for k, v in load_file(str(rounds[0] / "weights.safetensors")).items()}
+    end = {k: torch.from_numpy(v) for k, v in load_file(str(rounds[1] / "weights.safetensors")).items()}
+    alphas = np.linspace(0, 1, 7)
+    curve = lmc.interpolate(model, start, end, {}, data, alphas)
+    for alpha, error, loss in zip(alphas, curve.errors, curve.losses):
+        model.load_state_dict(lmc.point_state(start, end, alpha, {}))
+        assert (error, loss) == lmc.evaluate(model, data)   # identical, not close
+
+
+def test_batchnorm_path_ends_are_recorded_beside_the_stored_networks(tmp_path):
+    root = tmp_path / "bn"
+    run_cli("produce", "--model", "cifar-resnet14", "--data", "synthetic-images:3x8x8:200", "--rounds", "2",
+            "--epochs", "1", "--batch-size", "50", "-q", "-o", root)
+    result = run_cli("lmc", root, "-o", tmp_path / "out", "--points", "3", "--bn-batches", "1", "--tolerance", "0",
+                     "-q")
+    row = pl.read_parquet(tmp_path / "out" / "lmc_summary.parquet").row(0, named=True)
+    info = [json.loads((root / "seed_0" / f"round_{n:04d}" / "round.json").read_text()) for n in (0, 1)]
+    # the stored networks' errors are the producer's; the path's ends carry re-estimated statistics
+    assert row["stored_error_start"] == pytest.approx(1 - info[0]["metrics"]["test_accuracy"], abs=1e-6)
+    assert row["next_error"] == pytest.approx(1 - info[1]["metrics"]["test_accuracy"], abs=1e-6)
+    differ = row["error_start"] != row["stored_error_start"] or row["error_end"] != row["next_error"]
+    assert row["ends_differ"] == differ
+    assert ("warning: seed_0: rounds 0->1: the path's ends" in result.output) == differ   # warned even with -q
+    chord = max(0.0, row["barrier"])
+    assert row["barrier"] == pytest.approx(chord) and row["instability"] >= row["barrier"] - 1e-12

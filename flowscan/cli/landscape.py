@@ -29,16 +29,26 @@ def model_options(command):
     @click.option("--select", metavar="PREFIX", help="Only tensors under PREFIX, prefix removed.")
     @click.option("--strip-model-prefix", is_flag=True, help="Drop a leading 'model.' from tensor names.")
     @click.option("--format", "format_", metavar="NAME", help="Force a reader instead of auto-detecting.")
+    @click.option("--runs", "runs", metavar="PATTERN",
+                  help="Only runs whose name (as analyze names them) matches this shell pattern, e.g. 'seed_*'.")
+    @click.option("--rounds", "rounds", metavar="SPEC",
+                  help="Only these rounds, e.g. 0-4,8,12- (round 0 is still read for the dense error).")
     @functools.wraps(command)
     def wrapper(path, out, model, data_spec, accuracy_tolerance, device, select, strip_model_prefix, format_,
-                **kwargs):
+                runs, rounds, **kwargs):
         writable_output(out)
+        from flowscan.errors import FlowscanError
         from flowscan.landscape.analysis import Setup
+        from flowscan.landscape.selection import RoundSpec
         from flowscan.train.trainer import resolve_device
         from flowscan.readers.base import NameOptions
 
+        try:
+            spec = RoundSpec.parse(rounds)
+        except FlowscanError as exc:
+            raise click.BadParameter(str(exc), param_hint="--rounds") from None
         setup = Setup(model, data_spec, str(resolve_device(device)), NameOptions(strip_model_prefix, select),
-                      format_, accuracy_tolerance)
+                      format_, accuracy_tolerance, runs, spec)
         return command(path, out, setup, **kwargs)
     return wrapper
 
@@ -77,7 +87,7 @@ def lmc(path, out, setup, points, tolerance, bn_batches, path_kind, app) -> None
 
     try:
         curves, summary = lmc_tables(path, setup, points, tolerance, bn_batches, progress=app.note,
-                                     path_kind=path_kind)
+                                     path_kind=path_kind, warn=app.warn)
     except FlowscanError as exc:
         raise click.ClickException(str(exc)) from None
     plots = {}

@@ -12,6 +12,7 @@ import torch
 
 from flowscan.errors import FlowscanError
 from flowscan.landscape import archive, hessian, recipes
+from flowscan.landscape.selection import RoundSpec, select_runs
 from flowscan.train import lmc
 from flowscan.matching import is_matching
 from flowscan.train.data import Dataset, load
@@ -21,9 +22,10 @@ from flowscan.readers.discover import discover
 LMC_SCHEMA = {"run": pl.String, "round": pl.Int64, "alpha": pl.Float64, "error": pl.Float64, "loss": pl.Float64}
 # instability comes after the decisions: beside the barrier it adds only (err(1) - err(0)) / 2 at
 # most (docs/definitions.md), so it tracks "not matching" through that term, not through the path
-SUMMARY_SCHEMA = {"run": pl.String, "round": pl.Int64, "next_round": pl.Int64, "density": pl.Float64,
-                  "path": pl.String, "barrier": pl.Float64, "loss_barrier": pl.Float64,
-                  "error_start": pl.Float64, "error_end": pl.Float64, "next_error": pl.Float64,
+SUMMARY_SCHEMA = {"run": pl.String, "round": pl.Int64, "next_round": pl.Int64, "span": pl.Int64,
+                  "density": pl.Float64, "path": pl.String, "barrier": pl.Float64, "loss_barrier": pl.Float64,
+                  "error_start": pl.Float64, "error_end": pl.Float64, "stored_error_start": pl.Float64,
+                  "next_error": pl.Float64, "ends_differ": pl.Boolean,
                   "dense_error": pl.Float64, "tolerance": pl.Float64, "matching": pl.Boolean,
                   "instability": pl.Float64, "loss_instability": pl.Float64, "recipe": pl.String}
 SHARPNESS_SCHEMA = {"run": pl.String, "round": pl.Int64, "density": pl.Float64, "lambda_max": pl.Float64,
@@ -39,13 +41,15 @@ class Setup:
     names: NameOptions = NameOptions()
     format: str | None = None
     accuracy_tolerance: float = ACCURACY_TOLERANCE
+    runs: str | None = None      # --runs: a pattern on run names
+    rounds: RoundSpec = RoundSpec()   # --rounds: which rounds
 
 
 def runs_below(path: Path, setup: Setup) -> list[Run]:
     runs = [r for r in discover(Path(path), setup.format) if not r.error]
     if not runs:
         raise FlowscanError(f"{path}: no readable IMP runs found")
-    return runs
+    return select_runs(runs, setup.runs, path)
 
 
 def _model_and_data(run: Run, setup: Setup, cache: dict, shapes: dict,
@@ -98,64 +102,104 @@ class LoadedRound:
     masks: dict[str, torch.Tensor]
     recipe: recipes.Recipe
     error: float                  # test error of the network as stored (see flowscan/matching.py)
+    loss: float                   # its mean test loss
+    previous: int | None          # the complete round before it in its run (None: the first)
+    dense_error: float            # its run's dense error: round 0's, measured as stored; NaN without round 0
 
 
 def _loaded_rounds(path: Path, setup: Setup, progress=None) -> Iterator[LoadedRound]:
-    """Every round of every run below `path`, loaded into its model one at a time, its test error
-    measured as stored and checked against the accuracy its archive recorded."""
+    """Every round below `path` that --runs and --rounds select, loaded into its model one at a time,
+    its test error measured as stored and checked against the accuracy its archive recorded. Round 0
+    is loaded too, selected or not, for its run's dense error (flowscan/matching.py); a run without
+    it, and every selected round not analysed (incomplete, missing), is named in a note."""
     cache: dict = {}
     for run in runs_below(path, setup):
+        for index, why in sorted(run.incomplete.items()):
+            if index in setup.rounds and progress:
+                progress(f"{run.name}: round {index} is not analysed: {why}")
+        wanted = {r.index for r in run.rounds if r.index in setup.rounds}
+        if not wanted:
+            if progress:
+                progress(f"{run.name}: no complete round in --rounds {setup.rounds.text}: skipped")
+            continue
+        has_dense = bool(run.rounds) and run.rounds[0].index == 0
+        if not has_dense and progress:
+            progress(f"{run.name}: the run has no round 0 (its first complete round is {run.rounds[0].index}): "
+                     "its dense error is unknown, so no round's matching is decided")
+        previous = {r.index: p.index for p, r in zip(run.rounds, run.rounds[1:])}
         model = data = recipe = None
-        for rs in archive.iter_rounds(run, setup.names):
+        dense_error = math.nan
+        for rs in archive.iter_rounds(run, setup.names, wanted | ({0} if has_dense else set())):
             if model is None:
                 shapes = {k: tuple(v.shape) for k, v in rs.state.items()}
                 model, data, recipe = _model_and_data(run, setup, cache, shapes, progress)
+            if progress:
+                progress(f"{run.name}: round {rs.index}: loaded; measuring its test error")
             masks = archive.load_into(model, rs, setup.device)
-            error = lmc.evaluate(model, data)[0]
+            error, loss = lmc.evaluate(model, data)
             recorded = recipe.recorded_accuracy(rs.metrics)
             if recorded is None and progress and rs.index == run.rounds[0].index:
                 progress(f"{run.name}: round {rs.index} records no test accuracy "
                          f"({recipe.accuracy_key or 'none known for this archive'}): the model, data and "
                          "preprocessing cannot be checked against it; measured errors are used as they come")
             check_accuracy(run, rs.index, recorded, 1.0 - error, recipe, setup.accuracy_tolerance, progress)
-            yield LoadedRound(run, model, data, rs.index, masks, recipe, error)
+            if rs.index == 0:
+                dense_error = error
+            if rs.index in wanted:
+                yield LoadedRound(run, model, data, rs.index, masks, recipe, error, loss,
+                                  previous.get(rs.index), dense_error)
+
+
+def dense_errors(path: Path, setup: Setup, progress=None) -> dict[str, float]:
+    """Each selected run's dense error, as lmc takes it: round 0's test error measured as stored
+    (NaN, named, without a round 0)."""
+    only_zero = Setup(**{**setup.__dict__, "rounds": RoundSpec(((0, 0),), "0")})
+    found = {run.name: math.nan for run in runs_below(path, setup)}
+    found.update({r.run.name: r.dense_error for r in _loaded_rounds(path, only_zero, progress)})
+    return found
 
 
 PATHS = ("linear", "projected")
 
 
 def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: float = 0.01,
-               bn_batches: int = 20, progress: Callable[[str], None] | None = None, path_kind: str = "linear"):
+               bn_batches: int = 20, progress: Callable[[str], None] | None = None, path_kind: str = "linear",
+               warn: Callable[[str], None] | None = None):
     """(lmc, lmc_summary) frames: error along each n -> n+1 segment, its barrier and instability,
     and whether round n+1 is matching: its test error as stored (`next_error`) within `tolerance`
     of its run's dense error, round 0's (flowscan/matching.py)."""
     if path_kind not in PATHS:
         raise FlowscanError(f"unknown path {path_kind!r}; known: {', '.join(PATHS)}")
     curves, summary = [], []
-    dense: dict[str, float] = {}
     alphas = lmc.alpha_grid(points)
-    previous = None   # (run, round index, state) of the round before
+    previous = None   # the round before: (run, index, state, (error, loss) as stored)
     for r in _loaded_rounds(path, setup, progress):
         run, model, index = r.run, r.model, r.index
-        if index == 0:
-            dense[run.name] = r.error
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if previous is not None and previous[0] is run and index == previous[1] + 1:
+        if previous is not None and previous[0] is run and r.previous == previous[1]:
+            span = index - previous[1]
+            if progress:
+                progress(f"{run.name}: rounds {previous[1]}->{index}: {len(alphas)} points on the "
+                         f"{path_kind} path" + (f" (across {span - 1} missing round(s): the pair spans {span} rounds)"
+                                                if span > 1 else ""))
             curve = lmc.interpolate(model, previous[2], state, r.masks, r.data, alphas, bn_batches,
-                                    projected=path_kind == "projected")
+                                    projected=path_kind == "projected", ends=(previous[3], (r.error, r.loss)),
+                                    progress=(lambda text, p=f"{run.name}: rounds {previous[1]}->{index}: ":
+                                              progress(p + text)) if progress else None)
             curves += [(run.name, previous[1], float(a), float(e), float(lo))
                        for a, e, lo in zip(curve.alphas, curve.errors, curve.losses)]
-            dense_error = dense.get(run.name, math.nan)   # NaN: the run has no round 0
-            summary.append((run.name, previous[1], index, _density(r.masks), path_kind, curve.barrier,
-                            curve.loss_barrier, float(curve.errors[0]), float(curve.errors[-1]), r.error,
-                            dense_error, tolerance, is_matching(r.error, dense_error, tolerance),
+            start, end = float(curve.errors[0]), float(curve.errors[-1])
+            differ = abs(start - previous[3][0]) > tolerance or abs(end - r.error) > tolerance
+            if differ and warn:
+                warn(f"{run.name}: rounds {previous[1]}->{index}: the path's ends (BatchNorm "
+                         f"re-estimated) err {start:.4f} and {end:.4f}, the networks as stored "
+                         f"{previous[3][0]:.4f} and {r.error:.4f}: more than the tolerance {tolerance:g} apart; "
+                         "the barrier is measured against the path's ends (docs/definitions.md)")
+            summary.append((run.name, previous[1], index, span, _density(r.masks), path_kind, curve.barrier,
+                            curve.loss_barrier, start, end, previous[3][0], r.error, differ,
+                            r.dense_error, tolerance, is_matching(r.error, r.dense_error, tolerance),
                             curve.instability, curve.loss_instability, r.recipe.describe()))
-            if progress:
-                verdict = {True: "matching", False: "not matching", None: "matching unknown"}[
-                    is_matching(r.error, dense_error, tolerance)]
-                progress(f"{run.name}: rounds {previous[1]}->{index}: barrier {curve.barrier:+.4f}, "
-                         f"error {r.error:.4f} ({verdict})")
-        previous = (run, index, state)
+        previous = (run, index, state, (r.error, r.loss))
     return (pl.DataFrame(curves, schema=LMC_SCHEMA, orient="row"),
             pl.DataFrame(summary, schema=SUMMARY_SCHEMA, orient="row"))
 
@@ -167,8 +211,7 @@ def sharpness_table(path: Path, setup: Setup = Setup(), subset: int = 512, tol: 
         if progress:
             progress(f"{r.run.name}: round {r.index}: Hessian power iteration (at most {max_iter} steps)")
         top = hessian.top_eigenvalue(r.model, r.data, r.masks, subset, tol, max_iter)
-        error, _loss = lmc.evaluate(r.model, r.data)
-        rows.append((r.run.name, r.index, _density(r.masks), top.value, top.iterations, top.converged, error,
+        rows.append((r.run.name, r.index, _density(r.masks), top.value, top.iterations, top.converged, r.error,
                      r.recipe.describe()))
         if progress:
             progress(f"{r.run.name}: round {r.index}: lambda_max {top.value:.4g} ({top.iterations} iterations)")
@@ -196,19 +239,23 @@ def probe_runs(path: Path, setup: Setup = Setup()) -> list[Run]:
 
 def probe_fractions(path: Path, fractions: Sequence[float], tolerance: float = 0.01, setup: Setup = Setup(),
                     progress: Callable[[str], None] | None = None) -> pl.DataFrame:
-    """For each round of every run below `path`, whether each of `fractions`, pruned from that
-    round and retrained from the rewind point, still gives a matching network (Paul et al.'s
-    limit); matching: within `tolerance` of the run's own round-0 test error. Runs are named as
-    `analyze` names them, so the table joins the others."""
+    """For each selected round of every selected run below `path`, whether each of `fractions`,
+    pruned from that round and retrained from the rewind point, still gives a matching network
+    (Paul et al.'s limit); matching: within `tolerance` of the run's dense error, taken as lmc takes
+    it (round 0's test error measured as stored; unknown, and named, without a round 0). Runs are
+    named as `analyze` names them, so the table joins the others."""
     from flowscan import layout
     from flowscan.produce.imp import probe_round
 
     rows = []
+    dense = dense_errors(path, setup, progress)
     for run in probe_runs(path, setup):
+        wanted = {r.index for r in run.rounds if r.index in setup.rounds}
         if (run.path / layout.RUN_MANIFEST).is_file():
-            found = probe_round(run, sorted(fractions), tolerance, torch.device(setup.device), progress)
+            found = probe_round(run, sorted(fractions), tolerance, torch.device(setup.device), dense[run.name],
+                                wanted, progress)
         else:
-            found = _probe_open_lth(run, sorted(fractions), tolerance, setup, progress)
+            found = _probe_open_lth(run, sorted(fractions), tolerance, setup, dense[run.name], wanted, progress)
         rows += found
         if progress:
             for index in sorted({r[1] for r in found}):
@@ -218,9 +265,10 @@ def probe_fractions(path: Path, fractions: Sequence[float], tolerance: float = 0
     return pl.DataFrame(rows, schema=PROBE_SCHEMA, orient="row")
 
 
-def _probe_open_lth(run: Run, fractions, tolerance: float, setup: Setup, progress) -> list[tuple]:
+def _probe_open_lth(run: Run, fractions, tolerance: float, setup: Setup, dense_error: float, wanted,
+                    progress) -> list[tuple]:
     """`probe_rounds` for an open_lth run: its recipe's data, hparams.log's training settings, the
-    rewind weights of level 0, each level's masked end weights; dense error = level 0's logged one."""
+    rewind weights of level 0, each level's masked end weights (those in `wanted`)."""
     from flowscan.produce.imp import IMPConfig, Session, numpy_state, probe_rounds
     from flowscan.produce.sources import read_round
     from flowscan.readers.base import Round
@@ -236,16 +284,15 @@ def _probe_open_lth(run: Run, fractions, tolerance: float, setup: Setup, progres
     for note in notes:
         if progress:
             progress(f"{run.name}: {note}")
-    recorded = recipe.recorded_accuracy(first.metrics)
-    if recorded is None:
-        raise FlowscanError(f"{run.path}: level 0 records no test accuracy (logger); --probe needs the dense error")
     session = Session(IMPConfig(**args), 0, data, device, compile=False)
     rewind_weights = read_round(Round(0, run.format, (rewind_file,)), setup.names, copy_weights=True).weights
     rewind = {**numpy_state(session.model), **rewind_weights}   # the model's buffers where the file lacks them
 
     def stored():
         for rs in [first, *states]:
+            if rs.index not in wanted:
+                continue
             weights = {k: v.numpy() for k, v in rs.state.items()}
             masks = {k: rs.masks.get(k, torch.ones_like(rs.state[k], dtype=torch.bool)) for k in session.names}
             yield rs.index, weights, masks
-    return probe_rounds(run.name, session, rewind, stored(), fractions, 1 - recorded, tolerance, progress)
+    return probe_rounds(run.name, session, rewind, stored(), fractions, dense_error, tolerance, progress)

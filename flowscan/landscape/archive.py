@@ -47,9 +47,11 @@ def build_model(spec: str, input_shape, n_classes: int) -> torch.nn.Module:
         raise FlowscanError(str(exc)) from None
 
 
-def iter_rounds(run: Run, names: NameOptions = NameOptions()) -> Iterator[RoundState]:
-    """One round at a time (a model's worth of tensors in memory)."""
+def iter_rounds(run: Run, names: NameOptions = NameOptions(), indices=None) -> Iterator[RoundState]:
+    """One round at a time (a model's worth of tensors in memory); only `indices` where given."""
     for rnd in run.rounds:
+        if indices is not None and rnd.index not in indices:
+            continue
         refs, metrics, _notes = open_tensors(rnd, names)
         state = {r.name: torch.from_numpy(np.array(r.weight)) for r in refs}  # a copy, off the memory map
         masks = {r.name: torch.from_numpy(np.asarray(r.mask) != 0) for r in refs if r.mask is not None}

@@ -481,9 +481,11 @@ def _save_rewind(run: Path, state: dict[str, np.ndarray], step: int) -> None:
                   metadata={"step": json.dumps(step)})
 
 
-def probe_round(run, fractions, tolerance: float, device: torch.device, progress=None) -> list[tuple]:
-    """Prune each fraction from every round of a produce run, retrain from its rewind point, and
-    say whether the result is matching (used by `flowscan sharpness --probe`)."""
+def probe_round(run, fractions, tolerance: float, device: torch.device, dense_error: float, wanted=None,
+                progress=None) -> list[tuple]:
+    """Prune each fraction from every round of a produce run (those in `wanted`, where given),
+    retrain from its rewind point, and say whether the result is matching against `dense_error`
+    (used by `flowscan sharpness --probe`, which measures it as lmc does)."""
     from flowscan.train.data import load
 
     args = layout.read_json(run.path / layout.RUN_MANIFEST)["args"]
@@ -491,8 +493,7 @@ def probe_round(run, fractions, tolerance: float, device: torch.device, progress
     cfg = IMPConfig(**args)
     session = Session(cfg, seed, load(cfg.data).to(device), device, compile=False)
     rewind = load_file(str(run.path / REWIND_FILE))
-    rounds = layout.complete_rounds(run.path)
-    dense_error = 1 - layout.read_json(rounds[0][1] / layout.ROUND_MANIFEST)["metrics"]["test_accuracy"]
+    rounds = [(i, f) for i, f in layout.complete_rounds(run.path) if wanted is None or i in wanted]
 
     def stored():
         for index, folder in rounds:

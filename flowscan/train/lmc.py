@@ -9,6 +9,16 @@ re-estimated on training data at every alpha.
 
 barrier = max_alpha err(alpha) - ((1 - alpha) err(0) + alpha err(1))   (above the chord)
 instability = max_alpha err(alpha) - (err(0) + err(1)) / 2             (Frankle et al.)
+
+The chord uses the path's own ends: for a network without BatchNorm they are the rounds as stored
+(their errors, measured when the rounds were loaded, are reused rather than evaluated again);
+with BatchNorm they carry re-estimated statistics like every interior point, and may differ from
+the stored networks' errors (the landscape table records both).
+
+Speed: without BatchNorm, the interior points of a segment are evaluated together, one vmapped
+forward pass per test batch over the stacked weights of every point (torch.func), which gives
+the same logits as one model at a time; with BatchNorm each point needs its own statistics and
+is evaluated alone.
 """
 
 from __future__ import annotations
@@ -88,27 +98,79 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[f
     return wrong / n, loss / n
 
 
+def point_state(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float,
+                end_masks: dict[str, torch.Tensor], projected: bool = False) -> dict[str, torch.Tensor]:
+    """The state at `alpha` on the segment (see the module docstring for `projected`)."""
+    state = {}
+    for k, a in start.items():
+        b = end[k]
+        state[k] = (1 - alpha) * a + alpha * b if a.is_floating_point() else b
+        if projected and k in end_masks and 0 < alpha < 1:
+            state[k] = state[k] * end_masks[k]
+    return state
+
+
 @torch.no_grad()
 def interpolate(model: nn.Module, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor],
                 end_masks: dict[str, torch.Tensor], data: Dataset, alphas, bn_batches: int = 20,
-                projected: bool = False) -> Curve:
-    """Errors along the segment between two state dicts (masks already applied at both ends);
-    `projected` masks the interior with `end_masks` (see the module docstring)."""
-    errors, losses = [], []
-    for alpha in alphas:
-        state = {}
-        for k, a in start.items():
-            b = end[k]
-            state[k] = (1 - alpha) * a + alpha * b if a.is_floating_point() else b
-            if projected and k in end_masks and 0 < alpha < 1:
-                state[k] = state[k] * end_masks[k]
-        model.load_state_dict(state)
-        if has_batchnorm(model):
+                projected: bool = False, ends: tuple[tuple[float, float], tuple[float, float]] | None = None,
+                progress=None, group: int = 16) -> Curve:
+    """Errors along the segment between two state dicts (masks already applied at both ends).
+    `ends`: the (error, loss) of the stored start and end networks, used for alpha = 0 and 1 when
+    the model has no BatchNorm (there the path's ends are those networks). `progress(text)` hears
+    of each point or group of points; `group`: points evaluated in one vmapped pass at most."""
+    alphas = np.asarray(alphas, dtype=np.float64)
+    results: dict[int, tuple[float, float]] = {}
+    batchnorm = has_batchnorm(model)
+    if ends is not None and not batchnorm:
+        for k, alpha in enumerate(alphas):
+            if alpha in (0.0, 1.0):
+                results[k] = ends[0] if alpha == 0.0 else ends[1]
+    todo = [k for k in range(len(alphas)) if k not in results]
+    if batchnorm:
+        for n, k in enumerate(todo, 1):
+            model.load_state_dict(point_state(start, end, alphas[k], end_masks, projected))
             reestimate_batchnorm(model, data, bn_batches)
-        err, loss = evaluate(model, data)
-        errors.append(err)
-        losses.append(loss)
-    return Curve(np.asarray(alphas, dtype=np.float64), np.asarray(errors), np.asarray(losses))
+            results[k] = evaluate(model, data)
+            if progress:
+                progress(f"alpha {alphas[k]:.2f} ({n}/{len(todo)}): error {results[k][0]:.4f}")
+    else:
+        for first in range(0, len(todo), group):
+            part = todo[first:first + group]
+            states = [point_state(start, end, alphas[k], end_masks, projected) for k in part]
+            for k, result in zip(part, evaluate_many(model, states, data)):
+                results[k] = result
+            if progress:
+                progress(f"alphas {', '.join(f'{alphas[k]:.2f}' for k in part)}: errors "
+                         f"{', '.join(f'{results[k][0]:.4f}' for k in part)}")
+    return Curve(alphas, np.array([results[k][0] for k in range(len(alphas))]),
+                 np.array([results[k][1] for k in range(len(alphas))]))
+
+
+@torch.no_grad()
+def evaluate_many(model: nn.Module, states: list[dict[str, torch.Tensor]], data: Dataset,
+                  batch_size: int = 1000) -> list[tuple[float, float]]:
+    """(test error, mean test loss) of the model under each of `states` (no BatchNorm), in one
+    vmapped forward pass per test batch over the stacked states; as `evaluate` one at a time."""
+    from torch.func import functional_call, vmap
+
+    model.eval()
+    floats = [k for k, v in states[0].items() if v.is_floating_point()]
+    stacked = {k: torch.stack([s[k] for s in states]) for k in floats}
+    fixed = {k: v for k, v in states[0].items() if k not in stacked}
+
+    def forward(params, x):
+        return functional_call(model, {**params, **fixed}, (x,))
+    batched = vmap(forward, in_dims=(0, None))
+    n, wrong, loss = len(data.y_test), torch.zeros(len(states), dtype=torch.long), torch.zeros(len(states),
+                                                                                              dtype=torch.float64)
+    for i in range(0, n, batch_size):
+        logits = batched(stacked, data.x_test[i:i + batch_size]).float()
+        y = data.y_test[i:i + batch_size]
+        for p in range(len(states)):   # summed per state as evaluate sums it: the same float order
+            loss[p] += float(F.cross_entropy(logits[p], y, reduction="sum"))
+            wrong[p] += int((logits[p].argmax(1) != y).sum())
+    return [(int(w) / n, float(lo) / n) for w, lo in zip(wrong, loss)]
 
 
 def alpha_grid(points: int = 11) -> np.ndarray:
