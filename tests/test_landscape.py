@@ -306,8 +306,7 @@ def test_without_a_round_0_matching_is_unknown_in_lmc_and_the_probe(study, tmp_p
     assert probe["dense_error"].is_nan().all() and probe["matching"].is_null().all()
 
 
-def test_batched_points_give_the_errors_of_one_model_at_a_time(produced):
-    # the vmapped evaluation against the plain loop: one model, one alpha, one batch at a time
+def test_the_path_gives_the_errors_of_one_model_at_a_time_and_reuses_stored_ends(produced, monkeypatch):
     from flowscan.train.data import load
 
     data = load("digits")
@@ -323,6 +322,12 @@ def test_batched_points_give_the_errors_of_one_model_at_a_time(produced):
     for alpha, error, loss in zip(alphas, curve.errors, curve.losses):
         model.load_state_dict(lmc.point_state(start, end, alpha, {}))
         assert (error, loss) == lmc.evaluate(model, data)   # identical, not close
+    calls = []
+    original = lmc.evaluate
+    monkeypatch.setattr(lmc, "evaluate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = lmc.interpolate(model, start, end, {}, data, alphas, ends=((0.5, 9.0), (0.25, 8.0)))
+    assert len(calls) == len(alphas) - 2   # the stored ends are not evaluated again (no BatchNorm)
+    assert (again.errors[0], again.errors[-1]) == (0.5, 0.25) and np.array_equal(again.errors[1:-1], curve.errors[1:-1])
 
 
 def test_batchnorm_path_ends_are_recorded_beside_the_stored_networks(tmp_path):
