@@ -120,16 +120,21 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
     parts.append('<h2 id="sigma">σ per block and run (M, mean ± SEM over steps)</h2>')
     eigen_ok = t["eigen"].filter(pl.col("run").is_in(ok_runs))
     parts.append(html_table(_sigma_wide(sigma_table(eigen_ok, "run")), "sigma"))
-    parts.append("<p>Full per-block summary (λ, σ, σ_fit, eigenfunction test):</p>")
+    parts.append("<p>Full per-block summary: λ per round ± SEM, σ ± SEM, σ_fit, the paper's eigenfunction test "
+                 "(<code>eigen_ok</code>) and the one that can fail (<code>exponential_ok</code>: σ neither drifts "
+                 "over the rounds nor ln M curves in Σ ln c beyond the run's noise; docs/definitions.md):</p>")
     parts.append(html_table(eigen_ok.filter(pl.col("quantity") == "M"), "eigen",
                             ["run", "block", "n_pairs", "lambda_mean", "lambda_sem", "sigma_mean", "sigma_sem",
-                             "sigma_fit", "sigma_fit_se", "r2", "eigen_ok", "relevance"]))
+                             "sigma_fit", "sigma_fit_se", "eigen_ok", "sigma_trend_p", "exponential_ok",
+                             "relevance"]))
 
     parts.append('<h2 id="experiments">Experiments (replicates pooled)</h2>')
     parts.append(html_table(analysis.experiments.filter(pl.col("quantity") == "M"), "experiments",
                             ["experiment", "block", "n_runs", "n_steps", "sigma_mean", "sigma_sem",
-                             "sigma_between_sem", "lambda_mean", "lambda_sem", "sigma_fit_mean", "sigma_fit_sem",
-                             "relevance"]))
+                             "sigma_pooled_sem", "sigma_between_sem", "lambda_mean", "lambda_sem", "sigma_fit_mean",
+                             "sigma_fit_sem", "relevance"]))
+    parts.append("<p><code>sigma_sem</code>, on which relevance is decided, is the larger of the pooled SEM (every "
+                 "step of every seed) and the between-seed SEM (of the seeds' means).</p>")
 
     parts.append('<h2 id="scaling">Critical exponent γ (error against density, Eq. 15)</h2>')
     if analysis.scaling is not None and analysis.scaling.height:
@@ -150,6 +155,14 @@ def render(analysis: Analysis, command: str, figures: Figures | None = None) -> 
 
     if "lmc_summary" in analysis.landscape:
         parts.append('<h2 id="landscape">Error landscape (Paul et al.)</h2>')
+        parts.append("<p>The barrier is the largest rise of the test error above the chord between the path's "
+                     "ends; <code>instability</code> (Frankle et al.) measures it from the ends' mean instead, so "
+                     "it adds (err(1) − err(0))/2 at most and tracks a round that is not matching through that "
+                     "term, not through the path: read it beside <code>matching</code>. A pair that spans "
+                     "several rounds (<code>span</code> &gt; 1) crosses a missing round. With BatchNorm the "
+                     "path's ends carry re-estimated statistics; <code>stored_error_start</code> and "
+                     "<code>next_error</code> are the networks as stored, and <code>ends_differ</code> marks "
+                     "pairs where the two disagree by more than the tolerance.</p>")
         parts.append(html_table(analysis.landscape["lmc_summary"], "lmc_summary"))
     for name in ("sharpness", "fraction_probe"):
         if name in analysis.landscape:

@@ -161,11 +161,15 @@ def test_report_includes_the_landscape_when_computed(produced, tmp_path):
     out = tmp_path / "out"
     analyze(produced, out)
     run_cli("lmc", produced, "-o", out, "--points", "3")
-    run_cli("sharpness", produced, "-o", out, "--subset", "128")
+    run_cli("sharpness", produced, "-o", out, "--subset", "128", "--rounds", "0,2-3")
     run_cli("report", out, "--bootstrap", "0")
     page = (out / "report.html").read_text()
-    assert {"lmc-barrier", "sharpness"} <= set(figure_ids(page))
+    assert {"lmc-barrier", "sharpness", "lmc-curves-seed-0"} <= set(figure_ids(page))
     assert 'id="table-lmc_summary"' in page and 'id="table-sharpness"' in page
+    assert "round n of the segment" in page   # the curves' colour bar
+    assert "<code>instability</code> (Frankle et al.)" in page and "ends_differ" in page
+    assert "exponential_ok" in page and "lambda_sem" in page and "sigma_pooled_sem" in page
+    assert "at the end of each round computed (seed_0: 0, 2-3)" in page   # sharpness on the rounds chosen
 
 
 def _independent_errors(run, n, alphas, projected=False):

@@ -19,7 +19,8 @@ from flowscan.train.data import Dataset, load
 from flowscan.readers.base import NameOptions, Run
 from flowscan.readers.discover import discover
 
-LMC_SCHEMA = {"run": pl.String, "round": pl.Int64, "alpha": pl.Float64, "error": pl.Float64, "loss": pl.Float64}
+LMC_SCHEMA = {"run": pl.String, "round": pl.Int64, "alpha": pl.Float64, "error": pl.Float64, "loss": pl.Float64,
+              "next_round": pl.Int64}
 # instability comes after the decisions: beside the barrier it adds only (err(1) - err(0)) / 2 at
 # most (docs/definitions.md), so it tracks "not matching" through that term, not through the path
 SUMMARY_SCHEMA = {"run": pl.String, "round": pl.Int64, "next_round": pl.Int64, "span": pl.Int64,
@@ -186,7 +187,7 @@ def lmc_tables(path: Path, setup: Setup = Setup(), points: int = 11, tolerance: 
                                     projected=path_kind == "projected", ends=(previous[3], (r.error, r.loss)),
                                     progress=(lambda text, p=f"{run.name}: rounds {previous[1]}->{index}: ":
                                               progress(p + text)) if progress else None)
-            curves += [(run.name, previous[1], float(a), float(e), float(lo))
+            curves += [(run.name, previous[1], float(a), float(e), float(lo), index)
                        for a, e, lo in zip(curve.alphas, curve.errors, curve.losses)]
             start, end = float(curve.errors[0]), float(curve.errors[-1])
             differ = abs(start - previous[3][0]) > tolerance or abs(end - r.error) > tolerance

@@ -260,8 +260,9 @@ def lmc_curves(curves: pl.DataFrame, run: str):
     ax = fig.subplots()
     for r in rounds:
         seg = part.filter(pl.col("round") == r).sort("alpha")
-        ax.plot(seg["alpha"], seg["error"], "-o", markersize=3, color=cmap(norm(r)), label=f"{r} → {r + 1}")
-    ax.set_xlabel("α (0: round n, 1: round n+1)")
+        end = seg["next_round"][0] if "next_round" in seg.columns else r + 1   # tables of older releases
+        ax.plot(seg["alpha"], seg["error"], "-o", markersize=3, color=cmap(norm(r)), label=f"{r} → {end}")
+    ax.set_xlabel("α (0: round n, 1: the next round analysed)")
     ax.set_ylabel("test error")
     ax.set_title(f"{run}: error along the linear path")
     # the colour bar reads the round at any count; a legend as well while it stays short

@@ -81,9 +81,20 @@ def standard_figures(tables: Mapping[str, pl.DataFrame], experiments: pl.DataFra
         out.add("lmc-barrier", figures.lmc_barriers(landscape["lmc_summary"]),
                 "Error barrier on the line from round n to n+1 against the density of n+1 "
                 "(filled: n+1 matching; Paul et al.).")
+    if "lmc" in landscape and landscape["lmc"].height:
+        lmc_runs = list(dict.fromkeys(landscape["lmc"]["run"].to_list()))
+        for run in lmc_runs[:max_detail_runs]:
+            out.add(f"lmc-curves-{slug(run)}", figures.lmc_curves(landscape["lmc"], run),
+                    f"{run}: test error along the path from round n to the next analysed round, one curve per "
+                    "segment, coloured by n (colour bar).")
+        if len(lmc_runs) > max_detail_runs:
+            out.notes.append(f"lmc curves for the first {max_detail_runs} of {len(lmc_runs)} runs")
     if "sharpness" in landscape and landscape["sharpness"].height:
-        out.add("sharpness", figures.sharpness_plot(landscape["sharpness"], landscape.get("fraction_probe")),
-                "Top Hessian eigenvalue of the training loss at the end of each round.")
+        sharp = landscape["sharpness"]
+        rounds = ", ".join(f"{run}: {_rounds(part['round'].to_list())}"
+                           for (run,), part in sharp.group_by("run", maintain_order=True))
+        out.add("sharpness", figures.sharpness_plot(sharp, landscape.get("fraction_probe")),
+                f"Top Hessian eigenvalue of the training loss at the end of each round computed ({rounds}).")
     if transfer:
         transfer_figures(transfer, out)
     if len(runs) > max_detail_runs:
@@ -115,3 +126,19 @@ def transfer_figures(frames: Mapping[str, pl.DataFrame], out: Figures | None = N
                 "Universality tested: each pair's transfer gap (transferred − per-layer random, mean over the "
                 f"densities ± SEM) against the σ distance of the two archives. {statement}.")
     return out
+
+
+def _rounds(indices) -> str:
+    """Round numbers as ranges: 0-4, 8, 12-15."""
+    out, start, prev = [], None, None
+    for n in sorted(indices):
+        if start is None:
+            start = prev = n
+        elif n == prev + 1:
+            prev = n
+        else:
+            out.append(f"{start}-{prev}" if prev > start else str(start))
+            start = prev = n
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev > start else str(start))
+    return ", ".join(out)
