@@ -212,7 +212,9 @@ def sharpness_table(path: Path, setup: Setup = Setup(), subset: int = 512, tol: 
         if progress:
             progress(f"{r.run.name}: round {r.index}: Hessian power iteration (at most {max_iter} steps)")
         top = hessian.top_eigenvalue(r.model, r.data, r.masks, subset, tol, max_iter)
-        rows.append((r.run.name, r.index, _density(r.masks), top.value, top.iterations, top.converged, r.error,
+        # the Hessian re-estimates BatchNorm first: the error is that network's (else the stored one's)
+        error = lmc.evaluate(r.model, r.data)[0] if lmc.has_batchnorm(r.model) else r.error
+        rows.append((r.run.name, r.index, _density(r.masks), top.value, top.iterations, top.converged, error,
                      r.recipe.describe()))
         if progress:
             progress(f"{r.run.name}: round {r.index}: lambda_max {top.value:.4g} ({top.iterations} iterations)")
