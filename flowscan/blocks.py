@@ -120,8 +120,12 @@ def _flax_resnet(per_block: bool) -> Labeler:
     return labeler
 
 
+_LEAF = re.compile(r"\.(weight|kernel)$")   # torch calls a layer's matrix weight, Flax and Keras kernel
+
+
 def _per_tensor(names: Sequence[str]) -> list[str | None]:
-    return [re.sub(r"\.weight$", "", n) for n in names]
+    """One rule for every reader: the tensor's module, without its leaf (`fc1.weight`, `Dense_0.kernel`)."""
+    return [_LEAF.sub("", n) for n in names]
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -143,7 +147,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "stem, stage1..4, fc", _flax_resnet(per_block=False)),
     Preset("flax-resnet-blocks", "Flax ResNets, one block per residual block: ResNetBlock_0, ...",
            _flax_resnet(per_block=True)),
-    Preset("per-tensor", "one block per tensor, labelled by its name without '.weight'", _per_tensor),
+    Preset("per-tensor", "one block per tensor, labelled by its module (the name without '.weight' or '.kernel')",
+           _per_tensor),
 )}
 
 

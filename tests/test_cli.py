@@ -39,8 +39,9 @@ def test_inspect_lists_runs_rounds_tensors_and_blocks_without_writing(tmp_path):
 def test_inspect_shows_the_auto_detected_preset_and_layout_notes():
     out = run_cli("inspect", FIXTURES / "torch-prune").output
     assert "run seed0  [format prune-style]" in out
-    assert "  note: round files: {round}checkpoint.pth.tar\n" in out
-    assert "  note: ignored: {round}model_SA_best.pth.tar\n" in out
+    # real names, not a placeholder
+    assert "  note: round files: 0checkpoint.pth.tar, 1checkpoint.pth.tar, 2checkpoint.pth.tar, ...\n" in out
+    assert "  note: ignored: 0model_SA_best.pth.tar, 1model_SA_best.pth.tar, 2model_SA_best.pth.tar, ...\n" in out
     assert "blocks: resnet-stages (auto-detected)" in out
     assert "    layer1.0.conv1.weight  (8, 8, 3, 3)          -> layer1\n" in out
 

@@ -54,9 +54,14 @@ class Run:
 
     @property
     def missing_rounds(self) -> list[int]:
-        """Round numbers absent (or incomplete) between the first and the last complete round."""
+        """Round numbers absent (or incomplete) between the first complete round and the last round
+        known: a gap before a round still being written is missing too (0, 1, _, 3 being written)."""
         done = self.complete_rounds
-        return [n for n in range(done[0], done[-1] + 1) if n not in set(done)] if done else []
+        if not done:
+            return []
+        last = max(done[-1], *self.incomplete) if self.incomplete else done[-1]
+        known, unfinished = set(done), set(self.unfinished_rounds)
+        return [n for n in range(done[0], last + 1) if n not in known and n not in unfinished]
 
     @property
     def unfinished_rounds(self) -> list[int]:

@@ -107,6 +107,8 @@ def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
             raise ScanError(mask_path, f"mask {mask_raw!r} has shape {tuple(mask.shape)} but its weight "
                                        f"{raw_name!r} in {raw.path} has shape {tuple(weight.shape)}",
                             tensor=name)
+        if raw_name.endswith("_orig") and _PRUNE_NOTE not in raw.notes:
+            raw.notes.append(_PRUNE_NOTE)
         refs.append(TensorRef(name, weight, mask, raw.path, mask_path))
     if masks:
         name, (mask_raw, _m, mask_path) = next(iter(masks.items()))
@@ -114,6 +116,10 @@ def pair(raw: RawRound, opts: NameOptions) -> list[TensorRef]:
                                    f"({len(masks)} unmatched mask(s); wrong --select or prefix?)",
                         tensor=name)
     return refs
+
+
+_PRUNE_NOTE = ("torch.nn.utils.prune layout: each weight is X.weight_orig x X.weight_mask (weight_orig keeps "
+               "its values where pruned; the product is the network's weight)")
 
 
 def is_packed_mask(mask: Any, weight: Any) -> bool:

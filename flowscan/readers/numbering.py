@@ -1,15 +1,36 @@
-"""Round numbers from file and folder names (`3checkpoint.pth.tar`, `round_7.safetensors`)."""
+"""Round numbers from file and folder names (`3checkpoint.pth.tar`, `round_7.safetensors`).
+
+A name may carry several numbers: PyTorch Lightning writes `epoch=3-step=120.ckpt`, Keras
+`weights.03-0.45.h5` (epoch, then the validation loss), others `round_2_epoch_9.pt`. Files are
+grouped by their name with every number taken out; within a group, the number that orders the
+rounds is chosen by what the name calls it — a round (`round`, `level`, `prune`, `iter`,
+`cycle`), else an epoch (one checkpoint per epoch is one pruning round, as Lightning's
+`ModelPruning` does it), else a step, else the first number — among the integers that vary (a
+decimal such as a loss is a metric, and a number that never changes, such as the 50 of
+`resnet50_round_3.pt`, says nothing). The choice is said in the run's notes. Two numbers that
+rank alike (both unnamed, say) and order the files differently are an error naming the files,
+never a silent pick.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from flowscan.errors import ScanError
 
 _LAST_NUMBER = re.compile(r"^(.*?)(\d+)(\D*)$")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_WORD_BEFORE = re.compile(r"([A-Za-z]+)[^A-Za-z0-9]*$")
+_WORD_AFTER = re.compile(r"^[^A-Za-z0-9]*([A-Za-z]+)")
+# what a number is called -> its rank as the round's number (lower first)
+_ROUND_WORDS = {"round", "rounds", "level", "lvl", "prune", "pruning", "pruned", "iter", "iteration", "ite",
+                "cycle", "imp", "lt"}
+_EPOCH_WORDS = {"epoch", "epochs", "ep"}
+_STEP_WORDS = {"step", "steps", "globalstep", "it", "batch"}
 _SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".tar", ".npz", ".bin", ".ckpt", ".msgpack",
              ".weights.h5", ".h5", ".hdf5", ".keras")
 # HF Trainer folders count optimizer steps, not rounds: their order gives the round.
@@ -41,14 +62,89 @@ def pattern_and_number(name: str) -> tuple[str, int] | None:
     return f"{m.group(1)}{{n}}{m.group(3)}{suffix}", int(m.group(2))
 
 
-def numbered_groups(paths: list[Path]) -> dict[str, list[tuple[int, Path]]]:
-    """Paths grouped by name pattern, each group sorted by its number."""
-    groups: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+@dataclass
+class NumberedGroup:
+    """Files named alike, each with its round's number; `why` says which number that is when the
+    names carry several, `conflict` why none can be chosen."""
+
+    pattern: str                      # the names, the round's number as {n} and other numbers as {*}
+    items: list[tuple[int, Path]]     # sorted by number
+    why: str | None = None
+    conflict: str | None = None
+
+    def describe(self) -> str:
+        """For a note: the first names (real ones, no placeholder) and which number is the round."""
+        names = [p.name for _n, p in self.items[:3]] + (["..."] if len(self.items) > 3 else [])
+        return ", ".join(names or [self.pattern]) + (f" ({self.why})" if self.why else "")
+
+
+def _slots(name: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(template with each number as {}, [(word naming it, digits)]) of a name; None without numbers."""
+    base = stem(name)
+    found = list(_NUMBER.finditer(base))
+    if not found:
+        return None
+    template, slots, at = "", [], 0
+    for k, m in enumerate(found):
+        template += base[at:m.start()] + "{}"
+        before = _WORD_BEFORE.search(base[found[k - 1].end() if k else 0:m.start()])
+        after = _WORD_AFTER.search(base[m.end():found[k + 1].start() if k + 1 < len(found) else len(base)])
+        word = (before.group(1) if before else after.group(1) if after else "").lower()
+        slots.append((word, m.group()))
+        at = m.end()
+    return template + base[at:] + name[len(base):], slots
+
+
+def _rank(word: str) -> int:
+    word = word.replace("_", "")
+    return 0 if word in _ROUND_WORDS else 1 if word in _EPOCH_WORDS else 2 if word in _STEP_WORDS else 3
+
+
+def _group(template: str, named: list[tuple[Path, list[tuple[str, str]]]]) -> NumberedGroup:
+    n_slots = len(named[0][1])
+    varying = [k for k in range(n_slots)
+               if "." not in named[0][1][k][1] and len({slots[k][1] for _p, slots in named}) > 1]
+    if not varying:   # one file, or numbers that never change: the last integer, as one number would be
+        ints = [k for k in range(n_slots) if "." not in named[0][1][k][1]]
+        varying = ints[-1:] or [n_slots - 1]
+    words = [named[0][1][k][0] for k in varying]
+    best = min(_rank(w) for w in words)
+    chosen = [k for k, w in zip(varying, words) if _rank(w) == best]
+    pick = chosen[0]
+    pieces = template.split("{}")
+    pattern = pieces[0] + "".join(("{n}" if k == pick else "{*}") + piece for k, piece in enumerate(pieces[1:]))
+    items = sorted((int(float(slots[pick][1])), path) for path, slots in named)
+    why = conflict = None
+    if len(varying) > 1:
+        def called(k):
+            word = named[0][1][k][0]
+            return f"the number after '{word}'" if word else f"number {varying.index(k) + 1} of the name"
+        orders = {k: [p for _n, p in sorted((int(slots[k][1]), str(p)) for p, slots in named)] for k in varying}
+        disagree = [k for k in chosen[1:] if orders[k] != orders[pick]]
+        if disagree:
+            conflict = (f"the file names ({items[0][1].name}, {items[1][1].name}, ...) carry two numbers that "
+                        f"order the files differently ({called(pick)} and {called(disagree[0])}), and neither "
+                        "is named as the round (round_, level_, epoch=, ...): rename the files, or keep one "
+                        "pattern per folder")
+        same = all(orders[k] == orders[pick] for k in varying)
+        why = (f"the round is {called(pick)}; " + ", ".join(called(k) for k in varying if k != pick)
+               + (" orders them the same way" if same else " is ignored"))
+    return NumberedGroup(pattern, items, why, conflict)
+
+
+def group_files(paths: list[Path]) -> list[NumberedGroup]:
+    """Paths grouped by name with their numbers taken out, each group numbered (module docstring)."""
+    by_template: dict[str, list[tuple[Path, list[tuple[str, str]]]]] = defaultdict(list)
     for path in paths:
-        found = pattern_and_number(path.name)
+        found = _slots(path.name)
         if found:
-            groups[found[0]].append((found[1], path))
-    return {k: sorted(v) for k, v in groups.items()}
+            by_template[found[0]].append((path, found[1]))
+    return [_group(template, named) for template, named in by_template.items()]
+
+
+def numbered_groups(paths: list[Path]) -> dict[str, list[tuple[int, Path]]]:
+    """Paths grouped by name pattern, each group sorted by its round's number."""
+    return {g.pattern: g.items for g in group_files(paths)}
 
 
 def unique_rounds(numbered: list[tuple[int, Path]], what: str = "round") -> list[tuple[int, Path]]:
@@ -75,19 +171,38 @@ def rounds_of_numbered_files(files: list[Path], reader: str, folder: Path, what:
     (`round_{n}.h5`), numbered by `numbers_or_ranks`."""
     from flowscan.readers.base import Round
 
-    groups = numbered_groups(files)
+    groups = group_files(files)
     if not groups:
         raise ScanError(folder, f"no numbered {what} files")
-    chosen = max(groups, key=lambda k: (len(groups[k]), k))
-    numbered = unique_rounds(groups[chosen])
-    notes = [f"round files: {chosen.replace('{n}', '{round}')}"]
-    others = sorted(set(groups) - {chosen})
-    if others:
-        notes.append("ignored: " + ", ".join(o.replace("{n}", "{round}") for o in others))
+    chosen = max(groups, key=lambda g: (len(g.items), g.pattern))
+    numbered = unique_rounds(checked(chosen, folder).items)
+    notes = [f"rounds from {what}s: {chosen.describe()}"]
+    notes += ignored([g for g in groups if g is not chosen], files, groups)
     numbered, note = numbers_or_ranks(numbered)
     if note:
         notes.append(note)
     return [Round(n, reader, (p,)) for n, p in numbered], notes
+
+
+def checked(group: NumberedGroup, folder: Path) -> NumberedGroup:
+    """The group, or its conflict as the folder's named error."""
+    if group.conflict:
+        raise ScanError(folder, group.conflict)
+    return group
+
+
+def ignored(others: list[NumberedGroup], files: list[Path], groups: list[NumberedGroup]) -> list[str]:
+    """Notes naming what a layout leaves out: other numbered families, and files without a number
+    (Lightning's `last.ckpt` is a copy of the last epoch's checkpoint)."""
+    notes = []
+    if others:
+        notes.append("ignored: " + ", ".join(g.describe() for g in sorted(others, key=lambda g: g.pattern)))
+    numbered = {p for g in groups for _n, p in g.items}
+    plain = sorted(p.name for p in files if p not in numbered)
+    if plain:
+        notes.append(f"ignored (no round number in the name): {', '.join(plain[:5])}" + (", ..." if len(plain) > 5 else "")
+                     + (" (Lightning's copy of the latest checkpoint)" if "last.ckpt" in plain else ""))
+    return notes
 
 
 def numbers_or_ranks(numbered: list[tuple[int, Path]]) -> tuple[list[tuple[int, Path]], str | None]:

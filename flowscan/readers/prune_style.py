@@ -15,7 +15,7 @@ from flowscan.errors import ScanError
 from flowscan.io import torch_file
 from flowscan.readers.base import RawRound, Reader, Round
 from flowscan.readers.torch_round import open_torch_round
-from flowscan.readers.numbering import numbered_groups, unique_rounds
+from flowscan.readers.numbering import checked, group_files, ignored, numbered_groups, unique_rounds
 from flowscan.readers.registry import register
 
 # Preferred file families when a folder holds several (first match wins).
@@ -35,17 +35,15 @@ class PruneStyleReader(Reader):
         return bool(numbered_groups(_torch_files(folder)))
 
     def rounds(self, folder: Path):
-        groups = numbered_groups(_torch_files(folder))
+        files = _torch_files(folder)
+        groups = group_files(files)
         if not groups:
             raise ScanError(folder, "no torch checkpoint files with a round number in their name")
-        chosen = next((k for pref in _PREFERENCE for k in groups if k.startswith(pref)), None)
+        chosen = next((g for pref in _PREFERENCE for g in groups if g.pattern.startswith(pref)), None)
         if chosen is None:
-            chosen = max(groups, key=lambda k: (len(groups[k]), k))
-        notes = [f"round files: {chosen.replace('{n}', '{round}')}"]
-        others = sorted(set(groups) - {chosen})
-        if others:
-            notes.append("ignored: " + ", ".join(o.replace("{n}", "{round}") for o in others))
-        rounds = [Round(n, self.name, (path,)) for n, path in unique_rounds(groups[chosen])]
+            chosen = max(groups, key=lambda g: (len(g.items), g.pattern))
+        notes = [f"round files: {chosen.describe()}"] + ignored([g for g in groups if g is not chosen], files, groups)
+        rounds = [Round(n, self.name, (path,)) for n, path in unique_rounds(checked(chosen, folder).items)]
         return rounds, notes
 
     def open_round(self, round: Round) -> RawRound:

@@ -17,7 +17,8 @@ from pathlib import Path
 from flowscan.errors import ScanError
 from flowscan.io import npz_file, safetensors_file
 from flowscan.readers.base import RawRound, Reader, Round
-from flowscan.readers.numbering import is_run_name, as_rounds, numbered_groups, pattern_and_number, unique_rounds
+from flowscan.readers.numbering import (as_rounds, checked, group_files, ignored, is_run_name, numbered_groups,
+                                        pattern_and_number, unique_rounds)
 from flowscan.readers.registry import register
 
 _EXTS = (".safetensors", ".npz")
@@ -113,14 +114,16 @@ class SafetensorsReader(Reader):
             specs = [(n, *_folder_files(p)) for n, p in numbered]
         else:
             flat = [p for p in folder.iterdir() if _is_array_file(p)]
-            groups = numbered_groups([p for p in flat if not _is_mask_file(p)])
-            key = max(groups, key=lambda k: (len(groups[k]), k))
-            numbered, note = as_rounds(unique_rounds(groups[key]))
+            weights = [p for p in flat if not _is_mask_file(p)]
+            groups = group_files(weights)
+            chosen = max(groups, key=lambda g: (len(g.items), g.pattern))
+            numbered, note = as_rounds(unique_rounds(checked(chosen, folder).items))
             masks = [item for g in numbered_groups([p for p in flat if _is_mask_file(p)]).values() for item in g]
             mask_by_number = dict(unique_rounds(masks, "the mask file of round"))
             specs = [(n, (p,), (mask_by_number[n],) if n in mask_by_number else ()) for n, p in numbered]
-            if len(groups) > 1:
-                notes.append("ignored: " + ", ".join(sorted(set(groups) - {key})))
+            if chosen.why:   # names with several numbers: say which one is the round
+                notes.append(f"round files: {chosen.describe()}")
+            notes += ignored([g for g in groups if g is not chosen], weights, groups)
         if note:
             notes.append(note)
         rounds = [Round(n, self.name, w + m, (len(w),)) for n, w, m in specs]
