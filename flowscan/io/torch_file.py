@@ -403,9 +403,11 @@ def _resolve_view(storage, storage_offset):
     return storage, storage_offset
 
 
-def module_state_dict(obj: Any, prefix: str = "") -> "OrderedDict[str, Any]":
+def module_state_dict(obj: Any, prefix: str = "", kinds: tuple[str, ...] = ("_parameters", "_buffers")
+                      ) -> "OrderedDict[str, Any]":
     """State dict of a pickled nn.Module (a stub tree), as `state_dict()` gives it: parameters
-    and persistent buffers by dotted name. Walks without recursion (any depth)."""
+    and persistent buffers by dotted name (`kinds=("_parameters",)`: the parameters alone, in
+    `named_parameters()` order). Walks without recursion (any depth)."""
     out: OrderedDict[str, Any] = OrderedDict()
     stack, seen = [(obj, prefix)], set()
     while stack:
@@ -416,7 +418,7 @@ def module_state_dict(obj: Any, prefix: str = "") -> "OrderedDict[str, Any]":
         state = stub_state(module)
         skip = state.get("_non_persistent_buffers_set") or ()
         skip = set(skip) if isinstance(skip, (set, frozenset, list, tuple)) else set()
-        for attr in ("_parameters", "_buffers"):
+        for attr in kinds:
             entries = state.get(attr)
             for name, value in (entries.items() if isinstance(entries, dict) else ()):
                 if value is not None and not (attr == "_buffers" and name in skip):
