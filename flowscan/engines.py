@@ -103,8 +103,11 @@ def _parsed_by_a_library(rnd) -> bool:
         needs = registry.get(rnd.reader).needs
     except FlowscanError:   # not a reader's round (a task of another kind)
         return False
-    # without its library the round fails at once with the install line: no worker for that
-    return bool(needs) and all(extras.ready(module) for module in needs)
+    # without its library the round fails at once with the install line: no worker for that. Remote
+    # rounds stay here: a worker would fetch their bytes again, its store's caches being its own
+    from flowscan.io.location import is_remote
+
+    return bool(needs) and all(extras.ready(module) for module in needs) and not any(map(is_remote, rnd.files))
 
 
 def _in_a_daemon() -> bool:

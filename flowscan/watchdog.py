@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import os
 import threading
 import time
 from multiprocessing.connection import wait
@@ -20,9 +21,15 @@ from flowscan.errors import printable
 from flowscan.io.budget import BUDGET
 
 
+def _environment() -> int:
+    """What a worker inherits that matters to reading (credentials, settings): its environment."""
+    return hash(frozenset(os.environ.items()))
+
+
 class _Worker:
     def __init__(self):
         ctx = multiprocessing.get_context("spawn")   # fork is unsafe with polars/pyarrow threads
+        self.environment = _environment()
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="flowscan-watched")
         self.process.start()
@@ -62,11 +69,14 @@ _lock = threading.Lock()
 
 
 def _take() -> _Worker:
+    """An idle worker started with this process's present environment, else a new one."""
+    now = _environment()
     with _lock:
         while _idle:
             worker = _idle.pop()
-            if worker.process.is_alive():
+            if worker.process.is_alive() and worker.environment == now:
                 return worker
+            worker.kill()
     return _Worker()
 
 

@@ -148,37 +148,49 @@ MAX_LINKS = 1 << 20     # links in one file; a large model has thousands
 def check_self_contained(f, path) -> None:
     """Refuse, by name, every link or dataset of an open HDF5 file whose bytes lie in another file.
 
-    One walk over the groups, each opened from its parent (h5py's visititems opens every object by
-    its full path: quadratic in the nesting), each object once (hard links may form cycles), at
-    most MAX_DEPTH groups deep and MAX_LINKS links in all."""
+    libhdf5's own visits, once each: every link with its type (H5Lvisit), then every object with its
+    type (H5Ovisit: each object once, whatever hard links say), opening only the datasets. h5py's
+    visititems opened every object by its full path, quadratic in the nesting. At most MAX_DEPTH
+    groups deep and MAX_LINKS links."""
     h5py = _h5py()
     problems: list[str] = []
-    seen, links = {h5py.h5o.get_info(f.id).addr}, 0
-    stack = [(f, "", 0)]
-    while stack and not problems:
-        group, prefix, depth = stack.pop()
-        for key in group:
-            links += 1
-            if links > MAX_LINKS:
-                raise ScanError(path, f"holds more than {MAX_LINKS} links (refused as a resource attack)")
-            name = f"{prefix}/{key}" if prefix else key
-            info = group.get(key, getlink=True)
-            if isinstance(info, h5py.ExternalLink):
-                problems.append(f"{name} is an external link to {info.filename}:{info.path}")
-            elif not isinstance(info, (h5py.HardLink, h5py.SoftLink)):
-                problems.append(f"{name} is a {type(info).__name__} (a user-defined link)")
-            elif isinstance(info, h5py.HardLink):   # a soft link names an object that has a hard one
-                obj = group.get(key)
-                address = h5py.h5o.get_info(obj.id).addr
-                if address in seen:
-                    continue
-                seen.add(address)
-                if isinstance(obj, h5py.Group):
-                    if depth + 1 > MAX_DEPTH:
-                        raise ScanError(path, f"{name}: groups nested more than {MAX_DEPTH} deep (refused)")
-                    stack.append((obj, name, depth + 1))
-                elif isinstance(obj, h5py.Dataset):
-                    problems.extend(_outside(obj, name))
+    refused: list[str] = []   # a limit crossed: the visit stops (an exception inside it would be lost)
+    count = [0]
+
+    def bounded(name: bytes) -> str | None:
+        count[0] += 1
+        text = name.decode("utf-8", "backslashreplace")
+        if count[0] > MAX_LINKS:
+            refused.append(f"holds more than {MAX_LINKS} links (refused as a resource attack)")
+        elif text.count("/") >= MAX_DEPTH:
+            refused.append(f"{text[:80]}...: groups nested more than {MAX_DEPTH} deep (refused)")
+        return None if refused else text
+
+    def link(name, info):
+        text = bounded(name)
+        if text is None:
+            return True
+        if info.type == h5py.h5l.TYPE_EXTERNAL:
+            target = f.get(text, getlink=True)
+            problems.append(f"{text} is an external link to {target.filename}:{target.path}")
+        elif info.type not in (h5py.h5l.TYPE_HARD, h5py.h5l.TYPE_SOFT):
+            problems.append(f"{text} is a {type(f.get(text, getlink=True)).__name__} (a user-defined link)")
+        return True if problems else None
+
+    datasets: list[str] = []
+
+    def item(name, info):
+        if info.type == h5py.h5o.TYPE_DATASET:
+            datasets.append(name.decode("utf-8", "surrogateescape"))
+        return None
+
+    f.id.links.visit(link, info=True)
+    if refused:
+        raise ScanError(path, refused[0])
+    if not problems:
+        h5py.h5o.visit(f.id, item, info=True)
+        for name in datasets:
+            problems.extend(_outside(f[name], name))
     if problems:
         raise ScanError(path, f"{problems[0]} (refused: flowscan reads nothing outside the checkpoint"
                               + (f"; {len(problems) - 1} more" if len(problems) > 1 else "") + ")")

@@ -261,7 +261,10 @@ def refused_redirect(exc: BaseException, where) -> None:
 
 def _redirect_guard(prefix: str):
     """An aiohttp trace that stops a redirect leaving `prefix` before it is followed (one that stays
-    below it, such as a folder's added slash, is followed)."""
+    below it, such as a folder's added slash, is followed). It travels to worker processes with its
+    filesystem (pickled as the prefix it guards, and made again there)."""
+    import copyreg
+
     import aiohttp
 
     async def on_redirect(_session, _context, params) -> None:
@@ -271,7 +274,16 @@ def _redirect_guard(prefix: str):
 
     trace = aiohttp.TraceConfig()
     trace.on_request_redirect.append(on_redirect)
+    trace.flowscan_prefix = prefix
+    copyreg.pickle(aiohttp.TraceConfig, _reduce_guard)
     return trace
+
+
+def _reduce_guard(trace):
+    prefix = getattr(trace, "flowscan_prefix", None)
+    if prefix is None:
+        raise TypeError("an aiohttp TraceConfig other than flowscan's redirect guard cannot be pickled")
+    return _redirect_guard, (prefix,)
 
 
 class RemotePath:

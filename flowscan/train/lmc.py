@@ -87,8 +87,8 @@ def reestimate_batchnorm(model: nn.Module, data: Dataset, batches: int = 20, bat
     model.eval()
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> tuple[float, float]:
+@torch.no_grad()   # not inference_mode: the model's weights (made channels-last here) and the cached
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> tuple[float, float]:   # images serve autograd later (sharpness)
     """(test error, mean test loss)."""
     model.eval()
     x_test = data.x_test
