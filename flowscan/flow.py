@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -177,26 +178,46 @@ def cumulative_log_c(density: np.ndarray) -> np.ndarray:
 def curvatures(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per column of `y` (n x k) against `x` (n): the quadratic term q of y = a + b x + q x² and its
     two-sided p-value (t test, n − 3 degrees of freedom) on the finite points; NaN below 4 points.
-    The slope of y changes by 2 q (x_max − x_min) across the points."""
+    (`curvature_terms` gives q with its t statistic and degrees of freedom, the p-value left to
+    whoever needs it.)"""
+    q, t, df = curvature_terms(x, y)
+    return q, np.array([curvature_p_value(*v) for v in zip(q, t, df)])
+
+
+def curvature_p_value(q: float, t: float, df: float) -> float:
+    if not np.isfinite(q):
+        return float("nan")
+    return (1.0 if q == 0 else 0.0) if not np.isfinite(t) else t_two_sided_p(t, df)
+
+
+def curvature_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, its t statistic q/SE — inf where the fit is exact —, degrees of freedom) per column of `y`
+    against `x`, as `curvatures` defines them.
+    The slope of y changes by 2 q (x_max − x_min) across the points. Columns that share their
+    finite points are solved together (one small linear system for all of a run's blocks)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    q, p = np.full(y.shape[1], np.nan), np.full(y.shape[1], np.nan)
+    q, t, df = (np.full(y.shape[1], np.nan) for _ in range(3))
+    keep = np.isfinite(x)[:, None] & np.isfinite(y)
+    patterns: dict[bytes, list[int]] = {}
     for j in range(y.shape[1]):
-        keep = np.isfinite(x) & np.isfinite(y[:, j])
-        n = int(keep.sum())
-        if n < 4 or np.ptp(x[keep]) == 0:
+        patterns.setdefault(keep[:, j].tobytes(), []).append(j)
+    for columns in patterns.values():
+        rows = keep[:, columns[0]]
+        n = int(rows.sum())
+        if n < 4 or len(set(x[rows].tolist())) < 3:   # a parabola needs three distinct points
             continue
-        xs = x[keep] - x[keep].mean()   # centred: a better-conditioned design
+        xs = x[rows] - x[rows].mean()   # centred: a better-conditioned design
         design = np.column_stack([np.ones(n), xs, xs ** 2])
-        coef, _res, rank, _sv = np.linalg.lstsq(design, y[keep, j], rcond=None)
-        if rank < 3:
-            continue
-        resid = y[keep, j] - design @ coef
-        var = float(resid @ resid) / (n - 3)
-        se = math.sqrt(var * np.linalg.inv(design.T @ design)[2, 2])
-        q[j] = coef[2]
-        p[j] = (1.0 if coef[2] == 0 else 0.0) if se == 0 else t_two_sided_p(coef[2] / se, n - 3)
-    return q, p
+        inverse = np.linalg.inv(design.T @ design)
+        block = y[rows][:, columns]
+        coef = inverse @ (design.T @ block)
+        resid = block - design @ coef
+        se = np.sqrt((resid ** 2).sum(axis=0) / (n - 3) * inverse[2, 2])
+        q[columns], df[columns] = coef[2], n - 3
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t[columns] = np.where(se > 0, coef[2] / np.where(se > 0, se, 1.0), np.inf)
+    return q, t, df
 
 
 def fit_exponents(share: np.ndarray, density: np.ndarray) -> list[LineFit]:
@@ -277,11 +298,12 @@ class Eigen:
     fits: list[LineFit]          # ln share against the cumulative ln c: slope sigma_fit
     trends: list[LineFit]        # sigma(n) against the round n: drift of the exponent
     curvature: np.ndarray        # quadratic term of ln share in the cumulative ln c ...
-    curvature_p: np.ndarray      # ... and its p-value
+    curvature_t: np.ndarray      # ... its t statistic ...
+    curvature_df: np.ndarray     # ... and degrees of freedom
     scale_range: np.ndarray      # range of the cumulative ln c over the block's rounds
     never_pruned: np.ndarray     # blocks that keep every parameter in every round
 
-    @property
+    @cached_property
     def trend_p(self) -> np.ndarray:
         return np.array([slope_p_value(t) for t in self.trends])
 
@@ -290,7 +312,7 @@ class Eigen:
         """Change of sigma across the run's steps, from the trend line."""
         return np.array([t.slope * (t.n - 1) if t.n > 1 else np.nan for t in self.trends])
 
-    @property
+    @cached_property   # the tables and the terminal both ask
     def exponential_ok(self) -> np.ndarray:
         """A diagnostic that can fail, unlike `eigen_ok` at c near 1: at least 3 valid steps, and the
         share is one exponential in the coarse-graining scale, judged against the run's own noise,
@@ -302,10 +324,17 @@ class Eigen:
             allowed = DRIFT_FRACTION * np.maximum(np.abs(self.sigma_mean), DRIFT_FLOOR)
             drifting = (self.trend_p < TREND_ALPHA) & (np.abs(self.drift) > allowed)
             bend = np.abs(2.0 * self.curvature * self.scale_range)   # change of d ln share / d scale
-            curved = (self.curvature_p < TREND_ALPHA) & (bend > allowed)
-            return (self.n_pairs >= 3) & ~drifting & ~curved
+            material = bend > allowed
+        curved = np.zeros(len(material), dtype=bool)   # p-values only where the bend would matter
+        for j in np.flatnonzero(material):
+            curved[j] = curvature_p_value(self.curvature[j], self.curvature_t[j], self.curvature_df[j]) < TREND_ALPHA
+        return (self.n_pairs >= 3) & ~drifting & ~curved
 
     @property
+    def curvature_p(self) -> np.ndarray:
+        return np.array([curvature_p_value(*v) for v in zip(self.curvature, self.curvature_t, self.curvature_df)])
+
+    @cached_property
     def relevance(self) -> list[str]:
         return [relevance(m, s, bool(n)) for m, s, n in zip(self.sigma_mean, self.sigma_sem, self.never_pruned)]
 
@@ -331,9 +360,11 @@ def eigen_summary(flow: Flow, quantity: str) -> Eigen:
     scale = cumulative_log_c(flow.density)
     with np.errstate(invalid="ignore", divide="ignore"):
         log_share = np.where(share > 0, np.log(np.where(share > 0, share, 1.0)), np.nan)
-    curvature, curvature_p = curvatures(scale, log_share)
+    curvature, curvature_t, curvature_df = curvature_terms(scale, log_share)
     seen = np.isfinite(log_share) & np.isfinite(scale)[:, None]
-    scale_range = np.array([np.ptp(scale[seen[:, j]]) if seen[:, j].any() else np.nan
-                            for j in range(share.shape[1])])
+    with np.errstate(invalid="ignore"):
+        spread = np.where(seen, scale[:, None], np.nan)
+        scale_range = np.where(seen.any(axis=0), np.nanmax(np.where(seen, spread, -np.inf), axis=0)
+                               - np.nanmin(np.where(seen, spread, np.inf), axis=0), np.nan)
     return Eigen(count, lam_mean, lam_sem, sig_mean, sig_sem, fit_exponents(share, flow.density), trends,
-                 curvature, curvature_p, scale_range, flow.never_pruned)
+                 curvature, curvature_t, curvature_df, scale_range, flow.never_pruned)
