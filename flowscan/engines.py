@@ -79,10 +79,13 @@ def map_rounds(tasks, options, progress: Callable[[int], None] | None, reduce_ta
         yield from _dask(work, options, progress, reduce_task)
         return
     # (a daemonic process may not start workers: there the rounds are read as the engine reads any)
-    watched = [task for task in work if _parsed_by_a_library(task[1])] if not _in_a_daemon() else []
-    if watched:
-        yield from watchdog.map_watched(watched, options, progress, reduce_task)
-        work = [task for task in work if not _parsed_by_a_library(task[1])]
+    if not _in_a_daemon():
+        split = {True: [], False: []}
+        for task in work:
+            split[_parsed_by_a_library(task[1])].append(task)
+        if split[True]:
+            yield from watchdog.map_watched(split[True], options, progress, reduce_task)
+        work = split[False]
     if options.jobs <= 1 or len(work) <= 1:
         for i, rnd in work:
             yield i, reduce_task(rnd, options.names, options.verify)

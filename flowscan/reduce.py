@@ -151,8 +151,13 @@ def reduce_tensor(ref: TensorRef, buffers: _Buffers | None = None,
     n = weight.size
     track_zeros = mask is None and len(ref.shape) >= 2  # a mask may be inferred from its zeros
     bits = np.empty((n + 7) // 8, dtype=np.uint8) if mask is not None else None
-    abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, buffers, checks,
-                                                          track_zeros, bits, raw_bf16, raw_bf16_mask)
+    try:
+        abs_sum, n_unpruned, n_nonzero, bits = _reduce_chunks(weight, mask, ref, buffers, checks,
+                                                              track_zeros, bits, raw_bf16, raw_bf16_mask)
+    except ScanError as exc:
+        if exc.path is None:   # raised below the reader (the memory budget): this tensor's file and name
+            raise ScanError(ref.path, exc.message, ref.name) from None
+        raise
     if not math.isfinite(abs_sum):
         raise ScanError(ref.path, "weight contains NaN or infinite values", tensor=ref.name)
     if bits is not None and n % 8:  # the last byte's padding bits count as pruned

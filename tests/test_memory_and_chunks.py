@@ -161,3 +161,19 @@ def test_the_budget_refuses_what_never_fits_and_waits_for_what_will():
     assert budget.held == 50
     del owner
     assert budget.held == 0
+
+
+def test_a_band_that_cannot_get_its_memory_names_its_file_and_tensor(monkeypatch):
+    from flowscan.io import budget
+
+    monkeypatch.setattr(budget.BUDGET, "total", 1 << 20)
+    monkeypatch.setattr(budget, "WAIT_SECONDS", 0.05)
+    held = budget.BUDGET.take(1 << 20, "other", "another round's bytes")
+    try:
+        array = ChunkedArray((4, 1000), np.float32, lambda index: np.ones((4, 1000), np.float32)[index], chunk_rows=4)
+        with pytest.raises(ScanError, match=r"^r\.h5: tensor 'w': a band of compressed chunks needs 16,000 bytes "
+                                            r"in memory while other reads hold"):
+            reduce_tensor(TensorRef("w", array, None, "r.h5"))
+    finally:
+        held.release()
+    assert budget.BUDGET.held == 0

@@ -39,7 +39,8 @@ class Budget:
         self.total = machine_half() // max(1, processes)
 
     def take(self, nbytes: int, path, what: str, tensor: str | None = None,
-             wait: float = WAIT_SECONDS) -> "Reservation":
+             wait: float | None = None) -> "Reservation":
+        wait = WAIT_SECONDS if wait is None else wait
         if nbytes > self.total:
             raise ScanError(path, f"{what} needs {nbytes:,} bytes in memory at once, more than flowscan's "
                                   f"budget of {self.total:,} (half of this machine's memory, shared by the "
