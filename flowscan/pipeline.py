@@ -81,11 +81,15 @@ class RunResult:
 def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
     runs = discover(location(root), options.format, exclude)
     if not runs:
-        formats = options.format or ", ".join(registry.names())
-        raise FlowscanError(f"{root}: no IMP runs found; {describe_folder(location(root))} (looked for: "
-                            f"{formats}). `flowscan formats` lists the layouts flowscan reads; "
-                            "`flowscan inspect` shows what it finds in a folder.")
+        raise FlowscanError(no_runs_message(root, options.format))
     return runs
+
+
+def no_runs_message(root, fmt: str | None = None) -> str:
+    """The one message for a folder without IMP runs, whichever command was given it."""
+    formats = fmt or ", ".join(registry.names())
+    return (f"{root}: no IMP runs found; {describe_folder(location(root))} (looked for: {formats}). "
+            "`flowscan formats` lists the layouts flowscan reads.")
 
 
 def describe_folder(root, limit: int = 10_000) -> str:

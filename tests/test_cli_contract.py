@@ -41,7 +41,7 @@ def _commands(root):
         "report": (["report", out], ""),
         "lmc": (["lmc", ckpts, "-o", out, "--points", "3", "--bn-batches", "1"], "barrier"),
         "sharpness": (["sharpness", ckpts, "-o", out, "--subset", "64", "--max-iter", "3"], "lambda_max"),
-        "produce": (["produce", *PRODUCE, "--seeds", "1", "-o", root / "more"], "seed 0 round"),
+        "produce": (["produce", *PRODUCE, "--seeds", "1", "-o", root / "more"], ""),   # its rounds are progress
         "transfer": (["transfer", ckpts, "digits", "-o", root / "transfer", "--rounds", "1", "--seeds", "1",
                       "--epochs", "1"], ""),
     }
@@ -62,12 +62,15 @@ def test_results_on_stdout_notes_on_stderr_and_quiet_keeps_only_results(made, co
     for result in (loud, quiet):
         assert "wrote " not in result.stdout and "flowscan: " not in result.stdout
     assert "wrote " not in quiet.stderr and "flowscan: " not in quiet.stderr, quiet.stderr
+    if command == "produce":
+        assert quiet.stderr == "" and quiet.stdout == ""   # -q: no progress at all
     if command in ("analyze", "aggregate", "fit", "compare", "plot", "report", "lmc", "sharpness", "transfer"):
         assert "wrote " in loud.stderr, loud.stderr   # the files a command wrote are listed, unless -q
     if command == "produce":
         assert "done: " in loud.stderr   # produce names its archive instead
     progress = {"fit": "flowscan: fitting 1/", "lmc": "flowscan: seed_0: rounds 0->1",
-                "sharpness": "flowscan: seed_0: round 0: lambda_max", "analyze": "flowscan: reading rounds"}
+                "sharpness": "flowscan: seed_0: round 0: lambda_max", "analyze": "flowscan: reading rounds",
+                "produce": "seed 0 round  0: density"}
     if command in progress:   # long steps say how far they are, off a terminal too (CliRunner is none)
         assert progress[command] in loud.stderr, loud.stderr
 
@@ -187,3 +190,18 @@ def test_report_tables_scroll_sideways(made):
     page = (made / "out" / "report.html").read_text()
     assert page.count('<div class="scroll"><table') == page.count("<table") > 0
     assert "div.scroll{overflow-x:auto" in page
+
+
+@pytest.mark.parametrize("command", [["analyze", "-o", "OUT"], ["inspect"], ["lmc", "-o", "OUT"],
+                                     ["sharpness", "-o", "OUT"]])
+def test_a_folder_without_runs_gets_one_message_from_every_command(tmp_path, command):
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "readme.txt").write_text("nothing here")
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    result = run_cli(args[0], empty, *args[1:], expect=None)
+    assert result.exit_code != 0
+    assert (f"{empty}: no IMP runs found; it holds 1 file(s) (1 .txt) in 1 subfolder(s) (looked for: "
+            in result.output), result.output
+    assert "`flowscan formats` lists the layouts flowscan reads." in result.output
+    assert "flowscan inspect" not in result.output   # never told to run what was just run

@@ -36,12 +36,16 @@ def _archive(run: Path) -> dict:
 
 
 def test_produce_writes_rounds_that_analyze_reads(tmp_path):
-    result = run_cli("produce", *FAST, "--rounds", "3", "--seeds", "2", "-o", tmp_path / "ckpts")
-    first = result.output.splitlines()[0]
-    assert first.startswith("[seed 1/2, round 1 of 3] seed 0 round  0: density 1.0000  test acc 0.")
-    assert "elapsed" in first and "ETA" in first
-    assert result.output.splitlines()[-1].startswith("made 6 round(s) in ")   # 2 seeds x rounds 0-2
-    assert "images/s" in result.output.splitlines()[-1]
+    loud = [a for a in FAST if a != "-q"]
+    result = run_cli("produce", *loud, "--rounds", "3", "--seeds", "2", "-o", tmp_path / "ckpts")
+    assert result.stdout == ""   # progress goes to stderr, like every command's
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("flowscan:")]
+    # one numbering: the seed and round as written, then where the call stands
+    assert lines[0].startswith("seed 0 round  0: density 1.0000  test acc 0.") and "(1/6, elapsed " in lines[0]
+    assert lines[0].endswith("ETA after the next round)") and "ETA " in lines[1] and "(2/6, " in lines[1]
+    assert lines[-1].startswith("made 6 round(s) in ") and "images/s" in lines[-1]   # 2 seeds x rounds 0-2
+    quiet = run_cli("produce", *FAST, "--rounds", "3", "--seeds", "2", "-o", tmp_path / "quiet")
+    assert quiet.output == ""   # -q: no progress at all
     tables = analyze(tmp_path / "ckpts", tmp_path / "out")
     assert tables["runs"]["run"].to_list() == ["seed_0", "seed_1"]
     assert tables["runs"]["format"].to_list() == ["flowscan", "flowscan"]
@@ -295,3 +299,18 @@ def test_a_folder_where_no_round_completed_does_not_lock_the_arguments(tmp_path)
     check_or_write_manifest(run, {"model": "lenet"})
     check_or_write_manifest(run, {"model": "mlp"})          # nothing completed: replaced
     assert layout.read_json(run / layout.RUN_MANIFEST)["args"] == {"model": "mlp"}
+
+
+def test_progress_counts_only_the_rounds_this_call_makes_and_totals_the_commands_time(tmp_path):
+    import time
+
+    loud = [a for a in FAST if a != "-q"]
+    run_cli("produce", *FAST, "--rounds", "2", "-o", tmp_path / "ckpts")
+    started = time.monotonic()
+    result = run_cli("produce", *loud, "--rounds", "4", "-o", tmp_path / "ckpts")   # extends rounds 0-1
+    wall = time.monotonic() - started
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("flowscan:")]
+    assert lines[0].startswith("seed 0 round  2:") and "(1/2, elapsed" in lines[0]
+    assert lines[1].startswith("seed 0 round  3:") and "(2/2, elapsed" in lines[1] and "ETA" not in lines[1]
+    made = float(lines[-1].split(" in ")[1].split(" s")[0])
+    assert lines[-1].startswith("made 2 round(s) in ") and made <= wall + 0.05 and made >= 0.8 * wall

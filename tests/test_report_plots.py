@@ -152,3 +152,15 @@ def test_plot_flow_for_chosen_block_pairs(tmp_path):
     assert "M(stage2)" not in svg
     bad = run_cli("plot", out, "--pair", "stage1", expect=2)
     assert "two block labels" in bad.output
+
+
+def test_plot_says_when_there_is_nothing_to_plot(tmp_path):
+    bad = tmp_path / "runs" / "bad"
+    bad.mkdir(parents=True)
+    for r in range(2):
+        (bad / f"round_{r}.safetensors").write_bytes(b"\x00" * 12)
+    run_cli("analyze", tmp_path / "runs", "-o", tmp_path / "out", "-q", expect=1)
+    result = run_cli("plot", tmp_path / "out", "-q")
+    assert "warning: " in result.output and "nothing to plot (0 run(s) analysed without error)" in result.output
+    figures = tmp_path / "out" / "figures"
+    assert not figures.exists() or not any(figures.iterdir())

@@ -43,6 +43,11 @@ class App:
         if not self.quiet:
             _echo(f"flowscan: {text}", err=True)
 
+    def status(self, text: str) -> None:
+        """A progress line, as it is: stderr, silenced by -q (and by --json)."""
+        if not self.quiet:
+            _echo(text, err=True)
+
     def detail(self, text: str) -> None:
         if self.verbose:
             _echo(f"flowscan: {text}", err=True)

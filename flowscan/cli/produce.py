@@ -96,14 +96,13 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
         pack = False
     parallel = parallel or (min(seeds, 4) if on_gpu else 1)
     bars = TrainingBars(app)
-    clock = Progress(seeds * rounds)
+    clock = Progress(_rounds_to_make(out, range(first_seed, first_seed + seeds), rounds))
 
     def on_round(report):
         bars.close()  # finish the round's bar before its summary line
         for line in report.notes:
             app.note(f"seed {report.seed}: {line}")
-        app.result(f"[seed {report.seed - first_seed + 1}/{seeds}, round {report.round + 1} of {rounds}] "
-                   f"{round_line(report)}  ({clock.tick(report.metrics.get('train_images', 0))})")
+        app.status(f"{round_line(report)}  ({clock.tick(report.metrics.get('train_images', 0))})")
 
     try:
         with bars.stack:
@@ -116,25 +115,51 @@ def produce(model, data_spec, rounds, prune_fraction, schedule, target_density, 
     for line in stop_reason(cfg, reports):
         app.note(line)
     if clock.done:
-        app.result(clock.total())
+        app.status(clock.total())
     app.note(f"done: {out} (analyse with: flowscan analyze {out} -o OUT)")
 
 
+def _rounds_to_make(out, seeds, rounds: int) -> int:
+    """Rounds this call will train: those of each seed not complete on disk already (it resumes)."""
+    from flowscan import layout
+    from flowscan.produce.runner import seed_folder
+
+    done = 0
+    for seed in seeds:
+        folder = seed_folder(out, seed)
+        try:
+            done += len([i for i, _f in layout.complete_rounds(folder) if i < rounds]) if folder.is_dir() else 0
+        except Exception:  # noqa: BLE001 - an unreadable folder is refused by the run itself, with its name
+            pass
+    return max(len(seeds) * rounds - done, 0)
+
+
 class Progress:
-    """Elapsed time and ETA over the rounds a produce call makes, and the total at the end."""
+    """Where a produce call stands: rounds made of those it will make, the time since the command
+    started, an ETA from the rate of the rounds after the first (the first carries the start-up:
+    loading data, building, compiling), and the total at the end, the command's own wall time."""
 
     def __init__(self, planned: int):
         import time
 
+        from flowscan.cli import STARTED
+
         self._now, self.planned, self.done, self.images = time.monotonic, planned, 0, 0.0
-        self.start = self._now()
+        self.start, self.first = STARTED, None
 
     def tick(self, images: float) -> str:
         self.done += 1
         self.images += float(images)
-        elapsed = self._now() - self.start
-        left = max(self.planned - self.done, 0) * elapsed / self.done
-        return f"elapsed {elapsed:.0f} s, ETA {left:.0f} s" if left else f"elapsed {elapsed:.0f} s"
+        now = self._now()
+        elapsed = now - self.start
+        position = f"{self.done}/{self.planned}" if self.planned else f"{self.done}"
+        if self.first is None:
+            self.first = now
+            left = self.planned - self.done
+            return f"{position}, elapsed {elapsed:.0f} s" + (", ETA after the next round" if left > 0 else "")
+        per_round = (now - self.first) / (self.done - 1)
+        left = max(self.planned - self.done, 0)
+        return f"{position}, elapsed {elapsed:.0f} s" + (f", ETA {left * per_round:.0f} s" if left else "")
 
     def total(self) -> str:
         elapsed = self._now() - self.start

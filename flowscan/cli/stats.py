@@ -203,6 +203,9 @@ def plot(out, output, formats, pairs, grouping, app) -> None:
         app.wrote(save(fig, output / name, formats))
     for note in figs.notes:
         app.note(note)
+    if not figs.items:   # said even with -q: an empty folder and exit 0 would read as success
+        ok = int((a.tables["runs"]["status"] == "ok").sum()) if "runs" in a.tables else 0
+        app.warn(f"{out}: nothing to plot ({ok} run(s) analysed without error); no figure written")
 
 
 @click.command()

@@ -47,9 +47,15 @@ class Setup:
 
 
 def runs_below(path: Path, setup: Setup) -> list[Run]:
-    runs = [r for r in discover(Path(path), setup.format) if not r.error]
+    from flowscan.pipeline import no_runs_message
+
+    found = discover(Path(path), setup.format)
+    if not found:
+        raise FlowscanError(no_runs_message(path, setup.format))
+    runs = [r for r in found if not r.error]
     if not runs:
-        raise FlowscanError(f"{path}: no readable IMP runs found")
+        raise FlowscanError(f"{path}: no readable IMP runs: {found[0].name}: {found[0].error}"
+                            + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
     return select_runs(runs, setup.runs, path)
 
 

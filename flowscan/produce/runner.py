@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,7 +53,7 @@ def _one_seed(cfg: IMPConfig, seed: int, out: Path, device: str, compile: bool) 
     data = load(cfg.data).to(resolve_device(device))
     return run_seed(cfg, seed, seed_folder(out, seed), data, resolve_device(device), compile,
                     on_round=lambda r: print("\n".join([round_line(r), *(f"seed {r.seed}: {n}" for n in r.notes)]),
-                                             flush=True))
+                                             file=sys.stderr, flush=True))   # progress: stderr, as everywhere
 
 
 def check_model_and_data(cfg: IMPConfig, data) -> None:
