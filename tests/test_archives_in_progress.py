@@ -471,3 +471,30 @@ def test_a_missing_step_numbered_checkpoint_is_a_missing_round(tmp_path):
     full = analyze(FIXTURES / "flax" / "imp-mlp", tmp_path / "full")
     for r in (0, 1, 3):   # the rounds that are there keep their numbers and their sums
         assert frames["rounds"].filter(round=r).drop("run").equals(full["rounds"].filter(round=r).drop("run"))
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT while inherited as ignored"])
+def test_a_watcher_stops_cleanly_on_a_scripts_signal(tmp_path, how):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "ckpts" / "seed_0"
+    shutil.copytree(FIXTURES / "closed-form" / "flowscan", run)
+    out = tmp_path / "out"
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if "ignored" in how else None
+    proc = subprocess.Popen([sys.executable, "-m", "flowscan", "analyze", str(tmp_path / "ckpts"), "-o", str(out),
+                             "--watch", "--interval", "0.2", *CLOSED], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore)   # as `flowscan ... &` in a script
+    deadline = time.time() + 120
+    while not (out / "rounds.parquet").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+    _stdout, stderr = proc.communicate(timeout=60)
+    expected = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
+    assert proc.returncode == 128 + expected, stderr
+    assert f"stopped watching ({expected.name}); the tables in {out}" in stderr
+    assert read_tables(out)["runs"]["status"].to_list() == ["ok"]   # intact

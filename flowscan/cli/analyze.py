@@ -101,8 +101,23 @@ def _show(results, app) -> None:
             app.error(f"run {res.run.name}: {res.error}")
 
 
+class _Stopped(Exception):
+    """A signal asked the watcher to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, _frame):
+    raise _Stopped(signum)
+
+
 def _watch(path: Path, out: Path, options, interval: float, app) -> None:
-    """Scan, then re-scan every `interval` seconds printing what changed, until Ctrl-C (exit 130)."""
+    """Scan, then re-scan every `interval` seconds printing what changed, until SIGINT (Ctrl-C, exit 130)
+    or SIGTERM (exit 143). Both are handled here, also where SIGINT came ignored (a job started in the
+    background of a script): the tables left are those of the last complete scan, as written atomically."""
+    import signal
     import time
 
     from flowscan import watch
@@ -110,6 +125,7 @@ def _watch(path: Path, out: Path, options, interval: float, app) -> None:
     from flowscan.report import write_report
 
     previous = None
+    handlers = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             try:
@@ -136,6 +152,11 @@ def _watch(path: Path, out: Path, options, interval: float, app) -> None:
                         app.warn(f"report.html not refreshed: {exc}")
                 previous = results
             time.sleep(interval)
-    except KeyboardInterrupt:
-        click.echo(f"\nstopped watching; the tables in {out} are those of the last complete scan", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, _Stopped) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        click.echo(f"\nstopped watching ({signal.Signals(signum).name}); the tables in {out} are those of the "
+                   "last complete scan", err=True)
+        sys.exit(128 + signum)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
