@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html.parser
+import re
 import shutil
 import subprocess
 
@@ -59,15 +60,50 @@ def test_report_is_self_contained_with_every_figure_and_table(analysed):
     assert "closed-form/flowscan" in page
 
 
+# measured by the browser itself once the page is laid out, written where --dump-dom shows it
+_PROBE = """<script>
+window.addEventListener("load", () => {
+  const figures = [...document.querySelectorAll("figure")];
+  const drawn = figures.filter(f => { const r = f.querySelector("svg")?.getBoundingClientRect();
+                                     return r && r.width > 100 && r.height > 100; });
+  const wraps = [...document.querySelectorAll("div.scroll")];
+  const wide = wraps.filter(d => d.scrollWidth > d.clientWidth);
+  const scrolls = wide.filter(d => getComputedStyle(d).overflowX === "auto");
+  const page = document.body.getBoundingClientRect();
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify({figures: figures.length, drawn: drawn.length, tables: wraps.length,
+                                    wide: wide.length, scrolls: scrolls.length, width: page.width,
+                                    height: page.height, viewport: window.innerWidth});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _chromium(*args, tmp_path):
+    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000", *args],
+                          check=True, capture_output=True, timeout=120, text=True)
+
+
 @pytest.mark.skipif(not shutil.which("chromium"), reason="no headless browser on this machine")
 def test_report_renders_in_headless_chromium(analysed, tmp_path):
+    import json
+
     run_cli("report", analysed)
+    page = (analysed / "report.html").read_text()
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3000",
-                    (analysed / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    _chromium(f"--screenshot={shot}", (analysed / "report.html").as_uri(), tmp_path=tmp_path)
     assert shot.stat().st_size > 50_000  # a rendered page, not a blank one
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", _PROBE + "</body>"))
+    dom = _chromium("--virtual-time-budget=5000", "--dump-dom", probed.as_uri(), tmp_path=tmp_path).stdout
+    found = json.loads(html.unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1)))
+    assert found["figures"] == page.count("<figure") > 5
+    assert found["drawn"] == found["figures"], found          # every figure laid out at a readable size
+    assert found["height"] > 3000 and found["width"] <= found["viewport"], found   # no sideways page
+    assert found["wide"] >= 1 and found["scrolls"] == found["wide"], found   # wide tables scroll in place
 
 
 def test_plot_writes_png_and_svg_for_each_figure(analysed, tmp_path):
