@@ -76,3 +76,47 @@ def test_lmc_barriers_draw_rounds_of_unknown_matching_as_crosses():
     ax = fig.axes[0]
     assert sum(len(c.get_offsets()) for c in ax.collections) == 3     # every round drawn, none dropped
     assert "unknown" in ax.get_title()
+
+
+def clipped(fig) -> list[str]:
+    """The edges of a rendered figure that something is drawn across (a title, label, legend or tick
+    label cut off there): nothing drawn may touch the outermost pixels, which the layout keeps blank."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].astype(int)
+    background = np.array([round(255 * c) for c in fig.get_facecolor()[:3]])
+    edges = {"top": pixels[0], "bottom": pixels[-1], "left": pixels[:, 0], "right": pixels[:, -1]}
+    return [side for side, line in edges.items() if np.abs(line - background).max() > 40]
+
+
+def test_no_figure_text_is_clipped_at_any_run_name_or_count(tmp_path):
+    import shutil
+    import warnings
+
+    from conftest import FIXTURES, analyze
+    from flowscan.plot.standard import standard_figures
+    from flowscan.stats import aggregate
+
+    root = tmp_path / "archive"
+    long = "lottery_0123456789abcdef0123456789abcdef0123456789abcdef"   # open_lth's names, and longer
+    for k in range(12):   # many runs with long names
+        shutil.copytree(FIXTURES / "open_lth" / "lottery_0123456789abcdef0123456789abcdef" / "replicate_1",
+                        root / f"{long}_{k}" / "replicate_1")
+    tables = analyze(root, tmp_path / "out", "--format", "open_lth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # "constrained_layout not applied" is a failure here
+        figs = standard_figures(tables, aggregate(tables["eigen"], tables["runs"], tables["steps"]))
+        bad = {name: clipped(fig) for name, (fig, _caption) in figs.items.items()}
+        units = [f"{long}_{k}/replicate_1" for k in range(12)]
+        tree = pl.DataFrame({"step": list(range(1, 12)), "left": [units[0]] + [f"#{k}" for k in range(1, 11)],
+                             "right": units[1:], "distance": [0.001 * k for k in range(1, 12)],
+                             "size": list(range(2, 13))})
+        curves = pl.DataFrame({"run": [units[0]] * 6, "round": [0, 0, 0, 1, 1, 1], "alpha": [0.0, 0.5, 1.0] * 2,
+                               "error": [0.1, 0.2, 0.1] * 2, "loss": [1.0] * 6, "next_round": [1, 1, 1, 2, 2, 2]})
+        more = {"dendrogram": figures.dendrogram(tree, units, 0.467), "lmc-curves": figures.lmc_curves(curves, units[0])}
+        bad.update({name: clipped(fig) for name, fig in more.items()})
+    assert len(bad) >= 12 and {"flow", "sigma-heatmap", "dendrogram"} <= set(bad)
+    assert not {name: edges for name, edges in bad.items() if edges}

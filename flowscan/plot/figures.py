@@ -25,9 +25,22 @@ def slug(text: str) -> str:
 
 
 def _density_axis(ax, label: str = "density (fraction of weights remaining)") -> None:
-    """Log density, decreasing to the right: pruning reads left to right."""
+    """Log density, decreasing to the right: pruning reads left to right. Ticks at round numbers in
+    plain decimals (1, 0.5, 0.2, 0.1, 0.05, ...), not 9×10⁻¹ minor labels, and the axis reaches a
+    tick beyond the sparsest point, so every point lies between two labelled ticks."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
     ax.set_xscale("log")
-    ax.invert_xaxis()
+    low, high = ax.dataLim.intervalx
+    if not (np.isfinite(low) and np.isfinite(high) and 0 < low <= high):
+        low, high = 0.01, 1.0   # nothing drawn yet
+    ticks = [m * 10.0 ** e for e in range(-9, 2) for m in (1, 2, 5)]
+    floor = max([t for t in ticks if t <= low * 1.0001] or [ticks[0]])   # the tick at or below the sparsest
+    shown = [t for t in ticks if floor <= t <= high * 1.0001]
+    ax.xaxis.set_major_locator(FixedLocator(shown))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(high * 1.05, floor / 1.05)   # decreasing to the right
     ax.set_xlabel(label)
 
 
@@ -35,13 +48,31 @@ def _blocks(frame: pl.DataFrame) -> list[str]:
     return list(dict.fromkeys(frame["block"].to_list()))
 
 
-def short_labels(names: Sequence[str]) -> dict[str, str]:
-    """Names without the folders they all share ('a/b/seed0', 'a/b/seed1' -> 'seed0', 'seed1')."""
+LABEL_CHARS = 28   # a legend entry or tick label; longer names keep their two ends
+TITLE_CHARS = 48   # a run's name in a title
+
+
+def elide(text: str, limit: int) -> str:
+    """`text` cut in the middle to at most `limit` characters: 'lottery_0123…abcdef/replicate_1'."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 5
+    return f"{text[:head]}…{text[len(text) - (limit - 1 - head):]}"
+
+
+def short_labels(names: Sequence[str], limit: int = LABEL_CHARS) -> dict[str, str]:
+    """Names without the folders they all share ('a/b/seed0', 'a/b/seed1' -> 'seed0', 'seed1'), long
+    ones elided in the middle, as long as that keeps them apart."""
     parts = [n.split("/") for n in names]
     common = 0
     while len(names) > 1 and all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
         common += 1
-    return {n: "/".join(p[common:]) for n, p in zip(names, parts)}
+    full = {n: "/".join(p[common:]) for n, p in zip(names, parts)}
+    for width in (limit, 2 * limit, 4 * limit):
+        short = {n: elide(label, width) for n, label in full.items()}
+        if len(set(short.values())) == len(short):
+            return short
+    return full
 
 
 def flow_projection(rounds: pl.DataFrame, pairs: Sequence[tuple[str, str]] | None = None,
@@ -173,7 +204,7 @@ def log_share_fit(rounds: pl.DataFrame, eigen: pl.DataFrame, run: str, quantity:
             ax.plot(s, intercept + slope * s, "-", color=color(k), linewidth=1)
     ax.set_xlabel("cumulative coarse-graining  Σ ln c")
     ax.set_ylabel(f"ln {quantity}_i(n)")
-    ax.set_title(f"{run}: straight lines = eigenfunctions (slope σ_fit)")
+    ax.set_title(f"{elide(run, TITLE_CHARS)}\nstraight lines = eigenfunctions (slope σ_fit)")
     ax.legend(frameon=False, fontsize=7, ncol=2 if len(_blocks(part)) > 8 else 1)
     return fig
 
@@ -217,7 +248,7 @@ def survival_curves(survival: pl.DataFrame, run: str):
     ax.set_xlabel("round n")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("survival n → n+1")
-    ax.set_title(f"{run}: mask survival")
+    ax.set_title(f"{elide(run, TITLE_CHARS)}\nmask survival")
     ax.set_ylim(top=1.02)
     ax.legend(frameon=False, fontsize=7)
     return fig
@@ -264,7 +295,7 @@ def lmc_curves(curves: pl.DataFrame, run: str):
         ax.plot(seg["alpha"], seg["error"], "-o", markersize=3, color=cmap(norm(r)), label=f"{r} → {end}")
     ax.set_xlabel("α (0: round n, 1: the next round analysed)")
     ax.set_ylabel("test error")
-    ax.set_title(f"{run}: error along the linear path")
+    ax.set_title(f"{elide(run, TITLE_CHARS)}\nerror along the linear path")
     # the colour bar reads the round at any count; a legend as well while it stays short
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
     bar.set_label("round n of the segment n → n+1")
@@ -307,12 +338,21 @@ def dendrogram(tree: pl.DataFrame, units: Sequence[str], threshold: float):
         index[f"#{step}"] = len(units) + step - 1
     z = np.array([[index[r["left"]], index[r["right"]], r["distance"], r["size"]] for r in tree.iter_rows(named=True)],
                  dtype=np.float64)
-    fig = new_figure(min(14.0, max(5.0, 0.4 * len(units) + 2)), 4.0)
-    ax = fig.subplots()
     labels = short_labels(list(units))
+    slanted = len(units) > 6
+    longest = max((len(v) for v in labels.values()), default=0)
+    fig = new_figure(min(14.0, max(5.0, 0.4 * len(units) + 2)), 4.0 + (0.06 * longest if slanted else 0.0))
+    ax = fig.subplots()
     draw(z, labels=[labels[u] for u in units], ax=ax, color_threshold=threshold, above_threshold_color="#999999",
-         leaf_rotation=45 if len(units) > 6 else 0)
+         leaf_rotation=0)
+    if slanted:   # anchored at their right end, so the layout makes room below for the whole label
+        for text in ax.get_xticklabels():
+            text.set_rotation(45)
+            text.set_ha("right")
+            text.set_rotation_mode("anchor")
     ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"cut at {threshold:.3g}")
+    top = max([threshold, *(z[:, 2] if len(z) else [0.0])])
+    ax.set_ylim(0, top * 1.08 if top > 0 else 1.0)   # the cut is drawn inside the axis, however high
     ax.set_ylabel("RMS σ distance (average linkage)")
     ax.set_title("universality classes")
     ax.legend(frameon=False)
