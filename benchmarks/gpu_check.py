@@ -45,6 +45,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ACCURACY_TOLERANCE = 0.03   # test accuracy, CPU fp32 against bf16 autocast on the device
+CALIBRATION_SECONDS = 0.035   # `calibrate()` on a quiet 2-core machine of the kind the limits were set on
+READING = {   # what each step's figures mean, for gpu_check.md
+    "cuda-tests": "the CUDA tests passed (the producer with CUDA graphs; transfer on CUDA matching its recorded "
+                  "tickets); skipped without a GPU",
+    "bench-produce": "images/s of each setting and its ratio to the open_lth-style loop (above 1: faster); "
+                     "packed_over_one_at_a_time above 1 means packing the seeds pays on this device",
+    "pipeline": "rows written by each table (none may be empty) and round 0's top Hessian eigenvalue",
+    "cpu-vs-device": "the same archive made on the CPU and the device: densities equal, test accuracies within "
+                     "the tolerance (bf16 autocast)",
+}
 SMALL = ["--model", "mlp", "--data", "digits", "--epochs", "4", "--batch-size", "64", "--lr", "0.05"]
 
 
@@ -64,9 +74,26 @@ def _flowscan(*args: str) -> list[str]:
     return [sys.executable, "-m", "flowscan", *args]
 
 
+def calibrate() -> float:
+    """Seconds of a fixed bit of Python and numpy work: how fast this machine is right now."""
+    import numpy as np
+
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        a = np.ones((384, 384), np.float32)
+        for _ in range(20):
+            a = a @ a * 1e-3
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
 class Kit:
-    def __init__(self, out: Path, smoke: bool, device: str):
-        self.out, self.smoke, self.device = out, smoke, device
+    def __init__(self, out: Path, smoke: bool, device: str, time_scale: float = 1.0):
+        self.out, self.smoke, self.device, self.time_scale = out, smoke, device, time_scale
         self.steps: list[dict] = []
 
     def step(self, name: str, limit: float, commands: list[list[str]], figures=None, skip: str | None = None):
@@ -101,7 +128,7 @@ class Kit:
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         report = {"smoke": self.smoke, "device": self.device, "python": sys.version.split()[0],
-                  "torch": _torch_version(), "steps": self.steps}
+                  "torch": _torch_version(), "time_scale": self.time_scale, "steps": self.steps}
         (self.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
         lines = [f"# flowscan GPU check ({'smoke, CPU' if self.smoke else self.device})", "",
                  f"torch {report['torch']}, Python {report['python']}", "",
@@ -109,6 +136,23 @@ class Kit:
         for s in self.steps:
             figs = ", ".join(f"{k} {v}" for k, v in s["figures"].items()) or s.get("reason", "")
             lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {figs} |")
+        lines += ["", f"Time limits were scaled by {self.time_scale:.2f} for this machine (`--time-scale`).", "",
+                  "## Reading the figures", ""]
+        lines += [f"- **{name}**: {text}" for name, text in READING.items()]
+        failed = [s["name"] for s in self.steps if s["status"] == "failed"]
+        lines += ["", "## Next", ""]
+        if self.smoke:
+            lines.append("- This was the CPU smoke run. On a GPU machine: `PYTHONUNBUFFERED=1 python3 "
+                         "benchmarks/gpu_check.py --wheels .gpu-wheels --out $OUT` (one call, about 8 minutes), "
+                         "then put the bench-produce figures in the README (Making checkpoints) and, if packing is "
+                         "slower there (packed_over_one_at_a_time below 1), flip the packing default.")
+        else:
+            lines.append("- Put the bench-produce figures in the README (Making checkpoints) and the closing note; "
+                         "if packed_over_one_at_a_time is below 1, make one-at-a-time the default on this device.")
+        if failed:
+            lines.append(f"- Failed: {', '.join(failed)}. Each step's command and the end of its output are in "
+                         "gpu_check.json; a step that timed out on a busy machine can run again with a larger "
+                         "`--time-scale`.")
         (self.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 
 
@@ -176,6 +220,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="every step at toy size on the CPU")
     parser.add_argument("--wheels", type=Path, help="install the wheels in this folder first (no index, no deps)")
+    parser.add_argument("--time-scale", type=float, default=None,
+                        help="multiply every step's time limit by this (default: with --smoke, measured from how "
+                             "fast this machine runs a fixed bit of work now, at least 1; else 1)")
     args = parser.parse_args()
     if args.wheels:
         wheels = sorted(str(p) for p in args.wheels.glob("*.whl"))
@@ -189,10 +236,12 @@ def main() -> None:
     device = "cpu" if args.smoke or not cuda else "cuda"
     work = args.out / "work"
     shutil.rmtree(work, ignore_errors=True)
-    kit = Kit(args.out, args.smoke, device)
-    # seconds per step: at most 470 in all on a GPU, so the kit fits a lent machine's 10-minute call
-    limits = (dict(tests=60, bench=120, pipeline=120, compare=90) if args.smoke else
-              dict(tests=70, bench=220, pipeline=120, compare=60))
+    # seconds per step: at most 470 in all on a GPU, so the kit fits a lent machine's 10-minute call;
+    # the smoke run's limits grow on a slow or busy machine (a fixed 120 s killed bench-produce on one)
+    scale = args.time_scale or (max(1.0, calibrate() / CALIBRATION_SECONDS) if args.smoke else 1.0)
+    kit = Kit(args.out, args.smoke, device, round(scale, 2))
+    limits = {k: v * scale for k, v in (dict(tests=60, bench=120, pipeline=120, compare=90) if args.smoke else
+                                        dict(tests=70, bench=220, pipeline=120, compare=60)).items()}
 
     kit.step("cuda-tests", limits["tests"], [[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                   "tests/test_produce.py::test_gpu_path_with_cuda_graphs",

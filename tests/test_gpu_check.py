@@ -47,3 +47,25 @@ def test_a_failing_step_is_recorded_and_the_kit_goes_on(tmp_path):
     assert [(s["name"], s["status"]) for s in steps] == [("broken", "failed"), ("slow", "failed"), ("fine", "passed")]
     assert "exit status 3" in steps[0]["reason"] and steps[1]["reason"] == "timed out"
     assert steps[2]["figures"] == {"said": "ok"}
+
+
+def test_time_limits_scale_with_the_machine_and_the_summary_says_what_next(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    assert gpu_check.calibrate() > 0
+    kit = gpu_check.Kit(tmp_path, smoke=True, device="cpu", time_scale=2.5)
+    kit.step("fine", 30, [[sys.executable, "-c", "print('ok')"]])
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "Time limits were scaled by 2.50" in summary and json.loads((tmp_path / "gpu_check.json").read_text())[
+        "time_scale"] == 2.5
+    assert "## Reading the figures" in summary and "packed_over_one_at_a_time" in summary
+    assert "## Next" in summary and "--wheels .gpu-wheels --out $OUT" in summary
+    # a busy machine (calibration twice as slow as the reference) gets twice the limits, never less than 1x
+    monkeypatch.setattr(gpu_check, "calibrate", lambda: 2 * gpu_check.CALIBRATION_SECONDS)
+    seen = {}
+    monkeypatch.setattr(gpu_check.Kit, "step", lambda self, name, limit, *a, **k: seen.setdefault(name, limit))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--smoke", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    assert seen["bench-produce"] == pytest.approx(240) and seen["pipeline"] == pytest.approx(240)
