@@ -285,7 +285,7 @@ def test_lmc_takes_runs_and_rounds_and_names_what_it_skips(study, tmp_path):
     info = json.loads((study / "seed_1" / "round_0000" / "round.json").read_text())
     assert summary["dense_error"].to_list() == pytest.approx([1 - info["metrics"]["test_accuracy"]] * 2, abs=1e-6)
     assert "rounds 1->3 (spans 2 rounds)" in result.stdout
-    assert not [line for line in result.stderr.splitlines() if "barrier" in line]   # results once, on stdout
+    assert not [line for line in result.stderr.splitlines() if "barrier " in line]   # results once, on stdout
     assert "seed_1: rounds 1->3: 3 points on the linear path (across 1 missing round(s)" in result.stderr
     whole = run_cli("lmc", study, "-o", tmp_path / "all", "--points", "3")
     assert "seed_0: round 5 is not analysed" in whole.stderr   # the unfinished round is named
