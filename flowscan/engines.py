@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 from flowscan import extras, watchdog
 from flowscan.errors import FlowscanError, printable
 from flowscan.io.budget import BUDGET
+from flowscan.io.location import is_remote
 
 ENGINES = ("threads", "processes", "dask")
 CONNECT_TIMEOUT = "30s"   # to reach a dask scheduler
@@ -108,8 +109,6 @@ def _parsed_by_a_library(rnd) -> bool:
         return False
     # without its library the round fails at once with the install line: no worker for that. Remote
     # rounds stay here: a worker would fetch their bytes again, its store's caches being its own
-    from flowscan.io.location import is_remote
-
     return bool(needs) and all(extras.ready(module) for module in needs) and not any(map(is_remote, rnd.files))
 
 

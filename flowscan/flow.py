@@ -175,15 +175,6 @@ def cumulative_log_c(density: np.ndarray) -> np.ndarray:
         return np.log(d[0] / d)
 
 
-def curvatures(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column of `y` (n x k) against `x` (n): the quadratic term q of y = a + b x + q x² and its
-    two-sided p-value (t test, n − 3 degrees of freedom) on the finite points; NaN below 4 points.
-    (`curvature_terms` gives q with its t statistic and degrees of freedom, the p-value left to
-    whoever needs it.)"""
-    q, t, df = curvature_terms(x, y)
-    return q, np.array([curvature_p_value(*v) for v in zip(q, t, df)])
-
-
 def curvature_p_value(q: float, t: float, df: float) -> float:
     if not np.isfinite(q):
         return float("nan")
@@ -191,8 +182,9 @@ def curvature_p_value(q: float, t: float, df: float) -> float:
 
 
 def curvature_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q, its t statistic q/SE — inf where the fit is exact —, degrees of freedom) per column of `y`
-    against `x`, as `curvatures` defines them.
+    """Per column of `y` (n x k) against `x` (n): the quadratic term q of y = a + b x + q x² on the
+    finite points, its t statistic q/SE (inf where the fit is exact) and its degrees of freedom
+    n − 3 (`curvature_p_value` makes the two-sided p-value of them); NaN below 4 points.
     The slope of y changes by 2 q (x_max − x_min) across the points. Columns that share their
     finite points are solved together (one small linear system for all of a run's blocks)."""
     x = np.asarray(x, dtype=np.float64)
@@ -329,10 +321,6 @@ class Eigen:
         for j in np.flatnonzero(material):
             curved[j] = curvature_p_value(self.curvature[j], self.curvature_t[j], self.curvature_df[j]) < TREND_ALPHA
         return (self.n_pairs >= 3) & ~drifting & ~curved
-
-    @property
-    def curvature_p(self) -> np.ndarray:
-        return np.array([curvature_p_value(*v) for v in zip(self.curvature, self.curvature_t, self.curvature_df)])
 
     @cached_property
     def relevance(self) -> list[str]:

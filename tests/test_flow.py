@@ -143,7 +143,8 @@ def test_curvature_and_its_p_value_agree_with_a_quadratic_regression():
     rng = np.random.default_rng(5)
     x = np.linspace(0, 3, 9)
     y = 0.2 + 0.5 * x + 0.1 * x ** 2 + rng.normal(0, 0.05, 9)
-    q, p = flow.curvatures(x, np.stack([y, np.where(x > 2.5, np.nan, y)], axis=1))
+    q, t, df = flow.curvature_terms(x, np.stack([y, np.where(x > 2.5, np.nan, y)], axis=1))
+    p = [flow.curvature_p_value(*v) for v in zip(q, t, df)]
     design = np.column_stack([np.ones(9), x, x ** 2])
     coef, res, *_ = np.linalg.lstsq(design, y, rcond=None)
     se = math.sqrt(res[0] / 6 * np.linalg.inv(design.T @ design)[2, 2])

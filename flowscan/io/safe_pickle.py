@@ -349,7 +349,7 @@ class PickledOrderedDict(collections.OrderedDict):
     __slots__ = ("_pickled_state",)
 
     def __setstate__(self, state):
-        names = stub_state_names(state)
+        names = _state_names(state)
         bad = sorted(n for n in names if not isinstance(n, str) or n.startswith("__") or n in _ARRAY_ATTRIBUTES)
         if bad:
             raise _Rejected(f"a pickle tried to give collections.OrderedDict the attribute {bad[0]!r}")
@@ -361,7 +361,7 @@ class PickledOrderedDict(collections.OrderedDict):
     __delattr__ = __setattr__
 
 
-def stub_state_names(state) -> list:
+def _state_names(state) -> list:
     """The attribute names a BUILD state would set: keys of a dict, or of both halves of (dict, slots)."""
     parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
     names: list = []

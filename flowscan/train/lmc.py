@@ -87,8 +87,10 @@ def reestimate_batchnorm(model: nn.Module, data: Dataset, batches: int = 20, bat
     model.eval()
 
 
-@torch.no_grad()   # not inference_mode: the model's weights (made channels-last here) and the cached
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> tuple[float, float]:   # images serve autograd later (sharpness)
+# no_grad, not inference_mode: the weights made channels-last here and the cached images serve
+# autograd later (sharpness's Hessian)
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> tuple[float, float]:
     """(test error, mean test loss)."""
     model.eval()
     x_test = data.x_test
