@@ -183,3 +183,41 @@ def test_survival_counts_bits_kept_in_both_rounds_as_numpy_does():
         assert reduce.count_both(a[::2], b[::2]) == int(np.unpackbits(a[::2] & b[::2]).sum())   # strided: numpy
     with pytest.raises(ValueError):
         reduce.KERNEL.count_both(np.zeros(3, np.uint8), np.zeros(4, np.uint8))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes: Linux")
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_reads_nothing_past_a_buffer_that_ends_before_an_unreadable_page(isa):
+    """Weights and masks that end exactly where readable memory ends: the loops prefetch thousands of
+    elements ahead, and a prefetch must never fault (a load past the end would kill the process)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    code = (
+        "import ctypes, mmap, sys, numpy as np\n"
+        "from flowscan import reduce\n"
+        f"page, isa = {page}, {isa!r}\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]\n"
+        "def ending_at_a_guard_page(nbytes, dtype):   # readable bytes, then a page that faults\n"
+        "    pages = -(-nbytes // page)\n"
+        "    area = mmap.mmap(-1, (pages + 1) * page)\n"
+        "    base = ctypes.addressof(ctypes.c_char.from_buffer(area))\n"
+        "    assert libc.mprotect(base + pages * page, page, 0) == 0\n"
+        "    return np.frombuffer(area, np.uint8)[pages * page - nbytes:pages * page].view(dtype)\n"
+        "for wcode, wdtype, mcode, mdtype in [('f4', np.float32, 'u1', np.uint8), ('bf16', np.uint16, 'u1', np.uint8),\n"
+        "                                     ('f2', np.float16, 'f4', np.float32), ('f8', np.float64, '', None)]:\n"
+        "    n = 3 * page + 40   # not a whole number of pages: the tail loop runs too\n"
+        "    w = ending_at_a_guard_page(n * np.dtype(wdtype).itemsize, wdtype)\n"
+        "    values = (np.arange(n) % 5).astype(np.float32)\n"
+        "    w[:] = (values.view(np.uint32) >> 16) if wcode == 'bf16' else values\n"
+        "    m = ending_at_a_guard_page(n * np.dtype(mdtype).itemsize, mdtype) if mdtype else None\n"
+        "    if m is not None:\n"
+        "        m[:] = np.arange(n) % 2\n"
+        "    bits = np.empty((n + 7) // 8, np.uint8)\n"
+        "    total, ones, nonzero, status = reduce.KERNEL.reduce_chunk(w, wcode, m, mcode, bits, isa)\n"
+        "    values = (np.arange(n) % 5).astype(np.float64) * ((np.arange(n) % 2) if m is not None else 1)\n"
+        "    assert status == 0 and total == values.sum(), (wcode, total, values.sum())\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
