@@ -104,7 +104,7 @@ def build(data: Path, rounds: int, scale: float) -> None:
 
 
 def archive_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.startswith("built"))
 
 
 def method_flowscan(folder: Path, jobs: int, verify: bool = False, engine: str = "threads") -> None:
@@ -118,16 +118,36 @@ def method_flowscan(folder: Path, jobs: int, verify: bool = False, engine: str =
 def method_plain_read(folder: Path) -> None:
     buf = bytearray(16 << 20)
     view = memoryview(buf)
-    for path in sorted(folder.iterdir()):
+    for path in sorted(p for p in folder.iterdir() if not p.name.startswith("built")):
         with open(path, "rb", buffering=0) as f:
             while f.readinto(view):
                 pass
 
 
+def method_touch(folder: Path, jobs: int) -> None:
+    """The machine's limit for a scan: `jobs` threads touch every byte of the files through a memory
+    map (numpy's xor-reduce over 8-byte words: no copy, and it releases the GIL), a file at a time
+    each, as flowscan's threads take rounds."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    def touch(path: Path) -> int:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            words = np.frombuffer(mm, np.uint64, len(mm) // 8)
+            tail = np.frombuffer(mm, np.uint8, len(mm) % 8, offset=len(mm) - len(mm) % 8)
+            value = int(np.bitwise_xor.reduce(words)) ^ int(np.bitwise_xor.reduce(tail, initial=0))
+            del words, tail   # views must go before the map closes
+            return value
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("built"))
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(touch, files))
+
+
 def method_naive(folder: Path) -> None:
     import torch
 
-    for path in sorted(folder.iterdir()):
+    for path in sorted(p for p in folder.iterdir() if not p.name.startswith("built")):
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             sd = load_file(str(path))
@@ -157,12 +177,17 @@ def child(method: str, folder: Path, jobs: int) -> None:
     elif method == "naive":
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401
+    elif method == "touch":
+        import concurrent.futures  # noqa: F401
+        import mmap  # noqa: F401
     start = time.perf_counter()
     if method.startswith("flowscan"):
         engine = method.split("-")[1] if method.count("-") else "threads"
         method_flowscan(folder, jobs, verify=method == "flowscan-verify", engine=engine if engine != "verify" else "threads")
     elif method == "plain-read":
         method_plain_read(folder)
+    elif method == "touch":
+        method_touch(folder, jobs)
     else:
         method_naive(folder)
     seconds = time.perf_counter() - start
@@ -440,6 +465,66 @@ def kernels(data: Path, rounds: int, scale: float, cores: int) -> None:
           f"{sorted(times)[2]:.2f} s; bytecode cached, as after pip install)")
 
 
+DTYPE_PAIRS = [("float32", "uint8"), ("bfloat16", "uint8"), ("float16", "uint8")]
+
+
+def build_layers(folder: Path, wdtype: str, mdtype: str, rounds: int, tensors: int, shape: tuple[int, int]) -> None:
+    """Per-round safetensors of `tensors` equal layers (an LLM-like archive): weights and uint8 masks."""
+    import torch
+    from safetensors.torch import save_file
+
+    marker = folder / "built.json"
+    if marker.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n in range(rounds):
+        state = {}
+        for k in range(tensors):
+            state[f"layers.{k}.weight"] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(
+                getattr(torch, wdtype))
+            state[f"layers.{k}.weight_mask"] = torch.from_numpy((rng.random(shape) < 0.8 ** n)).to(getattr(torch, mdtype))
+        save_file(state, str(folder / f"round_{n}.safetensors"))
+    marker.write_text("{}")
+
+
+def dtypes(data: Path, rounds: int, tensors: int, shape: tuple[int, int], cores: int, cold: bool,
+           repeat: int = 7) -> None:
+    """flowscan analyze -jN on each weight x mask dtype pair beside the machine's limits, all in one
+    run: `touch` (N threads touching every byte through a memory map, no copy: the most a scan
+    that reads every byte can do), one plain read of the files, and the naive torch loop. The
+    methods take turns, `repeat` times over, and each keeps its best (noise only adds time)."""
+    if cold and not drop_page_cache():
+        print("could not drop the page cache (needs root): these figures are warm-cache ones")
+        cold = False
+    largest = int(np.prod(shape)) * 4
+    print(f"{rounds} rounds x {tensors} tensors of {shape[0]}x{shape[1]} (+ uint8 masks) per dtype pair; "
+          f"{cores} cores; {'cold' if cold else 'warm'} page cache; best of {repeat} in turns")
+    print(f"{'weight x mask':<18} {'GB':>5} {'touch':>7} {'plain':>7} {'naive':>7} {'flowscan':>9}   "
+          f"{'x touch':>7} {'x plain':>7} {'x naive':>7} {'peak RSS':>9}")
+    methods = [("touch", "touch", cores), ("plain", "plain-read", 1), ("naive", "naive", 1),
+               ("flowscan", "flowscan", cores)]
+    for wdtype, mdtype in DTYPE_PAIRS:
+        folder = data / f"layers-r{rounds}-t{tensors}-{shape[0]}x{shape[1]}" / f"{wdtype}-{mdtype}"
+        build_layers(folder, wdtype, mdtype, rounds, tensors, shape)
+        size = archive_bytes(folder)
+        if not cold:
+            method_plain_read(folder)
+        best: dict[str, dict] = {}
+        for _ in range(repeat):
+            for name, method, jobs in methods:
+                r = measure(method, folder, jobs, repeat=1, cold=cold)
+                if name not in best or r["seconds"] < best[name]["seconds"]:
+                    best[name] = r
+        rate = {name: size / 1e9 / r["seconds"] for name, r in best.items()}
+        f = rate["flowscan"]
+        print(f"{wdtype + ' x ' + mdtype:<18} {size / 1e9:>5.2f} {rate['touch']:>7.2f} {rate['plain']:>7.2f} "
+              f"{rate['naive']:>7.2f} {f:>9.2f}   {f / rate['touch']:>6.2f}x {f / rate['plain']:>6.2f}x "
+              f"{f / rate['naive']:>6.2f}x {best['flowscan']['maxrss_mib']:>5.0f} MiB", flush=True)
+    print(f"(GB/s; touch -j{cores}, plain read and naive -j1, flowscan analyze -j{cores} --no-verify; peak RSS is "
+          f"flowscan's VmHWM, the largest tensor {largest / 2**20:.0f} MiB as float32)")
+
+
 def method_plain_read_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -461,6 +546,12 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="the fused kernel against the numpy path for every dtype pair, and the CLI start-up")
     parser.add_argument("--cores", type=int, default=None, help="jobs for the all-cores runs (default: all)")
+    parser.add_argument("--dtypes", action="store_true",
+                        help="flowscan beside the touch limit, plain read and naive for float32, bfloat16 and "
+                             "float16 weights with uint8 masks (--tensors, --shape, --rounds)")
+    parser.add_argument("--tensors", type=int, default=12, help="layers per round for --dtypes")
+    parser.add_argument("--shape", default="2048x1024", help="each layer's shape for --dtypes")
+    parser.add_argument("--repeat", type=int, default=7, help="measurements per method for --dtypes (best kept)")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.folder, args.jobs)
@@ -477,6 +568,10 @@ def main() -> None:
         return
     if args.kernels:
         kernels(args.data, args.rounds, args.scale, cores)
+        return
+    if args.dtypes:
+        rows, cols = (int(x) for x in args.shape.lower().split("x"))
+        dtypes(args.data, args.rounds, args.tensors, (rows, cols), cores, args.cold, args.repeat)
         return
     data = args.data / f"r{args.rounds}-s{args.scale}"
     build(data, args.rounds, args.scale)

@@ -22,7 +22,7 @@ from flowscan.io.location import location
 from flowscan.readers import registry
 from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
-from flowscan.reduce import RoundSums, TensorSums, dtype_kind, open_tensors, reduce_round, survival_counts
+from flowscan.reduce import BITS, RoundSums, TensorSums, dtype_kind, open_tensors, reduce_round, survival_counts
 
 CACHE_VERSION = 5
 
@@ -201,7 +201,8 @@ def _count_survival(run: Run, sums: dict[int, RoundSums], steps: dict[int, dict]
     for r in (before_of.get(index), index, after_of.get(index)):
         done = (before_of.get(r) is None or before_of[r] in steps) and (after_of.get(r) is None or r in steps)
         if r in sums and done and sums[r].bits:
-            sums[r] = replace(sums[r], bits={})
+            dropped, sums[r] = sums[r].bits, replace(sums[r], bits={})
+            BITS.give_back(dropped)
 
 
 def same_tensor(name: str, first: tuple[int, Any], later: tuple[int, Any]) -> None:

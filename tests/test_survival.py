@@ -95,3 +95,59 @@ def test_mask_bits_are_dropped_once_both_steps_are_counted():
             assert steps == {} and all(s.bits for s in sums.values())  # nothing countable yet
     assert steps == {0: {"w": (16, 12, 12)}, 1: {"w": (12, 8, 8)}}
     assert all(not s.bits for s in sums.values())
+
+
+def test_the_bits_pool_takes_back_only_the_buffers_it_lent():
+    from flowscan.reduce import BitsPool
+
+    pool = BitsPool(keep=2)
+    lent = pool.take(10)
+    pool.give_back({"a": lent[:4], "b": lent[4:]})
+    assert pool.take(10) is lent                       # reused whole
+    assert pool.take(10) is not lent                   # and lent once only
+    stranger = np.empty(10, np.uint8)
+    pool.give_back({"a": stranger[:5]})                # not lent here: left alone
+    assert pool.take(10) is not stranger
+    copies = [pool.take(10) for _ in range(4)]
+    pool.give_back({str(i): c[:3] for i, c in enumerate(copies)})
+    taken = [pool.take(10) for _ in range(4)]
+    assert sum(any(t is c for c in copies) for t in taken) == 2   # `keep` of them waited
+    assert pool.take(11).size == 11
+
+
+def test_survival_is_the_same_when_round_buffers_are_reused_across_runs(tmp_path, monkeypatch):
+    """Runs of different tensor sizes, reduced on two threads: buffers given back after one step are
+    lent to later rounds, and every survival count is still the one numpy computes from the masks."""
+    from flowscan import pipeline, reduce
+
+    rng = np.random.default_rng(5)
+    expected = {}
+    for r, size in enumerate((37, 64, 37, 200)):
+        folder = tmp_path / "runs" / f"run{r}"
+        folder.mkdir(parents=True)
+        kept = np.ones(size, bool)
+        for n in range(6):
+            kept = kept & (rng.random(size) < 0.85)   # nested, with odd survivors
+            save_file({"x.weight": rng.standard_normal((1, size)).astype(np.float32),
+                       "x.weight_mask": kept.astype(np.uint8).reshape(1, size)}, str(folder / f"round_{n}.safetensors"))
+            expected[(f"run{r}", n)] = kept.copy()
+
+    class Counting(reduce.BitsPool):
+        reused = 0
+
+        def take(self, nbytes):
+            free = {id(b) for b in self._free}
+            buffer = super().take(nbytes)
+            Counting.reused += id(buffer) in free
+            return buffer
+
+    pool = Counting()
+    monkeypatch.setattr(reduce, "BITS", pool)
+    monkeypatch.setattr(pipeline, "BITS", pool)
+    results = pipeline.analyze(tmp_path / "runs", pipeline.Options(jobs=2, verify=False))
+    assert Counting.reused > 0
+    for result in results:
+        run = result.run.name
+        for step, (before, both, after) in enumerate(result.survival[:, 0, :].tolist()):
+            a, b = expected[(run, step)], expected[(run, step + 1)]
+            assert (before, both, after) == (a.sum(), (a & b).sum(), b.sum()), (run, step)
