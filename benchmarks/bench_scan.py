@@ -172,8 +172,10 @@ def peak_rss_mib() -> float:
 
 
 def child(method: str, folder: Path, jobs: int) -> None:
-    if method.startswith("flowscan"):  # imports are not part of the scan
+    if method.startswith("flowscan"):  # imports are not part of the scan (the readers load on first use)
         import flowscan.pipeline  # noqa: F401
+        from flowscan.readers import registry
+        registry.all_readers()
     elif method == "naive":
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401

@@ -98,6 +98,12 @@ def map_rounds(tasks, options, progress: Callable[[int], None] | None, reduce_ta
         yield from _processes(work, options, progress, reduce_task)
 
 
+def in_this_process(rnd) -> bool:
+    """Whether the threads engine reduces this round here (a local file flowscan parses itself), rather
+    than a watched worker process or a remote store."""
+    return not _parsed_by_a_library(rnd) and not any(map(is_remote, rnd.files))
+
+
 def _parsed_by_a_library(rnd) -> bool:
     """Rounds whose files a third-party library parses (h5py, tensorstore, msgpack): a damaged file can
     make it loop forever, holding the GIL, or crash, so they are read in watched processes."""

@@ -22,7 +22,8 @@ from flowscan.io.location import location
 from flowscan.readers import registry
 from flowscan.readers.base import NameOptions, Round, Run
 from flowscan.readers.discover import discover
-from flowscan.reduce import BITS, RoundSums, TensorSums, dtype_kind, open_tensors, reduce_round, survival_counts
+from flowscan.reduce import (BITS, RoundSums, TensorSums, dtype_kind, merge_parts, open_tensors, reduce_round,
+                             survival_counts)
 
 CACHE_VERSION = 5
 
@@ -264,7 +265,7 @@ def _reduce_all(tasks, options: Options, progress, reduce_task=None):
     the engine and appended to the cache here, in this process, as each arrives."""
     reduce_task = reduce_task or _reduce_task
     if options.cache_dir is None:
-        yield from engines.map_rounds(tasks, options, progress, reduce_task)
+        yield from _in_parts(tasks, options, progress, reduce_task)
         return
     with round_cache.RoundCache(options.cache_dir) as cache:
         todo, keys = [], {}
@@ -280,10 +281,44 @@ def _reduce_all(tasks, options: Options, progress, reduce_task=None):
             yield task_key, hit
             if progress:
                 progress(1)
-        for task_key, outcome in engines.map_rounds(todo, options, progress, reduce_task):
+        for task_key, outcome in _in_parts(todo, options, progress, reduce_task):
             if isinstance(outcome, RoundSums) and keys[task_key]:
                 cache.put(keys[task_key], outcome)
             yield task_key, outcome
+
+
+# A local round of at least twice this many bytes is reduced in parts by several threads at once.
+PART_BYTES = 32 << 20
+
+
+def _in_parts(tasks, options: Options, progress, reduce_task):
+    """engines.map_rounds, with large rounds cut into parts that threads reduce side by side and merged
+    back as they complete. A round is otherwise one thread's work: a few large rounds (sharded
+    checkpoints) would leave cores idle, and the last rounds of any scan hold the others up."""
+    parts = {key: _parts(rnd, options) for key, rnd in tasks}
+    if all(n == 1 for n in parts.values()):
+        yield from engines.map_rounds(tasks, options, progress, reduce_task)
+        return
+    work = [((key, k), replace(rnd, part=(k, parts[key]))) for key, rnd in tasks for k in range(parts[key])]
+    arrived: dict = {}
+    for (key, k), outcome in engines.map_rounds(work, options, None, reduce_task):
+        arrived.setdefault(key, {})[k] = outcome
+        if len(arrived[key]) == parts[key]:
+            done = arrived.pop(key)
+            yield key, merge_parts([done[k] for k in range(parts[key])])
+            if progress:
+                progress(1)
+
+
+def _parts(rnd: Round, options: Options) -> int:
+    """How many parts threads reduce this round in: one per PART_BYTES, at most one per job."""
+    if options.engine != "threads" or options.jobs <= 1 or not engines.in_this_process(rnd):
+        return 1
+    try:
+        size = sum(f.stat().st_size for f in rnd.files)
+    except (OSError, AttributeError):   # unreadable now: the reduction names it
+        return 1
+    return max(1, min(options.jobs, size // PART_BYTES))
 
 
 def _reduce_task(rnd: Round, names: NameOptions, verify: bool = True) -> RoundSums | RoundError:

@@ -357,16 +357,18 @@ def open_tensors(round: Round, opts: NameOptions) -> tuple[list[TensorRef], dict
 
 
 def reduce_round(round: Round, opts: NameOptions, verify: bool = False) -> RoundSums:
+    """The round's sums; of its `round.part` only, when it is reduced in parts (`merge_parts`)."""
     refs, metrics, notes = open_tensors(round, opts)
     if not refs:
         raise ScanError(round.files[0] if round.files else None,
                         "no tensors found" + (f" under --select {opts.select!r}" if opts.select else ""))
+    refs = part_of(refs, *round.part)
     buffers = _Buffers()
     sums, bits = {}, {}
     # the packed masks of the whole round in one buffer of the pool, a view a tensor with a mask
     sizes = [(math.prod(ref.shape) + 7) // 8 if ref.mask is not None else 0 for ref in refs]
     ends = np.cumsum(sizes).tolist()
-    round_bits = BITS.take(ends[-1]) if ends[-1] else None
+    round_bits = BITS.take(ends[-1]) if ends and ends[-1] else None
     try:
         for ref, size, end in zip(refs, sizes, ends):
             out = round_bits[end - size:end] if size else None
@@ -377,6 +379,31 @@ def reduce_round(round: Round, opts: NameOptions, verify: bool = False) -> Round
         for file in {a.storage.file for r in refs for a in (r.weight, r.mask) if isinstance(a, StoredArray)}:
             file.check_intact()
     return RoundSums(round.index, sums, metrics, bits, tuple(notes))
+
+
+def part_of(refs: list[TensorRef], k: int, parts: int) -> list[TensorRef]:
+    """The k-th of `parts` runs of consecutive tensors, of about equal numbers of elements (weights
+    and masks): each tensor goes to the part its first element falls in. A part may be empty."""
+    if parts <= 1:
+        return refs
+    sizes = [math.prod(ref.shape) * (2 if ref.mask is not None else 1) for ref in refs]
+    total, start, chosen = max(1, sum(sizes)), 0, []
+    for ref, size in zip(refs, sizes):
+        if start * parts // total == k:
+            chosen.append(ref)
+        start += size
+    return chosen
+
+
+def merge_parts(outcomes: list) -> Any:
+    """One round's outcome from its parts' (in part order): their sums in file order, or the first
+    part's error."""
+    failed = next((o for o in outcomes if not isinstance(o, RoundSums)), None)
+    if failed is not None or len(outcomes) == 1:
+        return failed if failed is not None else outcomes[0]
+    first = outcomes[0]
+    return RoundSums(first.index, {k: v for o in outcomes for k, v in o.tensors.items()}, first.metrics,
+                     {k: v for o in outcomes for k, v in o.bits.items()}, first.notes)
 
 
 def survival_counts(before: np.ndarray | None, after: np.ndarray | None, n: int,

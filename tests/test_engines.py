@@ -34,6 +34,57 @@ def test_local_engines_match_serial(engine, serial, tmp_path):
     _same_tables(serial, analyze(FIXTURES, tmp_path, "--no-cache", *ENGINE_ARGS[engine], expect=None))
 
 
+def test_threads_sharing_every_round_in_parts_match_serial(serial, tmp_path, monkeypatch):
+    """Every local round cut into one part per job (three), reduced side by side and merged: the same
+    tables as one job, to the bit, failed runs and their messages included."""
+    monkeypatch.setattr(pipeline, "PART_BYTES", 1)
+    cut = []
+    real = pipeline._parts
+    monkeypatch.setattr(pipeline, "_parts", lambda rnd, options: cut.append(real(rnd, options)) or cut[-1])
+    _same_tables(serial, analyze(FIXTURES, tmp_path, "--no-cache", *ENGINE_ARGS["threads"], expect=None))
+    assert cut.count(3) > 20 and 1 in cut   # parts where flowscan reads the files; h5/msgpack rounds whole
+
+
+def test_tensors_are_cut_into_consecutive_parts_of_about_equal_size():
+    import numpy as np
+
+    from flowscan.readers.base import TensorRef
+    from flowscan.reduce import part_of
+
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        refs = [TensorRef(f"t{i}", np.empty(int(rng.integers(0, 1000))), None if rng.random() < 0.3 else object(), "x")
+                for i in range(rng.integers(0, 12))]
+        parts = int(rng.integers(1, 5))
+        cut = [part_of(refs, k, parts) for k in range(parts)]
+        assert [r.name for part in cut for r in part] == [r.name for r in refs]   # each once, in order
+        sizes = [sum(r.shape[0] * (2 if r.mask is not None else 1) for r in part) for part in cut]
+        largest = max((r.shape[0] * (2 if r.mask is not None else 1) for r in refs), default=0)
+        assert all(size <= sum(sizes) / parts + largest for size in sizes)
+
+
+def test_a_round_in_parts_fails_with_its_first_failing_part_and_counts_once_in_progress(tmp_path, monkeypatch):
+    from flowscan.reduce import RoundSums
+
+    monkeypatch.setattr(pipeline, "PART_BYTES", 1)
+    rounds = [Round(i, "safetensors", (tmp_path / f"{i}.safetensors",)) for i in range(3)]
+    for rnd in rounds:
+        rnd.files[0].write_bytes(b"x" * 10)
+
+    def reduce_task(rnd, names, verify):
+        k, parts = rnd.part
+        if rnd.index == 1 and k > 0:
+            return pipeline.RoundError(f"part {k} of {parts} broken")
+        return RoundSums(rnd.index, {f"t{k}": k}, {"m": 1.0}, {}, ("note",))
+
+    steps = []
+    options = pipeline.Options(jobs=3, verify=False)
+    outcomes = dict(pipeline._reduce_all([((0, r.index), r) for r in rounds], options, steps.append, reduce_task))
+    assert len(steps) == 3
+    assert str(outcomes[(0, 1)]) == "part 1 of 3 broken"
+    assert list(outcomes[(0, 0)].tensors) == ["t0", "t1", "t2"] and outcomes[(0, 2)].notes == ("note",)
+
+
 def test_dask_local_cluster_matches_serial(serial, tmp_path):
     pytest.importorskip("distributed")
     tables = analyze(FIXTURES, tmp_path, "--engine", "dask", "--jobs", "2", expect=None)

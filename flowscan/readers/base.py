@@ -34,6 +34,9 @@ class Round:
     metrics: Mapping[str, float] = field(default_factory=dict)
     # why the round is not complete in its layout (still being written, a partial copy); "" = complete
     incomplete: str = ""
+    # (k, parts): reduce only the k-th of `parts` runs of its tensors, so that several threads share
+    # one large round (pipeline.py merges the parts back)
+    part: tuple[int, int] = (0, 1)
 
 
 @dataclass
