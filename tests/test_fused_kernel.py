@@ -91,10 +91,14 @@ def _reduce(ref: TensorRef, kernel):
         reduce.KERNEL = saved
 
 
+@pytest.mark.parametrize("step", [128, 1 << 24], ids=["steps-of-two-chunks", "whole-tensors"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wdtype", WEIGHTS, ids=str)
-def test_kernel_and_numpy_agree_on_every_dtype_pair_and_bad_value(tmp_path, monkeypatch, wdtype, isa):
+def test_kernel_and_numpy_agree_on_every_dtype_pair_and_bad_value(tmp_path, monkeypatch, wdtype, isa, step):
+    """Mapped arrays go to the kernel `step` elements a call; a step it flags is redone chunk by chunk
+    (the kernel, then numpy for the chunk that holds the bad value)."""
     monkeypatch.setattr(reduce, "CHUNK", 64)
+    monkeypatch.setattr(reduce, "KERNEL_STEP", step)
     rng = np.random.default_rng(7)
     spy, compared, errors = Spy(reduce.KERNEL, isa), 0, 0
     for mdtype in MASKS:
