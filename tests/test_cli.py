@@ -22,6 +22,21 @@ def test_analyze_prints_sigma_per_block_and_writes_five_tables(tmp_path):
     assert meta["command"].startswith("flowscan analyze")
 
 
+def test_the_tables_read_the_same_through_pyarrow_with_their_metadata(tmp_path):
+    """Users open the tables with pyarrow (or pandas) too: the same columns, values and file metadata."""
+    import pyarrow.parquet as pq
+
+    run_cli("analyze", FIXTURES / "closed-form" / "flowscan", "-o", tmp_path, "-q")
+    for name, frame in read_tables(tmp_path).items():
+        path = tmp_path / f"{name}.parquet"
+        table = pq.read_table(path)
+        assert table.column_names == frame.columns
+        assert table.to_pylist() == frame.to_dicts()
+        meta = {k.decode(): v.decode() for k, v in pq.ParquetFile(path).metadata.metadata.items()}
+        assert meta["flowscan.command"].startswith("flowscan analyze") and "flowscan.analysis_id" in meta
+        assert read_metadata(path)["analysis_id"] == meta["flowscan.analysis_id"]
+
+
 def test_inspect_lists_runs_rounds_tensors_and_blocks_without_writing(tmp_path):
     result = run_cli("inspect", FIXTURES / "closed-form" / "flowscan", "--blocks", r"^(a|b)\.")
     out = result.output
