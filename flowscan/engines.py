@@ -61,6 +61,45 @@ def choose(rounds, jobs: int) -> tuple[str, str]:
     return "threads", "threads"
 
 
+# A process pool started while discovery still runs (`foresee`), taken by the first pass of the
+# processes engine: spawning the workers and importing flowscan in them (0.2 s on 2 cores) then
+# overlaps the discovery instead of following it.
+_early: dict[int, ProcessPoolExecutor] = {}
+
+
+def foresee(rounds_found: int, rounds, options) -> None:
+    """Called by discovery as rounds are found: start the process pool now when the rounds will go to
+    processes (`--engine processes`, or `auto` once its rule holds for the rounds found so far; it
+    decides again on all of them, and a pool not wanted then is closed unused)."""
+    if _early or options.jobs <= 1 or _in_a_daemon():
+        return
+    if options.engine == "processes" or (options.engine == "auto" and rounds_found >= AUTO_PROCESSES_ROUNDS
+                                         and choose(rounds, options.jobs)[0] == "processes"):
+        pool = ProcessPoolExecutor(max_workers=options.jobs, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(options.jobs):   # a worker is spawned per task submitted, up to max_workers
+            pool.submit(_warm_worker)
+        _early[options.jobs] = pool
+
+
+def _warm_worker() -> None:
+    from flowscan import pipeline  # noqa: F401 - what every task unpickles
+    from flowscan.readers import registry
+
+    registry.all_readers()
+
+
+def _early_pool(jobs: int) -> ProcessPoolExecutor | None:
+    """The pool `foresee` started for `jobs` workers (the others are closed: not wanted)."""
+    pool = _early.pop(jobs, None)
+    discard_early_pool()
+    return pool
+
+
+def discard_early_pool() -> None:
+    while _early:
+        _early.popitem()[1].shutdown(wait=False, cancel_futures=True)
+
+
 def default_jobs() -> int:
     """The cores this process may run on."""
     import os
@@ -76,6 +115,8 @@ def map_rounds(tasks, options, progress: Callable[[int], None] | None, reduce_ta
     work = list(tasks)
     if options.engine not in ENGINES:
         raise FlowscanError(f"unknown engine {options.engine!r}; known: {', '.join(ENGINES)}")
+    if options.engine != "processes" or options.jobs <= 1 or len(work) <= 1:
+        discard_early_pool()
     if options.engine == "dask":
         yield from _dask(work, options, progress, reduce_task)
         return
@@ -186,7 +227,7 @@ def _pool_pass(work, options, jobs: int, ctx, progress, reduce_task, batch: int)
     """Reduce `work` in a process pool, `batch` rounds a task, yielding outcomes; returns the
     rounds a broken pool lost."""
     lost = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with _early_pool(jobs) or ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         # workers get only what they need: block rules hold unpicklable preset functions
         futures = {pool.submit(_reduce_batch, reduce_task, [rnd for _i, rnd in work[k:k + batch]],
                                options.names, options.verify, jobs): k

@@ -80,7 +80,14 @@ class RunResult:
 
 
 def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
-    runs = discover(location(root), options.format, exclude)
+    counted = [0, 0]   # runs and rounds seen so far
+
+    def found(runs: list[Run]) -> None:   # the process pool may start while discovery goes on
+        counted[1] += sum(len(run.rounds) for run in runs[counted[0]:] if not run.error)
+        counted[0] = len(runs)
+        engines.foresee(counted[1], (r for run in runs if not run.error for r in run.rounds), options)
+
+    runs = discover(location(root), options.format, exclude, found)
     if not runs:
         raise FlowscanError(no_runs_message(root, options.format))
     return runs

@@ -6,7 +6,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-import polars as pl
 
 from flowscan.errors import printable
 from flowscan.pipeline import Inspection, RunResult
@@ -188,7 +187,7 @@ def paper_table(sigmas, style: str = "paper", sem: bool = False, unit: str = "ru
 def experiments_text(experiments, quantity: str = "M") -> str:
     """One row per experiment and block: sigma ± the SEM its verdict uses (the larger of the pooled and
     the between-seed SEM, both shown), lambda per round ± SEM, runs, steps and the verdict."""
-    frame = experiments.filter(pl.col("quantity") == quantity)
+    frame = experiments.filter(experiments["quantity"] == quantity)
     rows = [(str(r["experiment"]), str(r["block"]), f"{r['n_runs']}", f"{r['n_steps']}",
              _pm(r["sigma_mean"], r["sigma_sem"]), _num(r["sigma_pooled_sem"]), _num(r["sigma_between_sem"]),
              _pm(r["lambda_mean"], r["lambda_sem"]), r["relevance"]) for r in frame.iter_rows(named=True)]
@@ -249,8 +248,8 @@ def compare_text(pairs, classes: dict) -> str:
         lines.append("pairs: none (one unit alone: nothing to compare)")
         return "\n".join(lines)
     lines.append("pairs (RMS sigma distance over shared blocks; relevance agreement):")
-    unshared = pairs.filter(pl.col("n_shared_blocks") == 0)
-    for r in pairs.filter(pl.col("n_shared_blocks") > 0).sort("rms", nulls_last=True).iter_rows(named=True):
+    unshared = pairs.filter(pairs["n_shared_blocks"] == 0)   # Series masks: no polars import here
+    for r in pairs.filter(pairs["n_shared_blocks"] > 0).sort("rms", nulls_last=True).iter_rows(named=True):
         agree = "agree" if r["relevance_agree"] else f"conflict in {r['conflict_blocks']}"
         rms = f"{r['rms']:.4f}" if r["rms"] is not None and math.isfinite(r["rms"]) else "n/a"
         lines.append(f"  {r['a']}  ~  {r['b']}: rms {rms} over {r['n_shared_blocks']} blocks, {agree}")

@@ -173,3 +173,39 @@ def test_inspect_reads_headers_with_every_local_engine_as_serially(engine, tmp_p
         [(i.run.name, i.error, i.prunable, i.labels, i.mask_source) for i in serial]
     assert sum(bool(i.error) for i in serial) >= 1 and any(not i.error for i in serial)   # both kinds compared
     assert any(str(broken) in (i.error or "") for i in serial)
+
+
+def test_the_process_pool_starts_during_discovery_and_is_closed_when_not_wanted(tmp_path, monkeypatch):
+    """`foresee` starts the pool while discovery goes on: at once for --engine processes, for auto once
+    its rule holds for the rounds found; a pool the final choice does not want is closed unused."""
+    small = [Round(i, "prune-style", (tmp_path / f"{i}.pt",)) for i in range(engines.AUTO_PROCESSES_ROUNDS)]
+    for rnd in small:
+        rnd.files[0].write_bytes(b"x" * 100)
+    try:
+        engines.foresee(10, small[:10], pipeline.Options(jobs=2, engine="auto"))
+        assert not engines._early                                  # too few rounds to tell yet
+        engines.foresee(len(small), small, pipeline.Options(jobs=2, engine="auto"))
+        pool = engines._early[2]
+        assert engines._early_pool(3) is None and not engines._early   # another size: closed
+        with pytest.raises(RuntimeError):
+            pool.submit(int)
+        engines.foresee(1, small[:1], pipeline.Options(jobs=2, engine="processes"))
+        pool = engines._early[2]
+        list(engines.map_rounds([(0, small[0])], pipeline.Options(jobs=2, engine="threads"), None,
+                                lambda rnd, names, verify: "done"))
+        assert not engines._early                                  # threads chosen: closed
+        with pytest.raises(RuntimeError):
+            pool.submit(int)
+        engines.foresee(1, small[:1], pipeline.Options(jobs=1, engine="processes"))
+        assert not engines._early                                  # one job: no pool
+    finally:
+        engines.discard_early_pool()
+
+
+def test_an_early_pool_reduces_the_rounds_of_a_processes_scan(tmp_path, monkeypatch):
+    started = []
+    real = engines._early_pool
+    monkeypatch.setattr(engines, "_early_pool", lambda jobs: started.append(pool := real(jobs)) or pool)
+    tables = analyze(FIXTURES / "closed-form", tmp_path, "--no-cache", "--jobs", "2", "--engine", "processes")
+    assert started and started[0] is not None
+    assert tables["runs"]["status"].to_list() == ["ok"] * 4

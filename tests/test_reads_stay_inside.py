@@ -158,6 +158,25 @@ def test_symlink_leaving_the_scanned_folder_is_refused(tmp_path):
         assert str(outside) in runs[name]["error"]
 
 
+def test_symlink_to_a_sibling_whose_name_extends_the_scanned_folder_is_refused(tmp_path):
+    """archive-old is not inside archive, although its path starts with archive's: the test is made on
+    whole path components; a file reached through a linked folder inside the archive is read."""
+    root, sibling = tmp_path / "archive", tmp_path / "archive-old"
+    shutil.copytree(FIXTURES / "closed-form" / "safetensors", sibling)
+    shutil.copytree(FIXTURES / "closed-form" / "safetensors", root / "store")
+    (root / "through-sibling").mkdir()
+    for p in sorted(sibling.iterdir()):
+        (root / "through-sibling" / p.name).symlink_to(p)
+    (root / "via").symlink_to(root / "store", target_is_directory=True)
+    (root / "run-via-linked-folder").mkdir()
+    for p in sorted((root / "store").iterdir()):
+        (root / "run-via-linked-folder" / p.name).symlink_to(root / "via" / p.name)
+    run_cli("analyze", root, "-o", tmp_path / "out", "-q", "--blocks", r"^(a|b)\.", expect=1)
+    runs = {r["run"]: r for r in pl.read_parquet(tmp_path / "out" / "runs.parquet").iter_rows(named=True)}
+    assert runs["through-sibling"]["status"] == "error" and str(sibling) in runs["through-sibling"]["error"]
+    assert runs["run-via-linked-folder"]["status"] == "ok" and runs["store"]["status"] == "ok"
+
+
 def test_symlink_inside_the_scanned_folder_is_read(tmp_path):
     root = tmp_path / "archive"
     shutil.copytree(FIXTURES / "closed-form" / "safetensors", root / "store")

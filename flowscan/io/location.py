@@ -63,7 +63,7 @@ def is_url(text: object) -> bool:
 
 def location(where: Union[str, os.PathLike, "RemotePath"]) -> Union[Path, "RemotePath"]:
     """A `Path` for local paths (and file:// URLs), a `RemotePath` for any other URL."""
-    if isinstance(where, RemotePath):
+    if isinstance(where, (RemotePath, Path)):   # a Path is local: a URL's "//" does not survive in one
         return where
     text = str(where)
     if text.lower().startswith("file://"):

@@ -192,8 +192,7 @@ def _rebuild_from_type(func, new_type, args, state):
 
 
 def is_torch_file(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and name.endswith(TORCH_SUFFIXES)
+    return path.name.lower().endswith(TORCH_SUFFIXES) and path.is_file()   # the name first: no stat
 
 
 def load(path: Path, notes: list[str] | None = None) -> Any:

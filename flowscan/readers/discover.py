@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from flowscan.errors import FlowscanError, ScanError, printable
 from flowscan.io.location import location
@@ -15,8 +16,10 @@ from flowscan.readers import registry
 from flowscan.readers.base import Reader, Run
 
 
-def discover(root: Path, format: str | None = None, exclude: Path | None = None) -> list[Run]:
-    """Runs below `root` in path order; a run whose layout is broken carries its error."""
+def discover(root: Path, format: str | None = None, exclude: Path | None = None,
+             found: Callable[[list[Run]], None] | None = None) -> list[Run]:
+    """Runs below `root` in path order; a run whose layout is broken carries its error. `found` is
+    called with the runs so far each time one is found."""
     root = location(root)
     if not root.is_dir():
         raise FlowscanError(f"{printable(str(root))}: not a folder (flowscan analyzes folders of checkpoints)")
@@ -39,6 +42,8 @@ def discover(root: Path, format: str | None = None, exclude: Path | None = None)
             if local and not run.error:
                 run.error = outside_link(run, inside)
             runs.append(run)
+            if found is not None:
+                found(runs)
         stack.extend(reversed(children))
     return runs
 
@@ -46,9 +51,21 @@ def discover(root: Path, format: str | None = None, exclude: Path | None = None)
 def outside_link(run: Run, inside: Path) -> str | None:
     """The refusal of a run that reaches, through a symbolic link, a file outside the scanned folder
     `inside` (None when every file it would read lies below it): flowscan reads nothing else."""
+    real_folders: dict[str, str] = {}
+    top = os.path.join(str(inside), "")   # with its separator: /a/b is not inside /a/bc
+
     def leaves(path: Path) -> bool:
-        real = path.resolve()
-        return real != inside and inside not in real.parents
+        # in strings, and each folder resolved once: a name that is no link lies where its folder
+        # really is (resolving a path costs a system call for each of its components)
+        text = os.fspath(path)
+        folder, name = os.path.split(text)
+        if name in ("", ".", "..") or os.path.islink(text):
+            target = os.path.realpath(text)
+        else:
+            if folder not in real_folders:
+                real_folders[folder] = os.path.realpath(folder)
+            target = os.path.join(real_folders[folder], name)
+        return target != str(inside) and not target.startswith(top)
 
     candidates = [run.path] + [f for r in run.rounds for f in r.files]
     for rnd in run.rounds:   # folders a reader hands to a library whole (Orbax items): everything in them

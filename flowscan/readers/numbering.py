@@ -14,6 +14,7 @@ never a silent pick.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import defaultdict
@@ -78,7 +79,8 @@ class NumberedGroup:
         return ", ".join(names or [self.pattern]) + (f" ({self.why})" if self.why else "")
 
 
-def _slots(name: str) -> tuple[str, list[tuple[str, str]]] | None:
+@functools.lru_cache(maxsize=4096)   # the runs of an archive repeat the same few names
+def _slots(name: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
     """(template with each number as {}, [(word naming it, digits)]) of a name; None without numbers."""
     base = stem(name)
     found = list(_NUMBER.finditer(base))
@@ -92,7 +94,7 @@ def _slots(name: str) -> tuple[str, list[tuple[str, str]]] | None:
         word = (before.group(1) if before else after.group(1) if after else "").lower()
         slots.append((word, m.group()))
         at = m.end()
-    return template + base[at:] + name[len(base):], slots
+    return template + base[at:] + name[len(base):], tuple(slots)
 
 
 def _rank(word: str) -> int:

@@ -9,6 +9,7 @@ serves as a separate masks file.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -27,6 +28,10 @@ _PREFERENCE = ("{n}checkpoint", "{n}model_SA_best", "{n}model_best")
 
 
 def _torch_files(folder: Path) -> list[Path]:
+    if isinstance(folder, Path):   # a local folder: its entries' types come with the listing, no stat each
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if e.name.lower().endswith(torch_file.TORCH_SUFFIXES) and e.is_file())
+        return [folder / name for name in names]   # sorted as strings: Path comparisons are slow
     return sorted(p for p in folder.iterdir() if torch_file.is_torch_file(p))
 
 
