@@ -421,7 +421,7 @@ def assemble(run: Run, rounds: list[RoundSums], options: Options,
     warnings = run.completeness_warnings() + warnings
     run.notes.extend(w for w in warnings if w not in run.notes)
     return RunResult(run, None, prunable, labels, blocks, rule, source, block_flow,
-                     {q: flow.eigen_summary(block_flow, q) for q in ("M", "P")}, metrics, survival,
+                     flow.eigen_summaries(block_flow, ("M", "P")), metrics, survival,
                      warnings, never, [int(v) for v in n_params])
 
 

@@ -138,7 +138,7 @@ def test_dtype_kind_change_is_a_named_error(tmp_path):
 STAGES = {
     "survival": ("flowscan.pipeline.survival_counts", "survival"),
     "flow": ("flowscan.flow.compute_flow", "assembly"),
-    "eigen": ("flowscan.flow.eigen_summary", "assembly"),
+    "eigen": ("flowscan.flow.eigen_summaries", "assembly"),
     "blocks": ("flowscan.blocks.BlockRules.resolve", "assembly"),
     "tables": ("flowscan.tables._grid", "building its tables"),
 }

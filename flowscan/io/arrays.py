@@ -377,6 +377,9 @@ def _describe(obj) -> str:
 
 
 def _int_tuple(values, path, what: str, tensor) -> tuple[int, ...]:
+    if type(values) is tuple and len(values) <= MAX_DIMS and all(type(v) is int for v in values) \
+            and (what != "shape" or all(v >= 0 for v in values)):
+        return values   # the common case, a tuple of plain ints, as it is (a few times faster)
     try:
         items = tuple(values)
     except TypeError:
