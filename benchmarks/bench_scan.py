@@ -11,6 +11,8 @@ weight_mask). Then, each in a fresh subprocess (so peak RSS is its own), on a wa
   flowscan         pipeline.analyze (what `flowscan analyze` runs): one job, then every core with
                    each engine (threads, processes, a local dask cluster), and with --verify
                    (CRC-32 of every zip member) on the torch files
+  touch            every core touching every byte of the files through a memory map, no copy (numpy's
+                   xor-reduce over 8-byte words, a file at a time per thread): the machine's limit
   plain-read       reading the same files' bytes into one reused buffer (an I/O ceiling)
   naive            torch.load(weights_only=True) of each whole file + per-tensor (w*m).abs().sum()
 
@@ -18,11 +20,16 @@ and prints GB/s (archive bytes / wall seconds), peak RSS in MiB (VmHWM; with pro
 the parent's only: workers hold one round each) and the ratios the targets are stated in.
 `--cold` drops the page cache before every measurement (root only; it says when it cannot).
 
+    python benchmarks/bench_scan.py --dtypes        # float32, bfloat16 and float16 weights with uint8 masks
+        # (12 layers of 2048x1024 x 10 rounds): flowscan beside the touch limit, plain read and naive
     python benchmarks/bench_scan.py --many 5000     # analyze, --no-verify and inspect of 5,000 small files vs the naive loop
 
-builds 5,000 small checkpoint files (1,000 runs x 5 rounds of a small MLP, safetensors and
-prune-style) and times `flowscan inspect` over them (headers only), in checkpoints per second.
+builds 5,000 small prune-style checkpoint files (500 runs x 10 rounds of a 3-layer MLP, 60 kB each)
+and times `flowscan analyze` (CRC-32 checks on), `analyze --no-verify` and `inspect` (headers only)
+through the CLI, start-up included, beside the naive torch.load loop, in files per second (the best
+of --repeat runs taken in turns).
 
+    python benchmarks/bench_scan.py --startup       # the CLI's start-up on a fixture (analyze, inspect)
     python benchmarks/bench_scan.py --inner-loop    # the chunk reduction against numexpr, numba and
         # the kernel's loops; then each loop per dtype pair on one chunk in cache
     python benchmarks/bench_scan.py --kernels --scale 0.25 --rounds 4
@@ -470,16 +477,24 @@ def kernels(data: Path, rounds: int, scale: float, cores: int) -> None:
             rate = size / 1e9 / best[name]
             cells += f" {rate:>7.2f} {rate / plain:>5.2f}x"
         print(f"{wdtype + ' x ' + str(mdtype):<22} {size / 1e9:>6.2f} {plain:>10.2f}{cells}", flush=True)
+    startup()
+
+
+def startup(repeat: int = 9) -> None:
+    """Wall time of `flowscan analyze` and `flowscan inspect` on fixtures/closed-form (4 runs of 5 tiny
+    rounds): the CLI's start-up, imports first of all (`python -X importtime` tells which)."""
     fixture = REPO / "fixtures" / "closed-form"
     with tempfile.TemporaryDirectory() as out:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "flowscan", "analyze", str(fixture), "-o", out, "-q", "--no-cache"],
-                           check=True, capture_output=True, env=child_env())
-            times.append(time.perf_counter() - start)
-    print(f"CLI start-up: flowscan analyze fixtures/closed-form: {min(times):.2f} s (best of 5, median "
-          f"{sorted(times)[2]:.2f} s; bytecode cached, as after pip install)")
+        for label, args in (("analyze", ["analyze", str(fixture), "-o", out, "-q", "--no-cache"]),
+                            ("inspect", ["inspect", str(fixture), "-q"])):
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "flowscan", *args], check=True, capture_output=True,
+                               env=child_env())
+                times.append(time.perf_counter() - start)
+            print(f"CLI start-up: flowscan {label} fixtures/closed-form: {min(times):.2f} s (best of {repeat}, "
+                  f"median {sorted(times)[repeat // 2]:.2f} s; bytecode cached, as after pip install)", flush=True)
 
 
 DTYPE_PAIRS = [("float32", "uint8"), ("bfloat16", "uint8"), ("float16", "uint8")]
@@ -568,6 +583,7 @@ def main() -> None:
     parser.add_argument("--dtypes", action="store_true",
                         help="flowscan beside the touch limit, plain read and naive for float32, bfloat16 and "
                              "float16 weights with uint8 masks (--tensors, --shape, --rounds)")
+    parser.add_argument("--startup", action="store_true", help="the CLI's start-up: analyze and inspect of a fixture")
     parser.add_argument("--tensors", type=int, default=12, help="layers per round for --dtypes")
     parser.add_argument("--shape", default="2048x1024", help="each layer's shape for --dtypes")
     parser.add_argument("--repeat", type=int, default=None,
@@ -589,6 +605,9 @@ def main() -> None:
     if args.kernels:
         kernels(args.data, args.rounds, args.scale, cores)
         return
+    if args.startup:
+        startup()
+        return
     if args.dtypes:
         rows, cols = (int(x) for x in args.shape.lower().split("x"))
         dtypes(args.data, args.rounds, args.tensors, (rows, cols), cores, args.cold, args.repeat or 7)
@@ -609,19 +628,20 @@ def main() -> None:
             method_plain_read(folder)  # warm the page cache
         rates = {}
         for method, jobs in (("flowscan", 1), ("flowscan", cores), ("flowscan-processes", cores),
-                             ("flowscan-dask", cores), ("flowscan-verify", cores), ("plain-read", 1), ("naive", 1)):
+                             ("flowscan-dask", cores), ("flowscan-verify", cores), ("touch", cores),
+                             ("plain-read", 1), ("naive", 1)):
             if method == "flowscan-verify" and layout == "safetensors":
                 continue   # safetensors carry no checksum
             if method == "flowscan-dask" and importlib.util.find_spec("distributed") is None:
                 continue
             r = measure(method, folder, jobs, cold=args.cold)
-            label = f"{method} -j{jobs}" if method.startswith("flowscan") else method
+            label = f"{method} -j{jobs}" if method.startswith("flowscan") or method == "touch" else method
             rates[label] = size / 1e9 / r["seconds"]
             print(f"{layout:<12} {label:<22} {size / 1e9:>6.2f} {r['seconds']:>8.2f} "
                   f"{rates[label]:>6.2f} {r['maxrss_mib']:>13.0f}", flush=True)
         best = rates[f"flowscan -j{cores}"]
-        print(f"{layout:<12} flowscan -j{cores} (threads): {best / rates['plain-read']:.2f} x plain read, "
-              f"{best / rates['naive']:.2f} x naive", flush=True)
+        print(f"{layout:<12} flowscan -j{cores} (threads): {best / rates[f'touch -j{cores}']:.2f} x the touch limit, "
+              f"{best / rates['plain-read']:.2f} x plain read, {best / rates['naive']:.2f} x naive", flush=True)
 
 
 if __name__ == "__main__":
