@@ -67,18 +67,21 @@ def choose(rounds, jobs: int) -> tuple[str, str]:
 _early: dict[int, ProcessPoolExecutor] = {}
 
 
-def foresee(rounds_found: int, rounds, options) -> None:
+def foresee(rounds_found: int, rounds, options) -> bool:
     """Called by discovery as rounds are found: start the process pool now when the rounds will go to
-    processes (`--engine processes`, or `auto` once its rule holds for the rounds found so far; it
-    decides again on all of them, and a pool not wanted then is closed unused)."""
-    if _early or options.jobs <= 1 or _in_a_daemon():
-        return
-    if options.engine == "processes" or (options.engine == "auto" and rounds_found >= AUTO_PROCESSES_ROUNDS
-                                         and choose(rounds, options.jobs)[0] == "processes"):
+    processes (`--engine processes`, or `auto` once its rule holds for the first rounds found; it
+    decides again on all of them, and a pool not wanted then is closed unused). True once settled:
+    discovery need not ask again."""
+    if _early or options.jobs <= 1 or _in_a_daemon() or options.engine not in ("processes", "auto"):
+        return True
+    if options.engine == "auto" and rounds_found < AUTO_PROCESSES_ROUNDS:
+        return False
+    if options.engine == "processes" or choose(rounds, options.jobs)[0] == "processes":
         pool = ProcessPoolExecutor(max_workers=options.jobs, mp_context=multiprocessing.get_context("spawn"))
         for _ in range(options.jobs):   # a worker is spawned per task submitted, up to max_workers
             pool.submit(_warm_worker)
         _early[options.jobs] = pool
+    return True
 
 
 def _warm_worker() -> None:

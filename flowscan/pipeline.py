@@ -80,12 +80,14 @@ class RunResult:
 
 
 def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
-    counted = [0, 0]   # runs and rounds seen so far
+    counted, settled = [0, 0], [False]   # runs and rounds seen so far; whether the engine needs no more
 
     def found(runs: list[Run]) -> None:   # the process pool may start while discovery goes on
+        if settled[0]:
+            return
         counted[1] += sum(len(run.rounds) for run in runs[counted[0]:] if not run.error)
         counted[0] = len(runs)
-        engines.foresee(counted[1], (r for run in runs if not run.error for r in run.rounds), options)
+        settled[0] = engines.foresee(counted[1], (r for run in runs if not run.error for r in run.rounds), options)
 
     runs = discover(location(root), options.format, exclude, found)
     if not runs:
