@@ -424,8 +424,10 @@ KERNEL_PAIRS = [("float32", "uint8"), ("float32", "bool"), ("float32", "float32"
                 ("float64", "uint8")]
 
 
-def build_pair(folder: Path, wdtype: str, mdtype: str | None, rounds: int, scale: float) -> None:
-    """Per-round safetensors of ResNet-50 shapes in one weight x mask dtype pair."""
+def build_pair(folder: Path, wdtype: str, mdtype: str | None, rounds: int,
+               shapes: dict[str, tuple[int, ...]]) -> None:
+    """Per-round safetensors of these weight shapes in one weight x mask dtype pair (mask None: none
+    stored), each round keeping 80 % of the one before at random."""
     import torch
     from safetensors.torch import save_file
 
@@ -436,7 +438,7 @@ def build_pair(folder: Path, wdtype: str, mdtype: str | None, rounds: int, scale
     rng = np.random.default_rng(0)
     for n in range(rounds):
         tensors = {}
-        for k, shape in resnet50_shapes(scale).items():
+        for k, shape in shapes.items():
             tensors[k] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(getattr(torch, wdtype))
             if mdtype:
                 keep = torch.from_numpy(rng.random(shape) < 0.8 ** n)
@@ -460,7 +462,7 @@ def kernels(data: Path, rounds: int, scale: float, cores: int) -> None:
     print(f"{'weight x mask':<22} {'GB':>6} {'plain GB/s':>10}" + "".join(f" {k:>14}" for k in envs) + "   (GB/s, x plain read)")
     for wdtype, mdtype in KERNEL_PAIRS:
         folder = data / f"pairs-r{rounds}-s{scale}" / f"{wdtype}-{mdtype or 'none'}"
-        build_pair(folder, wdtype, mdtype, rounds, scale)
+        build_pair(folder, wdtype, mdtype, rounds, resnet50_shapes(scale))
         size = archive_bytes(folder)
         method_plain_read(folder)
         # the methods take turns, 7 times over, and each keeps its best: a slow spell of the
@@ -500,26 +502,6 @@ def startup(repeat: int = 9) -> None:
 DTYPE_PAIRS = [("float32", "uint8"), ("bfloat16", "uint8"), ("float16", "uint8")]
 
 
-def build_layers(folder: Path, wdtype: str, mdtype: str, rounds: int, tensors: int, shape: tuple[int, int]) -> None:
-    """Per-round safetensors of `tensors` equal layers (an LLM-like archive): weights and uint8 masks."""
-    import torch
-    from safetensors.torch import save_file
-
-    marker = folder / "built.json"
-    if marker.exists():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for n in range(rounds):
-        state = {}
-        for k in range(tensors):
-            state[f"layers.{k}.weight"] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(
-                getattr(torch, wdtype))
-            state[f"layers.{k}.weight_mask"] = torch.from_numpy((rng.random(shape) < 0.8 ** n)).to(getattr(torch, mdtype))
-        save_file(state, str(folder / f"round_{n}.safetensors"))
-    marker.write_text("{}")
-
-
 def dtypes(data: Path, rounds: int, tensors: int, shape: tuple[int, int], cores: int, cold: bool,
            repeat: int = 7) -> None:
     """flowscan analyze -jN on each weight x mask dtype pair beside the machine's limits, all in one
@@ -538,7 +520,7 @@ def dtypes(data: Path, rounds: int, tensors: int, shape: tuple[int, int], cores:
                ("flowscan", "flowscan", cores)]
     for wdtype, mdtype in DTYPE_PAIRS:
         folder = data / f"layers-r{rounds}-t{tensors}-{shape[0]}x{shape[1]}" / f"{wdtype}-{mdtype}"
-        build_layers(folder, wdtype, mdtype, rounds, tensors, shape)
+        build_pair(folder, wdtype, mdtype, rounds, {f"layers.{k}.weight": shape for k in range(tensors)})
         size = archive_bytes(folder)
         if not cold:
             method_plain_read(folder)

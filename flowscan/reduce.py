@@ -243,62 +243,48 @@ def _reduce_chunks(weight, mask, ref, buffers, checks, track_zeros, bits, raw_bf
     `raw_bf16`/`raw_bf16_mask`: the weight/mask is bfloat16 as its raw bits (for the kernel).
 
     Arrays in memory (or mapped) with nothing to checksum go to the kernel in steps of KERNEL_STEP
-    elements; a step it flags is done again chunk by chunk, so numpy still finds and names what is
-    wrong."""
+    elements, the others in chunks of CHUNK (checksums are updated a chunk at a time, and arrays read
+    in slices are read a chunk at a time)."""
     codes = _kernel_codes(weight, mask, raw_bf16, raw_bf16_mask)
-    if codes is None or checks or not (isinstance(weight, np.ndarray) and (mask is None or isinstance(mask, np.ndarray))):
-        return _chunk_by_chunk(weight, mask, ref, buffers, checks, track_zeros, bits, raw_bf16, raw_bf16_mask,
-                               codes, 0, weight.size)
-    n = weight.size
-    abs_sum, n_unpruned, n_nonzero = 0.0, 0, 0
-    for start in range(0, n, KERNEL_STEP):   # a multiple of CHUNK
-        stop = min(start + KERNEL_STEP, n)
-        fused = _fused_chunk(weight[start:stop], mask[start:stop] if mask is not None else None, codes, bits,
-                             start, stop, track_zeros)
-        if fused is None:
-            step = _chunk_by_chunk(weight, mask, ref, buffers, checks, track_zeros, bits, raw_bf16, raw_bf16_mask,
-                                   codes, start, stop)
-            fused = step[:3] + (None,)
-            bits = step[3]
-        chunk_sum, ones, nonzero, zeros_bits = fused
-        abs_sum += chunk_sum
-        n_unpruned += ones
-        n_nonzero += nonzero
-        if zeros_bits is not None:
-            bits = _with_zero_bits(bits, n, start, stop, zeros_bits)
-    return abs_sum, n_unpruned, n_nonzero, bits
+    in_place = codes is not None and not checks and isinstance(weight, np.ndarray) and (
+        mask is None or isinstance(mask, np.ndarray))
+    totals = [0.0, 0, 0]
+    bits = _reduce_span(weight, mask, ref, buffers, checks, track_zeros, bits, (raw_bf16, raw_bf16_mask), codes,
+                        0, weight.size, KERNEL_STEP if in_place else CHUNK, totals)
+    for check in checks:
+        check.finish()
+    return totals[0], totals[1], totals[2], bits
 
 
-def _chunk_by_chunk(weight, mask, ref, buffers, checks, track_zeros, bits, raw_bf16, raw_bf16_mask, codes,
-                    first: int, last: int):
-    """Elements [first, last) chunk by chunk: the kernel where it can, numpy for the rest."""
+def _reduce_span(weight, mask, ref, buffers, checks, track_zeros, bits, raw, codes, first: int, last: int,
+                 step: int, totals: list):
+    """Elements [first, last) in steps of `step`, added to `totals` (sum, ones, nonzeros); returns the
+    bits. The kernel reduces a step where it can; a step it flags is done again in chunks, and a chunk it
+    flags by numpy, so the rules and messages are numpy's alone."""
     n = weight.size
-    abs_sum, n_unpruned, n_nonzero = 0.0, 0, 0
-    for start in range(first, last, CHUNK):  # CHUNK is a multiple of 8: packed chunks concatenate
-        stop = min(start + CHUNK, last)
+    for start in range(first, last, step):   # steps are multiples of 8: packed chunks concatenate
+        stop = min(start + step, last)
         for check in checks:
             check.update(start, stop)
         w = weight[start:stop]
         m = mask[start:stop] if mask is not None else None
-        if codes is not None:
-            fused = _fused_chunk(w, m, codes, bits, start, stop, track_zeros)
-            if fused is not None:
-                chunk_sum, ones, nonzero, zeros_bits = fused
-                abs_sum += chunk_sum
-                n_unpruned += ones
-                n_nonzero += nonzero
-                if zeros_bits is not None:
-                    bits = _with_zero_bits(bits, n, start, stop, zeros_bits)
-                continue
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums are reported by the caller
-            chunk_sum, ones, nonzero, bits = _numpy_chunk(w, m, ref, buffers, track_zeros, bits, n, start, stop,
-                                                          raw_bf16, raw_bf16_mask)
-        abs_sum += chunk_sum
-        n_unpruned += ones
-        n_nonzero += nonzero
-    for check in checks:
-        check.finish()
-    return abs_sum, n_unpruned, n_nonzero, bits
+        fused = _fused_chunk(w, m, codes, bits, start, stop, track_zeros) if codes is not None else None
+        if fused is None and step > CHUNK:
+            bits = _reduce_span(weight, mask, ref, buffers, checks, track_zeros, bits, raw, codes, start, stop,
+                                CHUNK, totals)
+            continue
+        if fused is None:
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite sums are reported by the caller
+                chunk_sum, ones, nonzero, bits = _numpy_chunk(w, m, ref, buffers, track_zeros, bits, n, start,
+                                                              stop, *raw)
+        else:
+            chunk_sum, ones, nonzero, zeros_bits = fused
+            if zeros_bits is not None:
+                bits = _with_zero_bits(bits, n, start, stop, zeros_bits)
+        totals[0] += chunk_sum
+        totals[1] += ones
+        totals[2] += nonzero
+    return bits
 
 
 def _numpy_chunk(w, m, ref, buffers, track_zeros, bits, n, start, stop, raw_bf16, raw_bf16_mask):
