@@ -140,12 +140,14 @@ class BitsPool:
     """The packed masks of whole rounds, lent as one buffer a round and taken back once survival has
     been counted, for the rounds after. Fresh memory costs a page fault and a zeroing every 4 KiB:
     on a warm scan of per-round safetensors that was 7 % of the CPU time. Only a buffer this pool
-    lent, still alive and the very same object, is taken back; at most `keep` wait for reuse."""
+    lent, still alive and the very same object, is taken back; at most `keep` buffers and `max_bytes`
+    in all wait for reuse (the masks of a large model's round are simply freed: they would hold memory
+    the scan promises not to take)."""
 
-    def __init__(self, keep: int = 8):
+    def __init__(self, keep: int = 8, max_bytes: int = 64 << 20):
         self._lent: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self._free: list[np.ndarray] = []
-        self._keep = keep
+        self._keep, self._max_bytes = keep, max_bytes
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> np.ndarray:
@@ -166,8 +168,9 @@ class BitsPool:
                 if self._lent.get(key) is base:
                     del self._lent[key]
                     self._free.append(base)
-            if len(self._free) > self._keep:   # the oldest go
-                del self._free[:len(self._free) - self._keep]
+            while self._free and (len(self._free) > self._keep
+                                  or sum(b.size for b in self._free) > self._max_bytes):
+                del self._free[0]   # the oldest go
 
 
 BITS = BitsPool()
