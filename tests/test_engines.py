@@ -38,11 +38,36 @@ def test_threads_sharing_every_round_in_parts_match_serial(serial, tmp_path, mon
     """Every local round cut into one part per job (three), reduced side by side and merged: the same
     tables as one job, to the bit, failed runs and their messages included."""
     monkeypatch.setattr(pipeline, "PART_BYTES", 1)
+    monkeypatch.setattr(pipeline, "ROUNDS_PER_JOB", 1000)   # as if there were few rounds
     cut = []
     real = pipeline._parts
-    monkeypatch.setattr(pipeline, "_parts", lambda rnd, options: cut.append(real(rnd, options)) or cut[-1])
+    monkeypatch.setattr(pipeline, "_parts", lambda rnd, options, wanted: cut.append(real(rnd, options, wanted)) or cut[-1])
     _same_tables(serial, analyze(FIXTURES, tmp_path, "--no-cache", *ENGINE_ARGS["threads"], expect=None))
     assert cut.count(3) > 20 and 1 in cut   # parts where flowscan reads the files; h5/msgpack rounds whole
+
+
+def test_rounds_are_cut_in_parts_only_when_too_few_to_keep_the_jobs_busy(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "PART_BYTES", 10)
+    files = []
+    for i in range(16):
+        files.append(tmp_path / f"{i}.safetensors")
+        files[-1].write_bytes(b"x" * 40)   # room for 4 parts
+    seen = {}
+
+    def parts_of(n_rounds: int, jobs: int) -> list[int]:
+        tasks = [((0, i), Round(i, "safetensors", (files[i],))) for i in range(n_rounds)]
+        real = pipeline._parts
+        monkeypatch.setattr(pipeline, "_parts", lambda rnd, options, wanted: seen.setdefault(
+            (n_rounds, jobs, rnd.index), real(rnd, options, wanted)))
+        list(pipeline._in_parts(tasks, pipeline.Options(jobs=jobs), None, lambda rnd, names, verify: "x"))
+        monkeypatch.setattr(pipeline, "_parts", real)
+        return [seen[(n_rounds, jobs, i)] for i in range(n_rounds)]
+
+    assert parts_of(1, 2) == [2]           # one round, two jobs: a part each
+    assert parts_of(3, 2) == [2, 2, 2]
+    assert parts_of(8, 2) == [1] * 8       # four rounds a job: whole rounds
+    assert parts_of(2, 3) == [3, 3]        # at most a part per job ...
+    assert parts_of(1, 8) == [4]           # ... and per PART_BYTES
 
 
 def test_tensors_are_cut_into_consecutive_parts_of_about_equal_size():
@@ -67,7 +92,7 @@ def test_a_round_in_parts_fails_with_its_first_failing_part_and_counts_once_in_p
     from flowscan.reduce import RoundSums
 
     monkeypatch.setattr(pipeline, "PART_BYTES", 1)
-    rounds = [Round(i, "safetensors", (tmp_path / f"{i}.safetensors",)) for i in range(3)]
+    rounds = [Round(i, "safetensors", (tmp_path / f"{i}.safetensors",)) for i in range(3)]   # 3 < 4 a job
     for rnd in rounds:
         rnd.files[0].write_bytes(b"x" * 10)
 
