@@ -141,10 +141,20 @@ class RoundError:
         return self.message
 
 
+def resolve_engine(runs: list[Run], options: Options) -> tuple[Options, str | None]:
+    """The options with `--engine auto` decided for these runs (`engines.choose`), and why (None when
+    the engine was given)."""
+    if options.engine != "auto":
+        return options, None
+    engine, why = engines.choose((r for run in runs if not run.error for r in run.rounds), options.jobs)
+    return replace(options, engine=engine), why
+
+
 def analyze_runs(runs: list[Run], options: Options,
                  progress: Callable[[int], None] | None = None) -> list[RunResult]:
     """Every run reduced and assembled; whatever fails in one run (reading, survival, flow math,
     assembly) becomes that run's named error and the others are still analysed."""
+    options, _why = resolve_engine(runs, options)
     if options.strict:
         failed = next((r for r in runs if r.error), None)
         if failed:
@@ -470,10 +480,8 @@ class Inspection:
 
 def inspect_runs(runs: list[Run], options: Options, progress: Callable[[int], None] | None = None) -> list[Inspection]:
     """What `inspect` shows of each run: every round's tensor headers are read (in parallel like
-    `analyze_runs`, with `options.engine`; `auto` is resolved here), no tensor data."""
-    if options.engine == "auto":
-        options = replace(options, engine=engines.choose(
-            (r for run in runs if not run.error for r in run.rounds), options.jobs)[0])
+    `analyze_runs`, with `options.engine`), no tensor data."""
+    options, _why = resolve_engine(runs, options)
     tasks = [((i, rnd.index), rnd) for i, run in enumerate(runs) if not run.error for rnd in run.rounds]
     listings: dict[int, dict[int, dict]] = {i: {} for i in range(len(runs))}
     errors: dict[int, dict[int, str]] = {i: {} for i in range(len(runs))}

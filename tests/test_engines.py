@@ -238,3 +238,14 @@ def test_an_early_pool_reduces_the_rounds_of_a_processes_scan(tmp_path, monkeypa
     tables = analyze(FIXTURES / "closed-form", tmp_path, "--no-cache", "--jobs", "2", "--engine", "processes")
     assert started and started[0] is not None
     assert tables["runs"]["status"].to_list() == ["ok"] * 4
+
+
+def test_the_python_entry_point_takes_auto_as_the_cli_does(serial):
+    """`flowscan.analyze(..., engine="auto")` decides the engine for the runs found, as the CLI's default
+    does, instead of refusing the name."""
+    import flowscan
+
+    frames = flowscan.analyze(FIXTURES, engine="auto", jobs=2)
+    assert_frame_equal(frames["eigen"].sort("run", "block", "quantity"),
+                       serial["eigen"].sort("run", "block", "quantity"), check_exact=True)
+    assert flowscan.inspect(FIXTURES, engine="auto", jobs=2)["tensors"].height > 0

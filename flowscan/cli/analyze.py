@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -61,11 +60,8 @@ def _scan(path: Path, out: Path, options, app):
         runs = pipeline.find_runs(path, options, exclude=out)
         n_rounds = sum(len(r.rounds) for r in runs if not r.error)
         app.detail(f"{len(runs)} run(s), {n_rounds} round(s) below {path}")
-        if options.engine == "auto":
-            from flowscan import engines
-
-            engine, why = engines.choose((r for run in runs if not run.error for r in run.rounds), options.jobs)
-            options = replace(options, engine=engine)
+        options, why = pipeline.resolve_engine(runs, options)
+        if why:
             app.detail(f"engine: {why}")
         with app.progress(n_rounds, "reading rounds") as step:
             results = pipeline.analyze_runs(runs, options, progress=step)
