@@ -64,7 +64,7 @@ def choose(rounds, jobs: int) -> tuple[str, str]:
 # A process pool started while discovery still runs (`foresee`), taken by the first pass of the
 # processes engine: spawning the workers and importing flowscan in them (0.2 s on 2 cores) then
 # overlaps the discovery instead of following it.
-_early: dict[int, ProcessPoolExecutor] = {}
+_early: tuple[int, ProcessPoolExecutor] | None = None   # (workers, pool)
 
 
 def foresee(rounds_found: int, rounds, options) -> bool:
@@ -72,7 +72,8 @@ def foresee(rounds_found: int, rounds, options) -> bool:
     processes (`--engine processes`, or `auto` once its rule holds for the first rounds found; it
     decides again on all of them, and a pool not wanted then is closed unused). True once settled:
     discovery need not ask again."""
-    if _early or options.jobs <= 1 or _in_a_daemon() or options.engine not in ("processes", "auto"):
+    global _early
+    if _early is not None or options.jobs <= 1 or _in_a_daemon() or options.engine not in ("processes", "auto"):
         return True
     if options.engine == "auto" and rounds_found < AUTO_PROCESSES_ROUNDS:
         return False
@@ -80,7 +81,7 @@ def foresee(rounds_found: int, rounds, options) -> bool:
         pool = ProcessPoolExecutor(max_workers=options.jobs, mp_context=multiprocessing.get_context("spawn"))
         for _ in range(options.jobs):   # a worker is spawned per task submitted, up to max_workers
             pool.submit(_warm_worker)
-        _early[options.jobs] = pool
+        _early = (options.jobs, pool)
     return True
 
 
@@ -92,15 +93,20 @@ def _warm_worker() -> None:
 
 
 def _early_pool(jobs: int) -> ProcessPoolExecutor | None:
-    """The pool `foresee` started for `jobs` workers (the others are closed: not wanted)."""
-    pool = _early.pop(jobs, None)
+    """The pool `foresee` started, when it has `jobs` workers (one of another size is closed)."""
+    global _early
+    if _early is not None and _early[0] == jobs:
+        pool, _early = _early[1], None
+        return pool
     discard_early_pool()
-    return pool
+    return None
 
 
 def discard_early_pool() -> None:
-    while _early:
-        _early.popitem()[1].shutdown(wait=False, cancel_futures=True)
+    global _early
+    started, _early = _early, None
+    if started is not None:
+        started[1].shutdown(wait=False, cancel_futures=True)
 
 
 def default_jobs() -> int:

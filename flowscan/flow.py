@@ -212,12 +212,15 @@ def curvature_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return q, t, df
 
 
+def log_shares(share: np.ndarray) -> np.ndarray:
+    """ln share, NaN where the share is 0 or undefined."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(share > 0, np.log(np.where(share > 0, share, 1.0)), np.nan)
+
+
 def fit_exponents(share: np.ndarray, density: np.ndarray) -> list[LineFit]:
     """sigma_fit per block: slope of ln share(n) against the cumulative ln c (all rounds at once)."""
-    scale = cumulative_log_c(density)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        log_share = np.where(share > 0, np.log(np.where(share > 0, share, 1.0)), np.nan)
-    return fit_lines(scale[:, None], log_share)
+    return fit_lines(cumulative_log_c(density)[:, None], log_shares(share))
 
 
 def relevance(sigma_mean: float, sigma_sem: float, never_pruned: bool = False) -> str:
@@ -354,15 +357,14 @@ def eigen_summaries(flow: Flow, quantities: tuple[str, ...] = ("M", "P")) -> dic
     sig_mean, sig_sem, _ = mean_sem(sigma, valid)
     trends = fit_lines(np.where(valid, np.asarray(flow.step_rounds, dtype=np.float64)[:, None], np.nan), sigma)
     scale = cumulative_log_c(flow.density)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        log_share = np.where(share > 0, np.log(np.where(share > 0, share, 1.0)), np.nan)
+    log_share = log_shares(share)
     curvature, curvature_t, curvature_df = curvature_terms(scale, log_share)
     seen = np.isfinite(log_share) & np.isfinite(scale)[:, None]
     with np.errstate(invalid="ignore"):
         spread = np.where(seen, scale[:, None], np.nan)
         scale_range = np.where(seen.any(axis=0), np.nanmax(np.where(seen, spread, -np.inf), axis=0)
                                - np.nanmin(np.where(seen, spread, np.inf), axis=0), np.nan)
-    fits = fit_lines(scale[:, None], log_share)   # fit_exponents, on the log shares at hand
+    fits = fit_lines(scale[:, None], log_share)   # fit_exponents' fit, on the log shares at hand
     summaries = {}
     for k, quantity in enumerate(quantities):
         cols = slice(k * width, (k + 1) * width)

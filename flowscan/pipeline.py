@@ -80,14 +80,15 @@ class RunResult:
 
 
 def find_runs(root: Path, options: Options = Options(), exclude: Path | None = None) -> list[Run]:
-    counted, settled = [0, 0], [False]   # runs and rounds seen so far; whether the engine needs no more
+    seen_runs, seen_rounds, settled = 0, 0, False
 
     def found(runs: list[Run]) -> None:   # the process pool may start while discovery goes on
-        if settled[0]:
+        nonlocal seen_runs, seen_rounds, settled
+        if settled:
             return
-        counted[1] += sum(len(run.rounds) for run in runs[counted[0]:] if not run.error)
-        counted[0] = len(runs)
-        settled[0] = engines.foresee(counted[1], (r for run in runs if not run.error for r in run.rounds), options)
+        seen_rounds += sum(len(run.rounds) for run in runs[seen_runs:] if not run.error)
+        seen_runs = len(runs)
+        settled = engines.foresee(seen_rounds, (r for run in runs if not run.error for r in run.rounds), options)
 
     runs = discover(location(root), options.format, exclude, found)
     if not runs:

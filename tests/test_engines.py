@@ -208,25 +208,27 @@ def test_the_process_pool_starts_during_discovery_and_is_closed_when_not_wanted(
         rnd.files[0].write_bytes(b"x" * 100)
     try:
         assert not engines.foresee(10, small[:10], pipeline.Options(jobs=2, engine="auto"))
-        assert not engines._early                                  # too few rounds to tell yet
+        assert engines._early is None                              # too few rounds to tell yet
         assert engines.foresee(len(small), small, pipeline.Options(jobs=2, engine="auto"))
-        pool = engines._early[2]
-        assert engines._early_pool(3) is None and not engines._early   # another size: closed
+        assert engines._early[0] == 2
+        pool = engines._early[1]
+        assert engines._early_pool(3) is None and engines._early is None   # another size: closed
         with pytest.raises(RuntimeError):
             pool.submit(int)
         engines.foresee(1, small[:1], pipeline.Options(jobs=2, engine="processes"))
-        pool = engines._early[2]
+        assert engines._early[0] == 2
+        pool = engines._early[1]
         list(engines.map_rounds([(0, small[0])], pipeline.Options(jobs=2, engine="threads"), None,
                                 lambda rnd, names, verify: "done"))
-        assert not engines._early                                  # threads chosen: closed
+        assert engines._early is None                              # threads chosen: closed
         with pytest.raises(RuntimeError):
             pool.submit(int)
         assert engines.foresee(1, small[:1], pipeline.Options(jobs=1, engine="processes"))
-        assert not engines._early                                  # one job: no pool
+        assert engines._early is None                              # one job: no pool
         large = [Round(i, "prune-style", (tmp_path / "large.pt",)) for i in range(len(small))]
         (tmp_path / "large.pt").write_bytes(b"x" * (engines.AUTO_PROCESSES_MEAN_BYTES + 1))
         assert engines.foresee(len(large), large, pipeline.Options(jobs=2, engine="auto"))
-        assert not engines._early                                  # large rounds: threads, settled
+        assert engines._early is None                              # large rounds: threads, settled
     finally:
         engines.discard_early_pool()
 
